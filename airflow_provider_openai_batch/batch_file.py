@@ -1,0 +1,347 @@
+"""
+Batch input and result files (JSONL): streaming validation, and reading result lines.
+
+Validation runs before anything is uploaded, so a bad file costs nothing but the read. It streams line by
+line (a 200 MB file never sits in memory), keeps only the ``custom_id`` set, and collects the first several
+problems with their line and field, because fixing one problem per paid-for attempt is not a workflow.
+Lines are parsed with msgspec into structs that skip the request body, which keeps validation well above
+the network speed of the upload that follows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import msgspec
+
+from airflow_provider_openai_batch.exceptions import BatchInputError, InputIssue
+from airflow_provider_openai_batch.storage import Source, describe, open_source
+
+#: The endpoints OpenAI's Batch API accepts today. Compatible servers may accept others: pass
+#: ``allowed_endpoints=None`` (or your own list) to the validator and operators.
+OPENAI_BATCH_ENDPOINTS: tuple[str, ...] = (
+    "/v1/responses",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/completions",
+    "/v1/moderations",
+)
+MAX_REQUESTS_PER_FILE = 50_000
+MAX_BYTES_PER_FILE = 200 * 1024 * 1024
+#: How many problems an error lists before it stops counting them individually.
+MAX_REPORTED_ISSUES = 20
+
+_BOM = b"\xef\xbb\xbf"
+
+
+class _Body(msgspec.Struct):
+    """Only the field validation needs; msgspec skips the rest of the body without building it."""
+
+    model: Any = msgspec.UNSET
+
+
+class _Line(msgspec.Struct):
+    custom_id: Any = msgspec.UNSET
+    method: Any = msgspec.UNSET
+    url: Any = msgspec.UNSET
+    #: Kept raw so validation never builds the (possibly large) request body; empty when the key is absent.
+    body: msgspec.Raw = msgspec.Raw(b"")
+
+
+_line_decoder = msgspec.json.Decoder(_Line)
+_body_decoder = msgspec.json.Decoder(_Body)
+
+
+@dataclass(frozen=True)
+class BatchFileStats:
+    """What validation learned about a valid file; the upload and create steps reuse it."""
+
+    requests: int
+    bytes: int
+    endpoint: str | None
+    model: str | None
+    sha256: str
+
+
+class _Collector:
+    def __init__(self, limit: int) -> None:
+        self.issues: list[InputIssue] = []
+        self.more = 0
+        self.limit = limit
+
+    def add(self, line: int, field: str | None, message: str, code: str = "invalid_request") -> None:
+        if len(self.issues) < self.limit:
+            self.issues.append(InputIssue(line, field, message, code))
+        else:
+            self.more += 1
+
+
+def _json_type(value: Any) -> str:
+    return {
+        str: "string",
+        int: "integer",
+        float: "number",
+        bool: "boolean",
+        list: "array",
+        dict: "object",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def _explain_decode_error(error: Exception) -> tuple[str | None, str]:
+    text = str(error)
+    if isinstance(error, msgspec.ValidationError):
+        if text.startswith("Expected `object`") and "at `$" not in text:
+            return None, f"a line must be one JSON object ({text.split(' - ')[0].lower()})"
+        return None, text
+    return None, f"invalid JSON ({text})"
+
+
+class BatchFileValidator:
+    """
+    Checks lines one at a time; usable on a whole file (``validate_batch_file``) or by a sharder feeding it
+    lines as it goes, so the rules live in exactly one place.
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoint: str | None = None,
+        allowed_endpoints: Collection[str] | None = OPENAI_BATCH_ENDPOINTS,
+        max_issues: int = MAX_REPORTED_ISSUES,
+    ) -> None:
+        self.endpoint = endpoint
+        self.allowed_endpoints = None if allowed_endpoints is None else frozenset(allowed_endpoints)
+        self.collector = _Collector(max_issues)
+        self.custom_ids: set[str] = set()
+        self.url: str | None = None
+        self.model: str | None = None
+        self.model_line = 0
+        self.url_line = 0
+        if endpoint is not None and self.allowed_endpoints is not None and endpoint not in self.allowed_endpoints:
+            self.collector.add(
+                0,
+                "endpoint",
+                f"unsupported endpoint {endpoint!r}; supported: {', '.join(sorted(self.allowed_endpoints))}",
+            )
+
+    def check(self, lineno: int, raw: bytes) -> str | None:
+        """Validate one raw line (without its newline); return its ``custom_id`` when it has a usable one."""
+        add = self.collector.add
+        try:
+            line = _line_decoder.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            field, message = _explain_decode_error(error)
+            add(lineno, field, message, "invalid_json_line")
+            return None
+        custom_id = line.custom_id
+        result: str | None = None
+        if custom_id is msgspec.UNSET:
+            add(lineno, "custom_id", "missing", "missing_required_parameter")
+        elif not isinstance(custom_id, str):
+            add(lineno, "custom_id", f"must be a string, got {_json_type(custom_id)}")
+        elif not custom_id:
+            add(lineno, "custom_id", "must not be empty")
+        elif custom_id in self.custom_ids:
+            add(lineno, "custom_id", f"duplicate custom_id {custom_id!r}", "duplicate_custom_id")
+        else:
+            self.custom_ids.add(custom_id)
+            result = custom_id
+        method = line.method
+        if method is msgspec.UNSET:
+            add(lineno, "method", "missing", "missing_required_parameter")
+        elif method != "POST":
+            add(lineno, "method", f"must be 'POST', got {method!r}", "invalid_method")
+        self._check_url(lineno, line.url)
+        self._check_body(lineno, line.body)
+        return result
+
+    def _check_url(self, lineno: int, url: Any) -> None:
+        add = self.collector.add
+        if url is msgspec.UNSET:
+            add(lineno, "url", "missing", "missing_required_parameter")
+            return
+        if not isinstance(url, str) or not url:
+            add(lineno, "url", f"must be a non-empty string, got {_json_type(url)}")
+            return
+        if self.endpoint is not None and url != self.endpoint:
+            add(
+                lineno,
+                "url",
+                f"{url!r} differs from the batch endpoint {self.endpoint!r}",
+                "mismatched_endpoint",
+            )
+        elif self.allowed_endpoints is not None and url not in self.allowed_endpoints:
+            add(
+                lineno,
+                "url",
+                f"unsupported endpoint {url!r}; supported: {', '.join(sorted(self.allowed_endpoints))}",
+                "invalid_url",
+            )
+        elif self.url is None:
+            self.url, self.url_line = url, lineno
+        elif url != self.url:
+            add(
+                lineno,
+                "url",
+                f"{url!r} differs from {self.url!r} on line {self.url_line}; one endpoint per file",
+                "mismatched_endpoint",
+            )
+
+    def _check_body(self, lineno: int, body: msgspec.Raw) -> None:
+        add = self.collector.add
+        if not body:
+            add(lineno, "body", "missing", "missing_required_parameter")
+            return
+        try:
+            parsed = _body_decoder.decode(body)
+        except msgspec.ValidationError:
+            add(lineno, "body", f"must be an object, got {_json_type(msgspec.json.decode(body))}")
+            return
+        model = parsed.model
+        if model is msgspec.UNSET:
+            add(lineno, "body.model", "missing", "missing_required_parameter")
+        elif not isinstance(model, str) or not model:
+            add(lineno, "body.model", f"must be a non-empty string, got {_json_type(model)}")
+        elif self.model is None:
+            self.model, self.model_line = model, lineno
+        elif model != self.model:
+            add(
+                lineno,
+                "body.model",
+                f"{model!r} differs from {self.model!r} on line {self.model_line}; one model per file",
+                "mismatched_model",
+            )
+
+    def raise_if_invalid(self, source: str) -> None:
+        if self.collector.issues:
+            raise BatchInputError(source, self.collector.issues, more=self.collector.more)
+
+
+def iter_raw_lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """Numbered lines without their line ending; blank lines are yielded too so the caller can report them."""
+    for number, raw in enumerate(stream, start=1):
+        if raw.endswith(b"\n"):
+            raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+        yield number, raw
+
+
+def validate_batch_file(
+    source: Source,
+    *,
+    endpoint: str | None = None,
+    allowed_endpoints: Collection[str] | None = OPENAI_BATCH_ENDPOINTS,
+    max_requests: int = MAX_REQUESTS_PER_FILE,
+    max_bytes: int = MAX_BYTES_PER_FILE,
+    max_issues: int = MAX_REPORTED_ISSUES,
+) -> BatchFileStats:
+    """
+    Check a whole input file against the Batch API's rules, streaming, and raise ``BatchInputError``
+    naming the file, each line and field (the first ``max_issues`` of them) when it breaks any.
+    """
+    name = describe(source)
+    validator = BatchFileValidator(endpoint=endpoint, allowed_endpoints=allowed_endpoints, max_issues=max_issues)
+    add = validator.collector.add
+    digest = hashlib.sha256()
+    size = 0
+    requests = 0
+    last = 0
+    with open_source(source) as stream:
+        for lineno, raw in iter_raw_lines(stream):
+            last = lineno
+            size += len(raw) + 1
+            if lineno == 1 and raw.startswith(_BOM):
+                add(
+                    1,
+                    None,
+                    "the file starts with a UTF-8 byte order mark (BOM); save it as UTF-8 without BOM",
+                    "invalid_encoding",
+                )
+                raw = raw[len(_BOM) :]
+            digest.update(raw)
+            digest.update(b"\n")
+            if not raw.strip():
+                add(lineno, None, "blank line; every line must hold one request", "invalid_json_line")
+                continue
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                add(lineno, None, f"not valid UTF-8 (byte {error.start + 1} of the line)", "invalid_encoding")
+                continue
+            requests += 1
+            validator.check(lineno, raw)
+    if last == 0:
+        add(0, None, "the file is empty; a batch needs at least one request", "empty_file")
+    if requests > max_requests:
+        add(
+            0,
+            None,
+            f"{requests:,} requests; a batch file holds at most {max_requests:,} (shard the input)",
+            "too_many_tasks",
+        )
+    if size > max_bytes:
+        add(
+            0,
+            None,
+            f"{size:,} bytes; a batch file holds at most {max_bytes:,} bytes (shard the input)",
+            "file_too_large",
+        )
+    validator.raise_if_invalid(name)
+    return BatchFileStats(
+        requests=requests,
+        bytes=size,
+        endpoint=validator.url,
+        model=validator.model,
+        sha256=digest.hexdigest(),
+    )
+
+
+# --- result files ---------------------------------------------------------------------------------
+
+
+class ResultLine(msgspec.Struct):
+    """One line of an output or error file, as OpenAI writes it."""
+
+    custom_id: str
+    id: str | None = None
+    response: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+_result_decoder = msgspec.json.Decoder(ResultLine)
+
+
+def iter_result_lines(source: Source) -> Iterator[ResultLine]:
+    """Stream the lines of an output or error file; order is OpenAI's, not the input's (join on custom_id)."""
+    with open_source(source) as stream:
+        for _, raw in iter_raw_lines(stream):
+            if raw.strip():
+                yield _result_decoder.decode(raw)
+
+
+def iter_request_lines(source: Source) -> Iterator[dict[str, Any]]:
+    """Stream the request objects of an input file, in input order."""
+    with open_source(source) as stream:
+        for _, raw in iter_raw_lines(stream):
+            if raw.strip():
+                yield msgspec.json.decode(raw)
+
+
+def encode_requests(requests: Iterable[dict[str, Any]]) -> Iterator[bytes]:
+    """JSONL bytes for request dicts, one line each (what upload sends when given rows instead of a file)."""
+    encoder = msgspec.json.Encoder()
+    for request in requests:
+        yield encoder.encode(request) + b"\n"
+
+
+def count_lines(source: Source) -> int:
+    """Non-blank lines in a file, streamed; how downloads check a result file against the batch's counts."""
+    count = 0
+    with open_source(source) as stream:
+        for _, raw in iter_raw_lines(stream):
+            if raw.strip():
+                count += 1
+    return count

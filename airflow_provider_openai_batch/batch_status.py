@@ -1,0 +1,170 @@
+"""
+The one place that decides what a Batch status means.
+
+The sensor, the trigger, the create and cancel operators and the download all ask this module, so "is it
+done?", "did it work?" and "what do we tell the user?" have one answer. ``completed`` is not the same as
+success: a batch whose every request failed is still ``completed`` at OpenAI, and the official provider's
+treating it as success is how failed nightly jobs go unnoticed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ACTIVE_STATUSES = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
+TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
+#: Ended without output: a new batch is the only way forward, so an idempotent create may make one.
+DEAD_STATUSES = frozenset({"failed", "expired", "cancelled"})
+
+BatchSummary = dict[str, Any]
+
+
+def is_active(status: str) -> bool:
+    """Still moving: keep waiting. Unknown statuses count as active so a new API status never ends a wait."""
+    return status not in TERMINAL_STATUSES
+
+
+def is_terminal(status: str) -> bool:
+    return status in TERMINAL_STATUSES
+
+
+def is_reusable(status: str) -> bool:
+    """An earlier batch in this status can stand in for a new one (a retry must not pay twice)."""
+    return status not in DEAD_STATUSES
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _plain(value: Any) -> Any:
+    """A pydantic model (SDK type) or plain value as JSON-able data."""
+    if value is None:
+        return None
+    dump = getattr(value, "model_dump", None)
+    if dump is not None:
+        return dump(mode="json", exclude_unset=False)
+    return value
+
+
+def summarize(batch: Any) -> BatchSummary:
+    """The JSON-able batch summary that the sensor, cancel and download operators push to XCom."""
+    counts = _get(batch, "request_counts")
+    errors = _get(batch, "errors")
+    error_data = _get(errors, "data") if errors is not None else None
+    return {
+        "batch_id": _get(batch, "id"),
+        "status": _get(batch, "status"),
+        "endpoint": _get(batch, "endpoint"),
+        "model": _get(batch, "model"),
+        "input_file_id": _get(batch, "input_file_id") or None,
+        "output_file_id": _get(batch, "output_file_id") or None,
+        "error_file_id": _get(batch, "error_file_id") or None,
+        "request_counts": {
+            "total": int(_get(counts, "total", 0) or 0),
+            "completed": int(_get(counts, "completed", 0) or 0),
+            "failed": int(_get(counts, "failed", 0) or 0),
+        },
+        "usage": _plain(_get(batch, "usage")),
+        "errors": [_plain(item) for item in (error_data or [])],
+    }
+
+
+def format_progress(summary: BatchSummary) -> str:
+    """``12,345/50,000 done (24.7 %), 12 failed`` — what the trigger logs when counts change."""
+    counts = summary["request_counts"]
+    total, completed, failed = counts["total"], counts["completed"], counts["failed"]
+    done = completed + failed
+    percent = f" ({100.0 * done / total:.1f} %)" if total else ""
+    return f"batch {summary['batch_id']} {summary['status']}: {done:,}/{total:,} done{percent}, {failed:,} failed"
+
+
+def progress_key(summary: BatchSummary) -> tuple[Any, ...]:
+    """What must change for progress to be worth a log line."""
+    counts = summary["request_counts"]
+    return (summary["status"], counts["total"], counts["completed"], counts["failed"])
+
+
+@dataclass(frozen=True)
+class OutcomePolicy:
+    """
+    Which ended batches count as a task success.
+
+    ``max_failed_requests`` / ``max_failed_ratio``: a completed batch with failed requests fails the task only
+    past these (either one exceeded is enough). With neither set, the task fails only when every request
+    failed, and otherwise succeeds with a warning, because the error file is downloaded and joinable.
+    ``accept_expired`` / ``accept_cancelled``: keep the partial results of an expired or cancelled batch
+    as a success (with a warning) instead of failing.
+    """
+
+    max_failed_requests: int | None = None
+    max_failed_ratio: float | None = None
+    accept_expired: bool = False
+    accept_cancelled: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_failed_ratio is not None and not 0.0 <= self.max_failed_ratio <= 1.0:
+            raise ValueError(f"max_failed_ratio must be between 0 and 1, got {self.max_failed_ratio}")
+        if self.max_failed_requests is not None and self.max_failed_requests < 0:
+            raise ValueError(f"max_failed_requests must be >= 0, got {self.max_failed_requests}")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The verdict on an ended batch: ``ok`` decides the task, ``warning`` is logged either way."""
+
+    ok: bool
+    message: str
+    warning: bool = False
+
+
+def _format_errors(errors: list[dict[str, Any]], limit: int = 10) -> str:
+    lines = []
+    for error in errors[:limit]:
+        where = f"line {error.get('line')}" if error.get("line") is not None else "file"
+        param = f", field '{error.get('param')}'" if error.get("param") else ""
+        lines.append(f"  {where}{param}: [{error.get('code')}] {error.get('message')}")
+    if len(errors) > limit:
+        lines.append(f"  ... and {len(errors) - limit} more")
+    return "\n".join(lines)
+
+
+def evaluate(summary: BatchSummary, policy: OutcomePolicy) -> Outcome:
+    """Decide whether an ended batch is a task success under ``policy``."""
+    status = summary["status"]
+    batch_id = summary["batch_id"]
+    counts = summary["request_counts"]
+    total, failed = counts["total"], counts["failed"]
+    if status == "completed":
+        if not failed:
+            return Outcome(True, f"Batch {batch_id} completed: {counts['completed']:,}/{total:,} requests succeeded.")
+        ratio = failed / total if total else 1.0
+        text = f"Batch {batch_id} completed with {failed:,} of {total:,} requests failed ({100.0 * ratio:.1f} %)"
+        over = []
+        if policy.max_failed_requests is not None and failed > policy.max_failed_requests:
+            over.append(f"more than max_failed_requests={policy.max_failed_requests}")
+        if policy.max_failed_ratio is not None and ratio > policy.max_failed_ratio:
+            over.append(f"more than max_failed_ratio={policy.max_failed_ratio}")
+        if policy.max_failed_requests is None and policy.max_failed_ratio is None and failed >= total:
+            over.append("every request failed")
+        if over:
+            return Outcome(False, f"{text}: {' and '.join(over)}. Failed requests are in the error file.")
+        return Outcome(True, f"{text}; within the allowed failures. Failed requests are in the error file.", True)
+    if status == "failed":
+        errors = summary.get("errors") or []
+        detail = _format_errors(errors) if errors else "  (no error details returned)"
+        return Outcome(False, f"Batch {batch_id} failed:\n{detail}")
+    if status in ("expired", "cancelled"):
+        accepted = policy.accept_expired if status == "expired" else policy.accept_cancelled
+        flag = "accept_expired" if status == "expired" else "accept_cancelled"
+        text = (
+            f"Batch {batch_id} {status} with {counts['completed']:,} of {total:,} requests done; "
+            "partial results are kept in its output file"
+        )
+        if accepted:
+            return Outcome(True, f"{text} ({flag}=True).", True)
+        return Outcome(False, f"{text}. Set {flag}=True to accept partial results.")
+    return Outcome(False, f"Batch {batch_id} is not finished (status {status!r}).")

@@ -1,0 +1,118 @@
+"""Exceptions a DAG author can catch, each carrying what is needed to act on it, never the API key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    from airflow.sdk.exceptions import AirflowException
+except ImportError:  # pragma: no cover - Airflow 3.0 keeps it in airflow.exceptions
+    from airflow.exceptions import AirflowException  # type: ignore[no-redef]
+
+
+class OpenAIBatchError(AirflowException):
+    """Base class of every error this provider raises on purpose."""
+
+
+class OpenAIBatchAPIError(OpenAIBatchError):
+    """
+    An API call failed for good (after the SDK's own retries).
+
+    The SDK's exceptions hold the request, whose headers carry the bearer key; this one keeps only what
+    an operator needs to read in a log or report upstream: status code, request id and the server's message.
+    """
+
+    def __init__(
+        self,
+        operation: str,
+        message: str,
+        *,
+        status_code: int | None = None,
+        request_id: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        self.operation = operation
+        self.status_code = status_code
+        self.request_id = request_id
+        self.code = code
+        self.message = message
+        parts = [f"OpenAI {operation} failed"]
+        if status_code is not None:
+            parts.append(f"with HTTP {status_code}")
+        if code:
+            parts.append(f"({code})")
+        text = " ".join(parts) + f": {message}"
+        if request_id:
+            text += f" [request id {request_id}]"
+        super().__init__(text)
+
+    @property
+    def retryable(self) -> bool:
+        """Rate limits, server errors and transport errors may pass; auth, permission and 4xx do not."""
+        return self.status_code is None or self.status_code in (408, 409, 429) or self.status_code >= 500
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_api_error,
+            (self.operation, self.message, self.status_code, self.request_id, self.code),
+        )
+
+
+def _rebuild_api_error(
+    operation: str, message: str, status_code: int | None, request_id: str | None, code: str | None
+) -> OpenAIBatchAPIError:
+    return OpenAIBatchAPIError(operation, message, status_code=status_code, request_id=request_id, code=code)
+
+
+@dataclass(frozen=True)
+class InputIssue:
+    """One problem found in one line of a batch input file."""
+
+    line: int
+    field: str | None
+    message: str
+    #: OpenAI's error code for the same problem (``invalid_json_line``, ``duplicate_custom_id``, ...).
+    code: str = "invalid_request"
+
+    def __str__(self) -> str:
+        where = f"line {self.line}" if self.line else "file"
+        if self.field:
+            where += f", field '{self.field}'"
+        return f"{where}: {self.message}"
+
+
+class BatchInputError(OpenAIBatchError, ValueError):
+    """A batch input file breaks the Batch API's rules; raised before anything is uploaded or paid for."""
+
+    def __init__(self, source: str, issues: list[InputIssue], *, more: int = 0) -> None:
+        self.source = source
+        self.issues = issues
+        self.more = more
+        lines = [f"{source}: {len(issues) + more} problem(s) in the batch input file:"]
+        lines += [f"  {source}:{issue}" for issue in issues]
+        if more:
+            lines.append(f"  ... and {more} more")
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.source, self.issues), {"more": self.more})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.more = state.get("more", 0)
+
+
+class BatchFailedError(OpenAIBatchError):
+    """The batch ended in a state the task's outcome policy does not accept."""
+
+    def __init__(self, message: str, summary: dict[str, Any] | None = None) -> None:
+        self.summary = summary
+        super().__init__(message)
+
+
+class BatchTimeoutError(BatchFailedError):
+    """The batch did not end before the task's absolute deadline."""
+
+
+class DownloadMismatchError(OpenAIBatchError):
+    """The downloaded result files do not hold as many lines as the batch says it processed."""

@@ -1,0 +1,450 @@
+"""
+OpenAIBatchHook: the only module that builds ``openai`` clients or calls the SDK.
+
+Everything else (operators, sensor, trigger) goes through here, so connection mapping, error translation,
+secret masking and streaming are decided once. HTTP, retries (429 with Retry-After, 5xx, dropped connections)
+and pagination are the SDK's; this hook adds what the SDK leaves to callers: streamed atomic downloads that
+survive a stream cut mid-file, and errors that carry status, request id and message but never the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+import httpx2
+import openai
+from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
+from openai.types import Batch, FileDeleted, FileObject
+
+from airflow_provider_openai_batch.batch_status import format_progress, is_terminal, progress_key, summarize
+from airflow_provider_openai_batch.exceptions import BatchTimeoutError, OpenAIBatchAPIError
+from airflow_provider_openai_batch.storage import (
+    Destination,
+    Source,
+    as_io,
+    atomic_writer,
+    open_source,
+    source_name,
+    to_storage_path,
+)
+
+try:
+    from airflow.sdk import BaseHook
+except ImportError:  # pragma: no cover - Airflow 3.0 without the sdk alias
+    from airflow.hooks.base import BaseHook  # type: ignore[no-redef,attr-defined]
+
+if TYPE_CHECKING:
+    from airflow.sdk import Connection
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+_DOWNLOAD_CHUNK = 1 << 20
+T = TypeVar("T")
+
+
+def _mask(secret: str | None) -> None:
+    if not secret:
+        return
+    try:
+        from airflow.sdk.log import mask_secret
+    except ImportError:  # pragma: no cover - older Task SDK layout
+        from airflow.sdk.execution_time.secrets_masker import mask_secret  # type: ignore[no-redef]
+    mask_secret(secret)
+
+
+def _extras(conn: Connection) -> dict[str, Any]:
+    extra = conn.extra_dejson or {}
+    return dict(extra) if isinstance(extra, dict) else {}
+
+
+def _headers(value: Any) -> dict[str, str] | None:
+    if value in (None, "", {}):
+        return None
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise ValueError("connection extra 'default_headers' must be a JSON object of header names to values")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def client_kwargs(conn: Connection) -> tuple[bool, dict[str, Any]]:
+    """
+    Map an Airflow connection to SDK client arguments: ``(is_azure, kwargs)``.
+
+    Reads this provider's fields and the official OpenAI provider's ``openai_client_kwargs`` extra, so an
+    existing ``openai`` connection works unchanged.
+    """
+    extra = _extras(conn)
+    passthrough = dict(extra.get("openai_client_kwargs") or {})
+    api_type = str(extra.get("api_type") or "openai").lower()
+    if api_type not in ("openai", "azure"):
+        raise ValueError(f"connection extra 'api_type' must be 'openai' or 'azure', got {api_type!r}")
+    base_url = passthrough.pop("base_url", None) or conn.host or None
+    kwargs: dict[str, Any] = {"api_key": conn.password or passthrough.pop("api_key", None)}
+    for name in ("organization", "project"):
+        if extra.get(name):
+            kwargs[name] = str(extra[name])
+    if extra.get("timeout") not in (None, ""):
+        kwargs["timeout"] = float(extra["timeout"])
+    if extra.get("max_retries") not in (None, ""):
+        kwargs["max_retries"] = int(extra["max_retries"])
+    headers = _headers(extra.get("default_headers"))
+    if headers:
+        kwargs["default_headers"] = headers
+    if api_type == "azure":
+        if not extra.get("api_version"):
+            raise ValueError("an Azure connection (api_type='azure') needs the extra 'api_version'")
+        if not base_url:
+            raise ValueError("an Azure connection needs host = https://RESOURCE.openai.azure.com")
+        kwargs["api_version"] = str(extra["api_version"])
+        kwargs["azure_endpoint"] = str(base_url).rstrip("/")
+    else:
+        kwargs["base_url"] = str(base_url).rstrip("/") if base_url else DEFAULT_BASE_URL
+    kwargs.update(passthrough)
+    return api_type == "azure", kwargs
+
+
+@contextlib.contextmanager
+def api_errors(operation: str) -> Iterator[None]:
+    """
+    Re-raise SDK and transport errors as ``OpenAIBatchAPIError``: status, request id, message, never the key.
+
+    ``from None`` on purpose: the SDK exception holds the request, whose headers hold the bearer key, and a
+    chained traceback is one careless ``repr`` away from a log line.
+    """
+    try:
+        yield
+    except OpenAIBatchAPIError:
+        raise
+    except openai.APIStatusError as error:
+        body = error.body if isinstance(error.body, dict) else {}
+        message = str(body.get("message") or error.message)
+        raise OpenAIBatchAPIError(
+            operation,
+            message,
+            status_code=error.status_code,
+            request_id=error.request_id,
+            code=str(body["code"]) if body.get("code") else None,
+        ) from None
+    except openai.APIConnectionError as error:
+        cause = error.__cause__
+        detail = f"{type(cause).__name__}: {cause}" if cause else error.message
+        raise OpenAIBatchAPIError(operation, f"could not reach the API ({detail})") from None
+    except openai.APIResponseValidationError as error:
+        raise OpenAIBatchAPIError(
+            operation,
+            f"the API answered with data the SDK could not read: {error.message}",
+            status_code=error.status_code,
+        ) from None
+    except httpx2.HTTPError as error:
+        raise OpenAIBatchAPIError(operation, f"transport error ({type(error).__name__}: {error})") from None
+
+
+class _LoopBoundClients:
+    """
+    One ``AsyncOpenAI`` per connection per event loop, shared by every trigger in a triggerer.
+
+    A client per trigger would mean a connection pool and a TLS handshake per wait; a thread per poll would
+    bound 1,000 waits by a small thread pool. A client is tied to its loop, so a new loop (``dag.test`` runs
+    each trigger in its own) gets a new client and the old one is dropped with it.
+    """
+
+    def __init__(self) -> None:
+        self._clients: dict[str, tuple[weakref.ref[asyncio.AbstractEventLoop], AsyncOpenAI]] = {}
+
+    def get(self, key: str) -> AsyncOpenAI | None:
+        entry = self._clients.get(key)
+        if entry is None:
+            return None
+        loop_ref, client = entry
+        if loop_ref() is not asyncio.get_running_loop():
+            del self._clients[key]
+            return None
+        return client
+
+    def put(self, key: str, client: AsyncOpenAI) -> None:
+        self._clients[key] = (weakref.ref(asyncio.get_running_loop()), client)
+
+    def drop(self, key: str) -> None:
+        self._clients.pop(key, None)
+
+
+class OpenAIBatchHook(BaseHook):
+    """
+    Every OpenAI Files and Batches call the provider makes.
+
+    Connection: password = API key, host = base URL (default ``https://api.openai.com/v1``, or any
+    OpenAI-compatible server), extra: ``organization``, ``project``, ``timeout``, ``max_retries``,
+    ``default_headers``, ``api_type`` (``openai`` | ``azure``), ``api_version`` (Azure's classic endpoint).
+
+    :param conn_id: Airflow connection id (``openai_default``).
+    :param max_retries: Override the connection's retry bound for this hook's calls.
+    :param strict_response_validation: Validate every answer against the SDK's types (used by the tests to
+        prove the fake server speaks OpenAI's exact shapes).
+    """
+
+    conn_name_attr = "conn_id"
+    default_conn_name = "openai_default"
+    conn_type = "openai_batch"
+    hook_name = "OpenAI Batch"
+    _async_clients: ClassVar[_LoopBoundClients] = _LoopBoundClients()
+
+    def __init__(
+        self,
+        conn_id: str = default_conn_name,
+        *,
+        max_retries: int | None = None,
+        strict_response_validation: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.conn_id = conn_id
+        self.max_retries = max_retries
+        self.strict_response_validation = strict_response_validation
+
+    # --- clients ------------------------------------------------------------------------------
+
+    def _build_kwargs(self, conn: Connection) -> tuple[bool, dict[str, Any]]:
+        azure, kwargs = client_kwargs(conn)
+        _mask(kwargs.get("api_key"))
+        if self.max_retries is not None:
+            kwargs["max_retries"] = self.max_retries
+        if self.strict_response_validation:
+            kwargs["_strict_response_validation"] = True
+        return azure, kwargs
+
+    @cached_property
+    def _client(self) -> OpenAI:
+        azure, kwargs = self._build_kwargs(self.get_connection(self.conn_id))
+        return AzureOpenAI(**kwargs) if azure else OpenAI(**kwargs)
+
+    def get_conn(self) -> OpenAI:
+        """The sync SDK client for this connection (cached on the hook)."""
+        return self._client
+
+    @property
+    def _async_key(self) -> str:
+        return f"{self.conn_id}\x00{self.max_retries}\x00{self.strict_response_validation}"
+
+    async def get_async_conn(self) -> AsyncOpenAI:
+        """The process-wide async client for this connection on the running loop (created once, then shared)."""
+        client = self._async_clients.get(self._async_key)
+        if client is not None:
+            return client
+        aget = getattr(BaseHook, "aget_connection", None)
+        if aget is not None:
+            conn = await aget(self.conn_id)
+        else:  # pragma: no cover - Airflow < 3.1 has no async connection lookup
+            conn = await asyncio.to_thread(self.get_connection, self.conn_id)
+        azure, kwargs = self._build_kwargs(conn)
+        client = self._async_clients.get(self._async_key)  # another trigger may have won the race
+        if client is None:
+            client = AsyncAzureOpenAI(**kwargs) if azure else AsyncOpenAI(**kwargs)
+            self._async_clients.put(self._async_key, client)
+        return client
+
+    def _forget_async_client(self) -> None:
+        """After a 401 the key may have been rotated: the next call reads the connection again."""
+        self._async_clients.drop(self._async_key)
+
+    # --- files ---------------------------------------------------------------------------------
+
+    def upload_file(
+        self,
+        source: Source,
+        purpose: str = "batch",
+        filename: str | None = None,
+        expires_after_seconds: int | None = None,
+    ) -> FileObject:
+        """Upload from a path, URI, ``ObjectStoragePath``, bytes or binary stream, streamed (never read whole)."""
+        name = filename or source_name(source)
+        extra: dict[str, Any] = {}
+        if expires_after_seconds is not None:
+            extra["expires_after"] = {"anchor": "created_at", "seconds": int(expires_after_seconds)}
+        with open_source(source) as stream, api_errors("files.create"):
+            upload = (name, as_io(stream), "application/jsonl")
+            return self.get_conn().files.create(file=upload, purpose=purpose, **extra)  # type: ignore[arg-type]
+
+    def get_file(self, file_id: str) -> FileObject:
+        with api_errors("files.retrieve"):
+            return self.get_conn().files.retrieve(file_id)
+
+    def list_files(self, purpose: str | None = None, *, order: str = "desc") -> Iterator[FileObject]:
+        """Every file, all pages, fetched lazily as the caller iterates (newest first by default)."""
+        params: dict[str, Any] = {"order": order}
+        if purpose:
+            params["purpose"] = purpose
+        with api_errors("files.list"):
+            yield from self.get_conn().files.list(**params)
+
+    def delete_file(self, file_id: str) -> FileDeleted:
+        with api_errors("files.delete"):
+            return self.get_conn().files.delete(file_id)
+
+    def download_file(
+        self, file_id: str, destination: Destination, overwrite: bool = False, *, attempts: int | None = None
+    ) -> int:
+        """
+        Stream a file's content to ``destination`` (path, URI or ``ObjectStoragePath``); return its size.
+
+        The SDK does not retry a body cut off mid-stream, so this does: each attempt writes to a temporary
+        name and moves it into place only when the byte count matches what the server announced.
+        """
+        tries = attempts if attempts is not None else 1 + (self.max_retries if self.max_retries is not None else 2)
+        target = to_storage_path(destination)
+        for attempt in range(1, tries + 1):
+            try:
+                return self._download_once(file_id, target, overwrite)
+            except OpenAIBatchAPIError as error:
+                if attempt >= tries or not error.retryable:
+                    raise
+                delay = min(0.5 * 2 ** (attempt - 1), 8.0)
+                self.log.warning("Download of %s failed (%s); retrying in %.1fs", file_id, error, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _download_once(self, file_id: str, target: Any, overwrite: bool) -> int:
+        streaming = self.get_conn().files.with_streaming_response
+        with api_errors("files.content"), streaming.content(file_id) as response:
+            expected = response.headers.get("content-length")
+            written = 0
+            with atomic_writer(target, overwrite=overwrite) as out:
+                for chunk in response.iter_bytes(_DOWNLOAD_CHUNK):
+                    out.write(chunk)
+                    written += len(chunk)
+                if expected is not None and written != int(expected):
+                    raise OpenAIBatchAPIError(
+                        "files.content", f"stream ended after {written} of {expected} bytes of {file_id}"
+                    )
+        return written
+
+    # --- batches --------------------------------------------------------------------------------
+
+    def create_batch(
+        self,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str = "24h",
+        metadata: dict[str, str] | None = None,
+        output_expires_after_seconds: int | None = None,
+        *,
+        max_retries: int | None = None,
+    ) -> Batch:
+        """
+        Create a batch. ``max_retries=0`` lets a caller that can find its own batch (by metadata) decide
+        what a lost answer means, instead of the SDK blindly sending the create again.
+        """
+        extra: dict[str, Any] = {}
+        if metadata:
+            extra["metadata"] = metadata
+        if output_expires_after_seconds is not None:
+            extra["output_expires_after"] = {
+                "anchor": "created_at",
+                "seconds": int(output_expires_after_seconds),
+            }
+        client = self.get_conn() if max_retries is None else self.get_conn().with_options(max_retries=max_retries)
+        with api_errors("batches.create"):
+            return client.batches.create(
+                input_file_id=input_file_id,
+                endpoint=endpoint,  # type: ignore[arg-type]
+                completion_window=completion_window,  # type: ignore[arg-type]
+                **extra,
+            )
+
+    def get_batch(self, batch_id: str) -> Batch:
+        with api_errors("batches.retrieve"):
+            return self.get_conn().batches.retrieve(batch_id)
+
+    def cancel_batch(self, batch_id: str) -> Batch:
+        with api_errors("batches.cancel"):
+            return self.get_conn().batches.cancel(batch_id)
+
+    def list_batches(self, *, page_size: int = 100) -> Iterator[Batch]:
+        """Every batch, newest first, all pages, fetched lazily as the caller iterates."""
+        with api_errors("batches.list"):
+            yield from self.get_conn().batches.list(limit=page_size)
+
+    def find_batch(self, metadata_key: str, value: str, created_after: float | None = None) -> Batch | None:
+        """
+        The newest batch whose ``metadata[metadata_key] == value``, scanning no further back than
+        ``created_after`` (epoch seconds), so the scan costs a page or two, not the account's history.
+        """
+        for batch in self.list_batches():
+            if created_after is not None and batch.created_at < created_after:
+                return None
+            if (batch.metadata or {}).get(metadata_key) == value:
+                return batch
+        return None
+
+    def wait_for_batch(
+        self,
+        batch_id: str,
+        poll_interval: float = 60.0,
+        timeout: float | None = None,
+        *,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> Batch:
+        """Block until the batch ends (the non-deferrable path); log progress when counts change."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        report = on_progress or self.log.info
+        last: tuple[Any, ...] | None = None
+        while True:
+            batch = self.get_batch(batch_id)
+            summary = summarize(batch)
+            if progress_key(summary) != last:
+                last = progress_key(summary)
+                report(format_progress(summary))
+            if is_terminal(batch.status):
+                return batch
+            if deadline is not None and time.monotonic() + poll_interval > deadline:
+                raise BatchTimeoutError(f"Batch {batch_id} did not finish within {timeout:.0f}s", summary)
+            time.sleep(poll_interval)
+
+    # --- async twins (what triggers use) --------------------------------------------------------
+
+    async def _acall(self, operation: str, call: Callable[[AsyncOpenAI], Any]) -> Any:
+        client = await self.get_async_conn()
+        try:
+            with api_errors(operation):
+                return await call(client)
+        except OpenAIBatchAPIError as error:
+            if error.status_code == 401:
+                self._forget_async_client()
+            raise
+
+    async def aget_batch(self, batch_id: str) -> Batch:
+        result: Batch = await self._acall("batches.retrieve", lambda c: c.batches.retrieve(batch_id))
+        return result
+
+    async def acancel_batch(self, batch_id: str) -> Batch:
+        result: Batch = await self._acall("batches.cancel", lambda c: c.batches.cancel(batch_id))
+        return result
+
+    async def aget_file(self, file_id: str) -> FileObject:
+        result: FileObject = await self._acall("files.retrieve", lambda c: c.files.retrieve(file_id))
+        return result
+
+    async def alist_batches(self, *, page_size: int = 100) -> AsyncIterator[Batch]:
+        client = await self.get_async_conn()
+        with api_errors("batches.list"):
+            async for batch in client.batches.list(limit=page_size):
+                yield batch
+
+    # --- connection UI ----------------------------------------------------------------------------
+
+    def test_connection(self) -> tuple[bool, str]:
+        """One cheap call that needs Batch permissions, so a green test means batches will work."""
+        try:
+            with api_errors("batches.list"):
+                self.get_conn().batches.list(limit=1)
+        except OpenAIBatchAPIError as error:
+            return False, str(error)
+        except Exception as error:  # a bad extra, a missing key: say so in the UI instead of a stack trace
+            return False, f"{type(error).__name__}: {error}"
+        return True, "Connection works: the API key can list batches."

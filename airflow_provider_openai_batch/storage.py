@@ -1,0 +1,163 @@
+"""
+Where batch files come from and go to: local paths, ``ObjectStoragePath`` (any fsspec protocol), bytes, streams.
+
+One place so that upload, validation, download and the result helpers all accept the same things and all write
+the same way: to a temporary name beside the destination, then a move, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:
+    from airflow.sdk import ObjectStoragePath
+
+#: Anything a file can be read from. ``str`` is a local path or a URI with a scheme (``s3://…``).
+Source = Union[str, os.PathLike, "ObjectStoragePath", bytes, bytearray, memoryview, IO[bytes]]
+#: Anything a file can be written to: a local path, a URI, or an ``ObjectStoragePath``.
+Destination = Union[str, os.PathLike, "ObjectStoragePath"]
+
+
+def _is_uri(value: str) -> bool:
+    scheme, sep, _ = value.partition("://")
+    return bool(sep) and scheme.isidentifier() and len(scheme) > 1
+
+
+def to_storage_path(value: Destination) -> ObjectStoragePath | Path:
+    """A URI becomes an ``ObjectStoragePath`` (fsspec), a plain path stays a local ``Path``."""
+    from airflow.sdk import ObjectStoragePath
+
+    if isinstance(value, ObjectStoragePath):
+        return value
+    text = os.fspath(value)
+    if _is_uri(text) and not text.startswith("file://"):
+        return ObjectStoragePath(text)
+    if text.startswith("file://"):
+        return ObjectStoragePath(text)
+    return Path(text)
+
+
+def describe(source: Source) -> str:
+    """A name for error messages: the path or URI, or what kind of in-memory object it was."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "<bytes>"
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    name = getattr(source, "name", None)
+    if isinstance(name, str):
+        return name
+    if hasattr(source, "read"):
+        return "<stream>"
+    return str(source)
+
+
+def source_name(source: Source) -> str:
+    """The base file name to give OpenAI for an upload."""
+    text = describe(source)
+    if text.startswith("<"):
+        return "batch_input.jsonl"
+    return text.rstrip("/").rsplit("/", 1)[-1] or "batch_input.jsonl"
+
+
+@contextlib.contextmanager
+def open_source(source: Source) -> Iterator[IO[bytes]]:
+    """Open any supported source as a binary stream, without reading it into memory."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        yield io.BytesIO(bytes(source))
+        return
+    if isinstance(source, (str, os.PathLike)) or _is_object_storage_path(source):
+        path = to_storage_path(source) if isinstance(source, (str, os.PathLike)) else source
+        with path.open("rb") as stream:  # type: ignore[union-attr]
+            yield stream
+        return
+    if hasattr(source, "read"):
+        yield source  # type: ignore[misc]
+        return
+    raise TypeError(f"Cannot read a batch file from {type(source).__name__}")
+
+
+class _RawAdapter(io.RawIOBase):
+    """Gives any file-like object (e.g. Airflow's lineage-tracking wrapper) the ``io`` interface the SDK needs."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self._inner = inner
+        self.name = getattr(inner, "name", "upload")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._inner.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seekable(self) -> bool:
+        return bool(getattr(self._inner, "seekable", lambda: False)())
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return int(self._inner.seek(offset, whence))
+
+    def tell(self) -> int:
+        return int(self._inner.tell())
+
+
+def as_io(stream: Any) -> IO[bytes]:
+    """``stream`` itself when it is a real ``io`` object, else a thin adapter (no copy, still streamed)."""
+    if isinstance(stream, io.IOBase):
+        return stream  # type: ignore[return-value]
+    return io.BufferedReader(_RawAdapter(stream), buffer_size=1 << 20)  # type: ignore[return-value]
+
+
+def _is_object_storage_path(value: object) -> bool:
+    from airflow.sdk import ObjectStoragePath
+
+    return isinstance(value, ObjectStoragePath)
+
+
+def source_size(source: Source) -> int | None:
+    """Size in bytes when it is cheap to know (a stat, not a read), else ``None``."""
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return len(source)
+        if isinstance(source, (str, os.PathLike)):
+            path = to_storage_path(source)
+            return int(path.stat().st_size)
+        if _is_object_storage_path(source):
+            return int(source.stat().st_size)  # type: ignore[union-attr]
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def atomic_writer(destination: Destination, *, overwrite: bool = False) -> Iterator[IO[bytes]]:
+    """
+    Write to a hidden temporary name beside ``destination`` and move it into place only on success.
+
+    A crash, a dropped stream or a failed check inside the ``with`` block leaves nothing at the
+    destination and no temporary file behind, so a retry starts clean and a downstream reader never
+    picks up half a result file. On object stores the move is a server-side copy, still never partial.
+    """
+    target = to_storage_path(destination)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.partial"
+    try:
+        with temp.open("wb") as stream:
+            yield stream  # type: ignore[misc]
+        if isinstance(target, Path):
+            os.replace(temp, target)
+        else:
+            temp.rename(target)
+    finally:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            if temp.exists():
+                temp.unlink()

@@ -1,0 +1,394 @@
+"""
+The fake server's memory: files on disk, batches, and the status machine that moves them on a clock.
+
+Status is derived from the clock whenever a batch is read, so tests can use a real clock (fast timings) or a
+``FakeClock`` they advance by hand, and a batch never needs a background task to make progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from airflow_provider_openai_batch.batch_file import (
+    OPENAI_BATCH_ENDPOINTS,
+    BatchFileValidator,
+    iter_raw_lines,
+)
+from airflow_provider_openai_batch.exceptions import InputIssue
+from airflow_provider_openai_batch.testing import responses
+
+
+class FakeClock:
+    """A clock tests move by hand: ``clock.advance(3600)`` makes an hour pass for every batch at once."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self._now = time.time() if start is None else start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+
+
+@dataclass
+class Timings:
+    """Seconds a batch spends in each phase on the server's clock (defaults keep tests quick)."""
+
+    validating: float = 0.2
+    in_progress: float = 0.6
+    finalizing: float = 0.2
+    cancelling: float = 0.2
+    #: When a batch ``expires`` (scenario ``expire``): this share of its requests is done by then.
+    expire_fraction: float = 0.5
+
+
+@dataclass
+class StoredFile:
+    id: str
+    filename: str
+    purpose: str
+    bytes: int
+    created_at: int
+    path: Path
+    expires_at: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": self.bytes,
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+            "expires_at": self.expires_at,
+            "status_details": None,
+        }
+
+
+@dataclass
+class StoredBatch:
+    id: str
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str] | None
+    created_at: float
+    scenario: str
+    requests: list[tuple[str, dict[str, Any]]]
+    model: str | None
+    issues: list[InputIssue] = field(default_factory=list)
+    cancel_requested_at: float | None = None
+    cancelled_done: int | None = None
+    final_status: str | None = None
+    finished_at: float | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    usage: dict[str, Any] | None = None
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}{os.urandom(12).hex()}"
+
+
+def _errors_json(issues: list[InputIssue]) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [
+            {"code": issue.code, "line": issue.line or None, "message": issue.message, "param": issue.field}
+            for issue in issues
+        ],
+    }
+
+
+class FakeState:
+    """Files and batches held by one ``FakeOpenAIServer``; every method is thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        timings: Timings | None = None,
+        storage_dir: str | os.PathLike[str] | None = None,
+        allowed_endpoints: tuple[str, ...] | None = OPENAI_BATCH_ENDPOINTS,
+        completion_windows: tuple[str, ...] | None = ("24h",),
+        scenario: str = "complete",
+    ) -> None:
+        self.clock = clock
+        self.timings = timings or Timings()
+        self._tmp = None if storage_dir else tempfile.TemporaryDirectory(prefix="fake-openai-")
+        self.dir = Path(storage_dir or self._tmp.name)  # type: ignore[union-attr]
+        self.allowed_endpoints = allowed_endpoints
+        self.completion_windows = completion_windows
+        self.scenario = scenario
+        self.files: dict[str, StoredFile] = {}
+        self.batches: dict[str, StoredBatch] = {}
+        self._lock = threading.RLock()
+        self._seq = itertools.count()
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    # --- files -------------------------------------------------------------------------------
+
+    def add_file(
+        self, filename: str, purpose: str, write: Callable[[Any], None], expires_after: int | None = None
+    ) -> StoredFile:
+        file_id = _id("file-")
+        path = self.dir / file_id
+        with path.open("wb") as out:
+            write(out)
+        now = int(self.clock())
+        stored = StoredFile(
+            id=file_id,
+            filename=filename,
+            purpose=purpose,
+            bytes=path.stat().st_size,
+            created_at=now,
+            path=path,
+            expires_at=now + expires_after if expires_after else None,
+        )
+        with self._lock:
+            # Keep creation order stable even when two uploads land in the same second.
+            stored.created_at = now
+            self.files[file_id] = stored
+        return stored
+
+    def list_files(self, purpose: str | None) -> list[StoredFile]:
+        with self._lock:
+            items = [f for f in self.files.values() if purpose is None or f.purpose == purpose]
+        return items
+
+    def delete_file(self, file_id: str) -> bool:
+        with self._lock:
+            stored = self.files.pop(file_id, None)
+        if stored is None:
+            return False
+        stored.path.unlink(missing_ok=True)
+        return True
+
+    # --- batches -----------------------------------------------------------------------------
+
+    def create_batch(
+        self,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: dict[str, str] | None,
+    ) -> StoredBatch:
+        stored = self.files[input_file_id]
+        validator = BatchFileValidator(endpoint=endpoint, allowed_endpoints=self.allowed_endpoints, max_issues=100)
+        requests: list[tuple[str, dict[str, Any]]] = []
+        with stored.path.open("rb") as stream:
+            for lineno, raw in iter_raw_lines(stream):
+                if not raw.strip():
+                    validator.collector.add(lineno, None, "blank line", "invalid_json_line")
+                    continue
+                custom_id = validator.check(lineno, raw)
+                if custom_id is not None:
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        requests.append((custom_id, json.loads(raw)["body"]))
+        if not requests and not validator.collector.issues:
+            validator.collector.add(0, None, "The input file is empty.", "empty_file")
+        if len(requests) > 50_000:
+            validator.collector.add(0, None, "The input file holds more than 50,000 requests.", "too_many_tasks")
+        scenario = (metadata or {}).get("fake_scenario", self.scenario)
+        batch = StoredBatch(
+            id=_id("batch_"),
+            input_file_id=input_file_id,
+            endpoint=endpoint,
+            completion_window=completion_window,
+            metadata=metadata,
+            created_at=self.clock(),
+            scenario=scenario,
+            requests=requests,
+            model=validator.model,
+            issues=list(validator.collector.issues),
+        )
+        with self._lock:
+            self.batches[batch.id] = batch
+            next(self._seq)
+        return batch
+
+    def cancel(self, batch_id: str) -> StoredBatch:
+        with self._lock:
+            batch = self.batches[batch_id]
+            self._advance(batch)
+            if batch.final_status is None and batch.cancel_requested_at is None:
+                batch.cancel_requested_at = self.clock()
+                batch.cancelled_done = self._done_count(batch, batch.cancel_requested_at)
+            return batch
+
+    # --- the status machine --------------------------------------------------------------------
+
+    def _phase_times(self, batch: StoredBatch) -> tuple[float, float, float]:
+        t = self.timings
+        validated = batch.created_at + t.validating
+        processed = validated + t.in_progress
+        return validated, processed, processed + t.finalizing
+
+    def _done_count(self, batch: StoredBatch, now: float) -> int:
+        validated, _, _ = self._phase_times(batch)
+        if now <= validated:
+            return 0
+        total = len(batch.requests)
+        if batch.scenario == "stall":
+            return min(total, max(0, total // 3))
+        fraction = min(1.0, (now - validated) / max(self.timings.in_progress, 1e-9))
+        if batch.scenario == "expire":
+            fraction = min(fraction, self.timings.expire_fraction)
+        return math.floor(total * fraction + 1e-6)
+
+    def status(self, batch: StoredBatch) -> str:
+        with self._lock:
+            self._advance(batch)
+            return self._status_now(batch)
+
+    def _status_now(self, batch: StoredBatch) -> str:
+        if batch.final_status is not None:
+            return batch.final_status
+        now = self.clock()
+        validated, processed, _ = self._phase_times(batch)
+        if batch.cancel_requested_at is not None:
+            return "cancelling"
+        if now < validated:
+            return "validating"
+        if now < processed or batch.scenario == "stall":
+            return "in_progress"
+        return "finalizing"
+
+    def _advance(self, batch: StoredBatch) -> None:
+        """Settle a batch whose terminal moment has passed: decide its status and write its result files."""
+        if batch.final_status is not None:
+            return
+        now = self.clock()
+        validated, _, finalized = self._phase_times(batch)
+        if batch.cancel_requested_at is not None:
+            if now >= batch.cancel_requested_at + self.timings.cancelling:
+                self._finish(batch, "cancelled", batch.cancelled_done or 0, batch.cancel_requested_at)
+            return
+        if batch.issues and now >= validated:
+            batch.final_status, batch.finished_at = "failed", validated
+            return
+        if batch.scenario == "fail" and now >= validated:
+            batch.issues = [
+                InputIssue(0, None, "The batch failed on the fake server (scenario 'fail').", "fake_failure")
+            ]
+            batch.final_status, batch.finished_at = "failed", validated
+            return
+        if batch.scenario == "stall":
+            return
+        if now >= finalized:
+            done = self._done_count(batch, finalized)
+            self._finish(batch, "expired" if batch.scenario == "expire" else "completed", done, finalized)
+
+    def _finish(self, batch: StoredBatch, status: str, done: int, at: float) -> None:
+        created = int(at)
+        out_lines: list[tuple[bytes, bytes]] = []
+        err_lines: list[bytes] = []
+        in_tokens = out_tokens = 0
+        for index, (custom_id, body) in enumerate(batch.requests):
+            if index >= done:
+                reason = "batch_expired" if status == "expired" else "batch_cancelled"
+                err_lines.append(json.dumps(responses.unprocessed_line(custom_id, reason)).encode())
+            elif isinstance(body, dict) and body.get("fake_error"):
+                err_lines.append(json.dumps(responses.failed_request_line(custom_id, body["fake_error"])).encode())
+            else:
+                line = responses.output_line(custom_id, batch.endpoint, body, created)
+                out_lines.append((hashlib.md5(custom_id.encode()).digest(), json.dumps(line).encode()))
+                i, o = responses.usage_of(batch.endpoint, body)
+                in_tokens, out_tokens = in_tokens + i, out_tokens + o
+        # OpenAI does not keep input order in result files; neither do we, so joins are exercised for real.
+        out_lines.sort()
+        batch.output_file_id = self._write_result(batch, "output", [line for _, line in out_lines])
+        batch.error_file_id = self._write_result(batch, "error", err_lines)
+        batch.usage = {
+            "input_tokens": in_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": out_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": in_tokens + out_tokens,
+        }
+        batch.final_status, batch.finished_at = status, at
+
+    def _write_result(self, batch: StoredBatch, kind: str, lines: list[bytes]) -> str | None:
+        if not lines:
+            return None
+
+        def write(out: Any) -> None:
+            for line in lines:
+                out.write(line + b"\n")
+
+        return self.add_file(f"{batch.id}_{kind}.jsonl", "batch_output", write).id
+
+    def counts(self, batch: StoredBatch) -> dict[str, int]:
+        total = len(batch.requests)
+        status = self._status_now(batch)
+        if status == "validating" or batch.issues:
+            return {"total": 0 if batch.issues else total, "completed": 0, "failed": 0}
+        if batch.final_status is not None:
+            done = self._done_count(batch, batch.finished_at or 0)
+            if batch.cancel_requested_at is not None:
+                done = batch.cancelled_done or 0
+        elif batch.cancel_requested_at is not None:
+            done = batch.cancelled_done or 0
+        else:
+            done = self._done_count(batch, self.clock())
+        failed = sum(1 for _, body in batch.requests[:done] if isinstance(body, dict) and body.get("fake_error"))
+        if batch.final_status in ("expired", "cancelled"):
+            failed += total - done
+        return {
+            "total": total,
+            "completed": done
+            - sum(1 for _, body in batch.requests[:done] if isinstance(body, dict) and body.get("fake_error")),
+            "failed": failed,
+        }
+
+    def batch_json(self, batch: StoredBatch) -> dict[str, Any]:
+        with self._lock:
+            self._advance(batch)
+            status = self._status_now(batch)
+            validated, processed, _ = self._phase_times(batch)
+            created = int(batch.created_at)
+            ended = int(batch.finished_at) if batch.finished_at is not None else None
+            return {
+                "id": batch.id,
+                "object": "batch",
+                "endpoint": batch.endpoint,
+                "model": batch.model,
+                "errors": _errors_json(batch.issues) if batch.issues else None,
+                "input_file_id": batch.input_file_id,
+                "completion_window": batch.completion_window,
+                "status": status,
+                "output_file_id": batch.output_file_id,
+                "error_file_id": batch.error_file_id,
+                "created_at": created,
+                "in_progress_at": int(validated) if status not in ("validating", "failed") else None,
+                "expires_at": created + 86_400,
+                "finalizing_at": int(processed) if status in ("finalizing", "completed", "expired") else None,
+                "completed_at": ended if status == "completed" else None,
+                "failed_at": ended if status == "failed" else None,
+                "expired_at": ended if status == "expired" else None,
+                "cancelling_at": int(batch.cancel_requested_at) if batch.cancel_requested_at else None,
+                "cancelled_at": ended if status == "cancelled" else None,
+                "request_counts": self.counts(batch),
+                "usage": batch.usage,
+                "metadata": batch.metadata,
+            }

@@ -1,0 +1,226 @@
+"""FakeOpenAIServer speaks OpenAI: its answers parse into the SDK's own types with strict validation on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+from openai.types import Batch, FileObject
+from openai.types.chat import ChatCompletion
+from openai.types.completion import Completion
+from openai.types.create_embedding_response import CreateEmbeddingResponse
+from openai.types.moderation_create_response import ModerationCreateResponse
+from openai.types.responses import Response
+
+from airflow_provider_openai_batch.testing import FakeClock, FakeOpenAIServer, Timings
+from tests.conftest import jsonl, request_line
+
+BODY_TYPES = {
+    "/v1/chat/completions": ChatCompletion,
+    "/v1/responses": Response,
+    "/v1/embeddings": CreateEmbeddingResponse,
+    "/v1/completions": Completion,
+    "/v1/moderations": ModerationCreateResponse,
+}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def fake(clock: FakeClock):
+    with FakeOpenAIServer(clock=clock, timings=Timings()) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(fake: FakeOpenAIServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=fake.base_url, api_key=fake.api_key, _strict_response_validation=True, max_retries=0)
+
+
+def _run(client: openai.OpenAI, clock: FakeClock, rows: list[dict], endpoint: str, **kwargs) -> Batch:
+    uploaded = client.files.create(file=("in.jsonl", jsonl(rows)), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint=endpoint, completion_window="24h", **kwargs)
+    clock.advance(3600)
+    return client.batches.retrieve(batch.id)
+
+
+def _lines(client: openai.OpenAI, file_id: str | None) -> list[dict]:
+    if not file_id:
+        return []
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+
+
+@pytest.mark.parametrize("endpoint", sorted(BODY_TYPES))
+def test_each_endpoint_answers_in_openai_shapes(client, clock, endpoint):
+    rows = [request_line(i, url=endpoint) for i in range(6)]
+    batch = _run(client, clock, rows, endpoint)
+    assert isinstance(batch, Batch)
+    assert batch.status == "completed"
+    assert batch.request_counts is not None
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (
+        6,
+        6,
+        0,
+    )
+    lines = _lines(client, batch.output_file_id)
+    assert sorted(line["custom_id"] for line in lines) == sorted(r["custom_id"] for r in rows)
+    for line in lines:
+        assert line["response"]["status_code"] == 200
+        BODY_TYPES[endpoint].model_validate(line["response"]["body"], strict=False)
+    assert batch.usage is not None
+    if endpoint != "/v1/moderations":
+        assert batch.usage.input_tokens > 0
+
+
+def test_answers_are_deterministic_and_out_of_input_order(client, clock):
+    rows = [request_line(i) for i in range(30)]
+    first = _lines(client, _run(client, clock, rows, "/v1/chat/completions").output_file_id)
+    second = _lines(client, _run(client, clock, rows, "/v1/chat/completions").output_file_id)
+    assert [line["response"]["body"]["choices"] for line in first] == [
+        line["response"]["body"]["choices"] for line in second
+    ]
+    assert [line["custom_id"] for line in first] != [r["custom_id"] for r in rows]
+
+
+def test_status_machine_follows_the_clock(client, clock, fake):
+    uploaded = client.files.create(file=("in.jsonl", jsonl([request_line(i) for i in range(4)])), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    seen = [batch.status]
+    for _ in range(12):
+        clock.advance(0.1)
+        seen.append(client.batches.retrieve(batch.id).status)
+    assert seen[0] == "validating"
+    assert "in_progress" in seen and "finalizing" in seen
+    assert seen[-1] == "completed"
+    assert seen.index("in_progress") < seen.index("finalizing") < seen.index("completed")
+
+
+def test_marked_requests_go_to_the_error_file(client, clock):
+    rows = [
+        request_line(i, **({"fake_error": {"status_code": 400, "code": "bad"}} if i in (2, 5) else {}))
+        for i in range(8)
+    ]
+    batch = _run(client, clock, rows, "/v1/chat/completions")
+    assert batch.request_counts is not None and batch.request_counts.failed == 2
+    errors = _lines(client, batch.error_file_id)
+    assert sorted(e["custom_id"] for e in errors) == ["req-2", "req-5"]
+    assert errors[0]["response"]["status_code"] == 400
+    assert errors[0]["response"]["body"]["error"]["code"] == "bad"
+
+
+def test_invalid_input_fails_the_batch_with_line_errors(client, clock):
+    rows = [request_line(0), {"custom_id": "x", "method": "GET", "url": "/v1/chat/completions", "body": {}}]
+    batch = _run(client, clock, rows, "/v1/chat/completions")
+    assert batch.status == "failed"
+    assert batch.errors is not None and batch.errors.data
+    by_param = {(e.line, e.param) for e in batch.errors.data}
+    assert (2, "method") in by_param and (2, "body.model") in by_param
+
+
+def test_expiry_keeps_partial_results(client, clock):
+    rows = [request_line(i) for i in range(10)]
+    batch = _run(client, clock, rows, "/v1/chat/completions", metadata={"fake_scenario": "expire"})
+    assert batch.status == "expired"
+    assert batch.request_counts is not None
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (5, 5)
+    assert len(_lines(client, batch.output_file_id)) == 5
+    expired = _lines(client, batch.error_file_id)
+    assert {e["error"]["code"] for e in expired} == {"batch_expired"}
+
+
+def test_cancel_walks_through_cancelling(client, clock):
+    uploaded = client.files.create(file=("in.jsonl", jsonl([request_line(i) for i in range(10)])), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    clock.advance(0.2 + 0.3)  # half processed
+    assert client.batches.cancel(batch.id).status == "cancelling"
+    clock.advance(1)
+    done = client.batches.retrieve(batch.id)
+    assert done.status == "cancelled"
+    assert done.request_counts is not None and done.request_counts.completed == 5
+    assert len(_lines(client, done.output_file_id)) == 5
+    with pytest.raises(openai.ConflictError):
+        client.batches.cancel(_run(client, clock, [request_line(0)], "/v1/chat/completions").id)
+
+
+def test_bearer_key_is_checked(fake):
+    bad = openai.OpenAI(base_url=fake.base_url, api_key="sk-other", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.batches.list()
+    assert fake.count("batches.list") == 1
+
+
+def test_metadata_limits(client):
+    uploaded = client.files.create(file=("in.jsonl", jsonl([request_line(0)])), purpose="batch")
+    with pytest.raises(openai.BadRequestError, match="at most 16"):
+        client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={f"k{i}": "v" for i in range(17)},
+        )
+
+
+def test_faults_by_script_and_by_probability(fake):
+    client = openai.OpenAI(base_url=fake.base_url, api_key=fake.api_key, max_retries=0)
+    fake.faults.script("batches.list", "429")
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.batches.list()
+    assert raised.value.response.headers["retry-after-ms"] == "50"
+    fake.faults.script("batches.list", "drop")
+    with pytest.raises(openai.APIConnectionError):
+        client.batches.list()
+    fake.faults.chaos(0.5, kinds=("500",), seed=1)
+    outcomes = []
+    for _ in range(40):
+        try:
+            client.batches.list()
+            outcomes.append("ok")
+        except openai.InternalServerError:
+            outcomes.append("500")
+    assert 8 < outcomes.count("500") < 32
+
+
+def test_slow_fault_trips_the_client_timeout(fake):
+    client = openai.OpenAI(base_url=fake.base_url, api_key=fake.api_key, max_retries=0, timeout=0.3)
+    fake.faults.script("batches.list", "slow")
+    with pytest.raises(openai.APITimeoutError):
+        client.batches.list()
+
+
+def test_runs_as_a_module():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "airflow_provider_openai_batch.testing", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = ""
+        while f":{port}/v1" not in banner:
+            banner = proc.stdout.readline()
+            assert banner, "the server exited before printing its address"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-fake-test-key")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert isinstance(client.files.create(file=("a.jsonl", b"{}\n"), purpose="batch"), FileObject)
+                break
+            except openai.APIConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(10)
