@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 try:
-    from airflow.sdk.exceptions import AirflowException
-except ImportError:  # pragma: no cover - Airflow 3.0 keeps it in airflow.exceptions
-    from airflow.exceptions import AirflowException  # type: ignore[no-redef]
+    from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout
+except ImportError:  # pragma: no cover - Airflow 3.0 keeps them in airflow.exceptions
+    from airflow.exceptions import AirflowException, AirflowSensorTimeout  # type: ignore[no-redef]
 
 
 class OpenAIBatchError(AirflowException):
@@ -33,7 +33,8 @@ class OpenAIBatchAPIError(OpenAIBatchError):
         code: str | None = None,
     ) -> None:
         self.operation = operation
-        self.status_code = status_code
+        #: Not ``status_code``: AirflowException already uses that name for its REST API meaning.
+        self.http_status = status_code
         self.request_id = request_id
         self.code = code
         self.message = message
@@ -50,12 +51,13 @@ class OpenAIBatchAPIError(OpenAIBatchError):
     @property
     def retryable(self) -> bool:
         """Rate limits, server errors and transport errors may pass; auth, permission and 4xx do not."""
-        return self.status_code is None or self.status_code in (408, 409, 429) or self.status_code >= 500
+        status = self.http_status
+        return status is None or status in (408, 409, 429) or status >= 500
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
             _rebuild_api_error,
-            (self.operation, self.message, self.status_code, self.request_id, self.code),
+            (self.operation, self.message, self.http_status, self.request_id, self.code),
         )
 
 
@@ -98,8 +100,8 @@ class BatchInputError(OpenAIBatchError, ValueError):
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.source, self.issues), {"more": self.more})
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.more = state.get("more", 0)
+    def __setstate__(self, state: dict[str, Any] | None) -> None:
+        self.more = (state or {}).get("more", 0)
 
 
 class BatchFailedError(OpenAIBatchError):
@@ -110,8 +112,8 @@ class BatchFailedError(OpenAIBatchError):
         super().__init__(message)
 
 
-class BatchTimeoutError(BatchFailedError):
-    """The batch did not end before the task's absolute deadline."""
+class BatchTimeoutError(BatchFailedError, AirflowSensorTimeout):
+    """The batch did not end before the task's absolute deadline (a sensor timeout, so ``soft_fail`` applies)."""
 
 
 class DownloadMismatchError(OpenAIBatchError):

@@ -28,6 +28,10 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "hooks": [{"integration-name": _INTEGRATION, "python-modules": [f"{_PKG}.hooks.openai_batch"]}],
+        "operators": [{"integration-name": _INTEGRATION, "python-modules": [f"{_PKG}.operators.openai_batch"]}],
+        "sensors": [{"integration-name": _INTEGRATION, "python-modules": [f"{_PKG}.sensors.openai_batch"]}],
+        "triggers": [{"integration-name": _INTEGRATION, "python-modules": [f"{_PKG}.triggers.openai_batch"]}],
+        "extra-links": [f"{_PKG}.links.openai_batch.OpenAIBatchLink"],
         "connection-types": [
             {
                 "connection-type": "openai_batch",

@@ -13,7 +13,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Union
+from typing import IO, TYPE_CHECKING, Any, Union, cast
 
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
@@ -154,9 +154,9 @@ def atomic_writer(destination: Destination, *, overwrite: bool = False) -> Itera
         with temp.open("wb") as stream:
             yield stream  # type: ignore[misc]
         if isinstance(target, Path):
-            os.replace(temp, target)
+            os.replace(cast(Path, temp), target)
         else:
-            temp.rename(target)
+            cast(Any, temp).rename(target)
     finally:
         with contextlib.suppress(FileNotFoundError, OSError):
             if temp.exists():

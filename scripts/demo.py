@@ -1,63 +1,88 @@
 """
-``make demo``: the batch workflow end to end, offline, against the embedded FakeOpenAIServer.
+``make demo``: the example DAG end to end, offline, against the embedded FakeOpenAIServer.
 
-Upload → create → wait → download through OpenAIBatchHook, then a few results joined to their inputs.
+A fresh ``AIRFLOW_HOME`` on SQLite, the fake server on a free port, ``airflow dags test example_openai_batch``,
+then where the results landed and a few results joined to their inputs. With ``DEMO_REAL=1`` and
+``OPENAI_API_KEY`` set, the same DAG runs against the real API instead (and costs real money).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
+import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+DAG_ID = "example_openai_batch"
 
-def main() -> int:
-    work = Path(tempfile.mkdtemp(prefix="openai-batch-demo-"))
-    os.environ.setdefault("AIRFLOW_HOME", str(work / "airflow"))
-    from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+
+@contextlib.contextmanager
+def openai_endpoint() -> Iterator[dict[str, str]]:
+    """The connection to use: the real API when asked for, else a fake server started here."""
+    if os.environ.get("DEMO_REAL") == "1":
+        key = os.environ.get("OPENAI_API_KEY")
+        if not key:
+            raise SystemExit("DEMO_REAL=1 needs OPENAI_API_KEY")
+        yield {"conn_type": "openai_batch", "password": key}
+        return
     from airflow_provider_openai_batch.testing import FakeOpenAIServer
 
     with FakeOpenAIServer() as server:
-        os.environ["AIRFLOW_CONN_OPENAI_DEFAULT"] = json.dumps(
-            {"conn_type": "openai_batch", "host": server.base_url, "password": server.api_key}
-        )
-        hook = OpenAIBatchHook()
-        inputs = {
-            f"city-{i}": f"Name one landmark in {city}."
-            for i, city in enumerate(["Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn"])
-        }
-        source = work / "requests.jsonl"
-        source.write_text(
-            "".join(
-                json.dumps(
-                    {
-                        "custom_id": cid,
-                        "method": "POST",
-                        "url": "/v1/chat/completions",
-                        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]},
-                    }
-                )
-                + "\n"
-                for cid, text in inputs.items()
-            )
-        )
-        uploaded = hook.upload_file(source)
-        batch = hook.create_batch(uploaded.id, "/v1/chat/completions")
-        print(f"created {batch.id} from {uploaded.id}")
-        done = hook.wait_for_batch(batch.id, poll_interval=0.2, timeout=60, on_progress=print)
-        if done.status != "completed" or not done.output_file_id:
-            print(f"batch ended {done.status}", file=sys.stderr)
-            return 1
-        output = work / "results" / "output.jsonl"
-        hook.download_file(done.output_file_id, output)
-        print(f"results downloaded to {output}")
-        for line in output.read_text().splitlines()[:3]:
+        print(f"FakeOpenAIServer on {server.base_url}")
+        yield {"conn_type": "openai_batch", "host": server.base_url, "password": server.api_key or ""}
+
+
+def main() -> int:
+    home = Path(tempfile.mkdtemp(prefix="openai-batch-demo-"))
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "example_dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "True",
+        "OPENAI_BATCH_EXAMPLE_POLL_SECONDS": "1" if os.environ.get("DEMO_REAL") != "1" else "30",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    airflow = [sys.executable, "-m", "airflow"]
+    print(f"AIRFLOW_HOME={home}")
+    subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True)
+    with openai_endpoint() as connection:
+        env["AIRFLOW_CONN_OPENAI_DEFAULT"] = json.dumps(connection)
+        run = subprocess.run([*airflow, "dags", "test", DAG_ID], env=env, capture_output=True, text=True)
+    log = run.stdout + run.stderr
+    (home / "dags-test.log").write_text(log)
+    if run.returncode != 0:
+        print(log[-6000:])
+        print(f"\nairflow dags test failed (full log: {home / 'dags-test.log'})", file=sys.stderr)
+        return run.returncode
+    deferred = [line for line in log.splitlines() if "Pausing task as DEFERRED" in line and "task_id=wait" in line]
+    if deferred:
+        print(f"airflow dags test {DAG_ID}: success; the sensor deferred and its trigger waited for the batch")
+    else:
+        print(f"airflow dags test {DAG_ID}: success, but the sensor did not defer", file=sys.stderr)
+    joined = sorted(home.glob("openai_batch_results/**/joined.jsonl"))
+    if not joined:
+        print("no joined results were written", file=sys.stderr)
+        return 1
+    folder = joined[0].parent
+    print(f"results landed in {folder}:")
+    for path in sorted(folder.iterdir()):
+        print(f"  {path.name:14} {sum(1 for _ in path.open()):>5} lines")
+    print("first joined results (input order, joined on custom_id):")
+    with joined[0].open() as rows:
+        for line in itertools.islice(rows, 5):
             row = json.loads(line)
-            answer = row["response"]["body"]["choices"][0]["message"]["content"]
-            print(f"  {row['custom_id']}: {inputs[row['custom_id']]!r} -> {answer!r}")
-    return 0
+            question = row["request"]["messages"][-1]["content"]
+            answer = (row["response"] or {}).get("choices", [{}])[0].get("message", {}).get("content")
+            print(f"  {row['custom_id']} [{row['status']}] {question!r} -> {answer!r}")
+    return 0 if deferred else 1
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ class TestFiles:
         assert uploaded.id not in {f.id for f in hook.list_files()}
         with pytest.raises(OpenAIBatchAPIError) as raised:
             hook.get_file(uploaded.id)
-        assert raised.value.status_code == 404
+        assert raised.value.http_status == 404
         assert uploaded.id in str(raised.value)
 
     def test_list_files_walks_every_page(self, conn_id, monkeypatch):
@@ -71,8 +71,9 @@ class TestFiles:
 
     def test_download_to_path_and_object_storage(self, hook, server, tmp_path, input_file):
         uploaded = hook.upload_file(input_file)
-        size = hook.download_file(uploaded.id, tmp_path / "out" / "copy.jsonl")
-        assert size == input_file.stat().st_size
+        downloaded = hook.download_file(uploaded.id, tmp_path / "out" / "copy.jsonl")
+        assert downloaded.bytes == input_file.stat().st_size
+        assert downloaded.lines == 10
         assert (tmp_path / "out" / "copy.jsonl").read_bytes() == input_file.read_bytes()
         target = ObjectStoragePath("memory://results/copy.jsonl")
         hook.download_file(uploaded.id, target)
@@ -85,7 +86,7 @@ class TestFiles:
         uploaded = hook.upload_file(input_file)
         server.faults.script("files.content", "truncate")
         target = tmp_path / "res" / "out.jsonl"
-        assert hook.download_file(uploaded.id, target) == input_file.stat().st_size
+        assert hook.download_file(uploaded.id, target).bytes == input_file.stat().st_size
         assert target.read_bytes() == input_file.read_bytes()
         assert server.count("files.content") == 2
         assert sorted(p.name for p in target.parent.iterdir()) == ["out.jsonl"]
@@ -167,7 +168,7 @@ class TestBatches:
         server.faults.script("batches.retrieve", *["503"] * 4)
         with pytest.raises(OpenAIBatchAPIError) as raised:
             hook.get_batch("batch_x")
-        assert raised.value.status_code == 503
+        assert raised.value.http_status == 503
         assert raised.value.retryable
         assert "batches.retrieve" in str(raised.value)
         assert raised.value.request_id and raised.value.request_id in str(raised.value)
@@ -175,7 +176,7 @@ class TestBatches:
     def test_not_found_is_clear(self, hook):
         with pytest.raises(OpenAIBatchAPIError) as raised:
             hook.get_batch("batch_missing")
-        assert raised.value.status_code == 404
+        assert raised.value.http_status == 404
         assert not raised.value.retryable
         assert "No such Batch object: batch_missing" in str(raised.value)
 
@@ -188,7 +189,7 @@ class TestBatches:
         hook = OpenAIBatchHook()
         with pytest.raises(OpenAIBatchAPIError) as raised:
             hook.get_batch("batch_x")
-        assert raised.value.status_code == 401
+        assert raised.value.http_status == 401
         assert secret not in str(raised.value) and secret not in repr(raised.value)
         assert raised.value.__cause__ is None and raised.value.__suppress_context__
         ok, message = hook.test_connection()
@@ -224,7 +225,7 @@ class TestAsync:
         hook = OpenAIBatchHook(conn_id)
         with pytest.raises(OpenAIBatchAPIError) as raised:
             await hook.aget_batch("batch_missing")
-        assert raised.value.status_code == 404
+        assert raised.value.http_status == 404
 
 
 def test_stream_adapter_for_non_io_objects(hook, input_file):

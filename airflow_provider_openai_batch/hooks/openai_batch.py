@@ -15,6 +15,7 @@ import json
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -44,6 +45,16 @@ if TYPE_CHECKING:
     from airflow.sdk import Connection
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    """What a finished download wrote: bytes and JSONL lines, counted on the way through (no second read)."""
+
+    bytes: int
+    lines: int
+
+
 _DOWNLOAD_CHUNK = 1 << 20
 T = TypeVar("T")
 
@@ -289,9 +300,9 @@ class OpenAIBatchHook(BaseHook):
 
     def download_file(
         self, file_id: str, destination: Destination, overwrite: bool = False, *, attempts: int | None = None
-    ) -> int:
+    ) -> Downloaded:
         """
-        Stream a file's content to ``destination`` (path, URI or ``ObjectStoragePath``); return its size.
+        Stream a file's content to ``destination`` (path, URI or ``ObjectStoragePath``).
 
         The SDK does not retry a body cut off mid-stream, so this does: each attempt writes to a temporary
         name and moves it into place only when the byte count matches what the server announced.
@@ -309,20 +320,24 @@ class OpenAIBatchHook(BaseHook):
                 time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _download_once(self, file_id: str, target: Any, overwrite: bool) -> int:
+    def _download_once(self, file_id: str, target: Any, overwrite: bool) -> Downloaded:
         streaming = self.get_conn().files.with_streaming_response
         with api_errors("files.content"), streaming.content(file_id) as response:
             expected = response.headers.get("content-length")
-            written = 0
+            written = lines = 0
+            last = b"\n"
             with atomic_writer(target, overwrite=overwrite) as out:
                 for chunk in response.iter_bytes(_DOWNLOAD_CHUNK):
                     out.write(chunk)
                     written += len(chunk)
+                    lines += chunk.count(b"\n")
+                    last = chunk[-1:] or last
                 if expected is not None and written != int(expected):
                     raise OpenAIBatchAPIError(
                         "files.content", f"stream ended after {written} of {expected} bytes of {file_id}"
                     )
-        return written
+        # A last line without a newline still counts; an empty file has no lines.
+        return Downloaded(bytes=written, lines=lines + (1 if written and last != b"\n" else 0))
 
     # --- batches --------------------------------------------------------------------------------
 
@@ -414,7 +429,7 @@ class OpenAIBatchHook(BaseHook):
             with api_errors(operation):
                 return await call(client)
         except OpenAIBatchAPIError as error:
-            if error.status_code == 401:
+            if error.http_status == 401:
                 self._forget_async_client()
             raise
 

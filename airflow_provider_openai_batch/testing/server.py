@@ -275,7 +275,7 @@ class FakeOpenAIServer:
         async def half() -> AsyncIterator[bytes]:
             sent = 0
             async for chunk in source:
-                chunk_bytes = chunk if isinstance(chunk, bytes) else bytes(chunk, "utf-8")
+                chunk_bytes = chunk.encode() if isinstance(chunk, str) else bytes(chunk)
                 if sent + len(chunk_bytes) >= total // 2:
                     yield chunk_bytes[: max(0, total // 2 - sent)]
                     raise ConnectionAbortedError("fault injected: stream truncated")

@@ -1,0 +1,76 @@
+"""
+A retry never pays twice: the identity every batch carries, and how an attempt finds what an earlier one made.
+
+Every batch we create carries ``metadata[airflow_idempotency_key]``: a hash of the task instance (without the try
+number, so every try computes the same key) and of what is being run (input file and endpoint, so a changed
+input is a new batch). Before creating, an attempt looks for its batch in the Task SDK's ``task_state_store``
+(Airflow 3.3+) and then in the account's recent batches, which also covers a crash between the API call and
+any local record. Uploads do the same with a content hash in the file name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from airflow_provider_openai_batch.exceptions import BatchInputError, InputIssue
+
+IDEMPOTENCY_METADATA_KEY = "airflow_idempotency_key"
+STATE_STORE_KEY = "openai_batch_create"
+MAX_METADATA_KEYS = 16
+MAX_METADATA_KEY_LENGTH = 64
+MAX_METADATA_VALUE_LENGTH = 512
+#: How far back an attempt scans the account's batches for one it made: a 24 h window plus retries.
+DEFAULT_LOOKBACK = timedelta(hours=48)
+
+
+def task_identity(context: Mapping[str, Any]) -> tuple[str, str, str, int]:
+    """(dag_id, task_id, run_id, map_index) of the running task instance; the try number is left out on purpose."""
+    ti = context["ti"]
+    map_index = getattr(ti, "map_index", -1)
+    return ti.dag_id, ti.task_id, ti.run_id, -1 if map_index is None else int(map_index)
+
+
+def idempotency_key(identity: tuple[str, str, str, int], *parts: str) -> str:
+    """
+    ``\\x00``-joined so that ``("etl", "load_data")`` and ``("etl_load", "data")`` cannot collide.
+    32 hex characters (128 bits) fit comfortably in a metadata value and never collide in practice.
+    """
+    material = "\x00".join([*map(str, identity), *parts])
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+def build_metadata(user_metadata: Mapping[str, Any] | None, key: str) -> dict[str, str]:
+    """
+    The user's metadata plus our key, checked against OpenAI's limits before anything is sent
+    (16 keys, 64-character keys, 512-character string values), with an error that names the field.
+    """
+    metadata = dict(user_metadata or {})
+    issues: list[InputIssue] = []
+    if IDEMPOTENCY_METADATA_KEY in metadata:
+        issues.append(InputIssue(0, IDEMPOTENCY_METADATA_KEY, "is reserved for the provider's retry safety"))
+    if len(metadata) > MAX_METADATA_KEYS - 1:
+        issues.append(
+            InputIssue(0, None, f"{len(metadata)} keys; at most {MAX_METADATA_KEYS - 1} (one is reserved for retries)")
+        )
+    for name, value in metadata.items():
+        if not isinstance(name, str) or len(name) > MAX_METADATA_KEY_LENGTH:
+            issues.append(InputIssue(0, str(name)[:80], f"keys must be strings of at most {MAX_METADATA_KEY_LENGTH}"))
+        if not isinstance(value, str):
+            issues.append(InputIssue(0, str(name), f"values must be strings, got {type(value).__name__}"))
+        elif len(value) > MAX_METADATA_VALUE_LENGTH:
+            issues.append(InputIssue(0, str(name), f"{len(value)} characters; at most {MAX_METADATA_VALUE_LENGTH}"))
+    if issues:
+        raise BatchInputError("metadata", issues)
+    metadata[IDEMPOTENCY_METADATA_KEY] = key
+    return metadata
+
+
+def content_filename(name: str, sha256: str) -> str:
+    """``requests.jsonl`` → ``requests.<16 hex of sha256>.jsonl``: the same bytes always get the same name."""
+    stem, dot, suffix = name.rpartition(".")
+    if not dot:
+        stem, suffix = name, "jsonl"
+    return f"{stem}.{sha256[:16]}.{suffix}"

@@ -1,0 +1,220 @@
+"""
+What every operator here shares: the connection and hook, and waiting for a batch to end.
+
+Create (``wait_for_completion``), the sensor and cancel all wait the same way, through one trigger and one
+status policy, so a batch that ends means the same thing whichever task saw it end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from datetime import timedelta
+from functools import cached_property
+from typing import Any
+
+from airflow.sdk import BaseOperator, conf
+
+from airflow_provider_openai_batch.batch_status import (
+    BatchSummary,
+    OutcomePolicy,
+    evaluate,
+    format_progress,
+    is_terminal,
+    progress_key,
+    summarize,
+)
+from airflow_provider_openai_batch.exceptions import BatchFailedError, BatchTimeoutError, OpenAIBatchAPIError
+from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+from airflow_provider_openai_batch.links.openai_batch import BATCH_ID_XCOM_KEY, OpenAIBatchLink
+from airflow_provider_openai_batch.triggers.openai_batch import DEFAULT_MAX_POLL_FAILURES, OpenAIBatchTrigger
+
+#: Added to the completion window for the default deadline: OpenAI may take a little past it to finalize.
+DEADLINE_MARGIN = timedelta(hours=1)
+DEFAULT_POLL_INTERVAL = 60.0
+
+
+def default_deferrable() -> bool:
+    return conf.getboolean("operators", "default_deferrable", fallback=False)
+
+
+def window_seconds(completion_window: str) -> float:
+    """``"24h"`` → 86400; unknown formats (a compatible server's own) fall back to 24 h."""
+    text = str(completion_window).strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]]
+    except (KeyError, ValueError, IndexError):
+        return 86400.0
+
+
+def _seconds(value: timedelta | float | None) -> float | None:
+    if value is None:
+        return None
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+class OpenAIBatchBaseOperator(BaseOperator):
+    """Holds the connection and builds the hook; the one place an operator gets its SDK access from."""
+
+    def __init__(self, *, conn_id: str = OpenAIBatchHook.default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.conn_id = conn_id
+
+    @cached_property
+    def hook(self) -> OpenAIBatchHook:
+        return OpenAIBatchHook(self.conn_id)
+
+    @staticmethod
+    def push_batch_id(context: Mapping[str, Any], batch_id: str) -> None:
+        """First thing once a batch id is known: the extra link reads it, even while the task is deferred."""
+        context["ti"].xcom_push(key=BATCH_ID_XCOM_KEY, value=batch_id)
+
+
+class BatchWaitingOperator(OpenAIBatchBaseOperator):
+    """
+    Waits for a batch and applies the outcome policy; deferrable or blocking.
+
+    :param poll_interval: Seconds between status polls.
+    :param deadline: How long to wait, counted from the batch's creation (so retries and triggerer restarts
+        do not extend it). Default: the completion window plus one hour.
+    :param deferrable: Wait in the triggerer, freeing the worker slot. Default ``[operators] default_deferrable``.
+    :param cancel_on_timeout: Cancel the batch when the deadline passes, keeping its partial output.
+    :param cancel_on_kill: Cancel the batch when a user kills the waiting task.
+    :param max_failed_requests: Fail a completed batch with more failed requests than this.
+    :param max_failed_ratio: Fail a completed batch with a higher share of failed requests (0..1).
+        With neither set, a completed batch fails the task only when every request failed.
+    :param accept_expired: Succeed (with a warning) when the batch expired; its partial results are kept.
+    :param accept_cancelled: Succeed (with a warning) when the batch was cancelled.
+    """
+
+    operator_extra_links = (OpenAIBatchLink(),)
+
+    def __init__(
+        self,
+        *,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        deadline: timedelta | float | None = None,
+        deferrable: bool | None = None,
+        cancel_on_timeout: bool = True,
+        cancel_on_kill: bool = True,
+        max_failed_requests: int | None = None,
+        max_failed_ratio: float | None = None,
+        accept_expired: bool = False,
+        accept_cancelled: bool = False,
+        max_poll_failures: int = DEFAULT_MAX_POLL_FAILURES,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.poll_interval = float(poll_interval)
+        self.deadline = _seconds(deadline)
+        self.deferrable = default_deferrable() if deferrable is None else deferrable
+        self.cancel_on_timeout = cancel_on_timeout
+        self.cancel_on_kill = cancel_on_kill
+        self.max_poll_failures = max_poll_failures
+        self.policy = OutcomePolicy(
+            max_failed_requests=max_failed_requests,
+            max_failed_ratio=max_failed_ratio,
+            accept_expired=accept_expired,
+            accept_cancelled=accept_cancelled,
+        )
+        self._waiting_on: str | None = None
+
+    # --- the deadline ---------------------------------------------------------------------------
+
+    def end_time(self, created_at: float, completion_window: str) -> float:
+        span = self.deadline if self.deadline is not None else window_seconds(completion_window)
+        if self.deadline is None:
+            span += DEADLINE_MARGIN.total_seconds()
+        return float(created_at) + span
+
+    # --- waiting ----------------------------------------------------------------------------------
+
+    def wait_for(self, context: Mapping[str, Any], batch_id: str) -> BatchSummary:
+        """Finish now if the batch already ended, else defer (or block) until it does."""
+        batch = self.hook.get_batch(batch_id)
+        summary = summarize(batch)
+        self.log.info(format_progress(summary))
+        if is_terminal(batch.status):
+            return self.finish(summary)
+        end_time = self.end_time(batch.created_at, batch.completion_window)
+        if self.deferrable:
+            self.defer(
+                trigger=OpenAIBatchTrigger(
+                    batch_id=batch_id,
+                    conn_id=self.conn_id,
+                    poll_interval=self.poll_interval,
+                    end_time=end_time,
+                    cancel_on_kill=self.cancel_on_kill,
+                    max_poll_failures=self.max_poll_failures,
+                ),
+                method_name="execute_complete",
+                # Airflow's own backstop in case the triggerer is down at the deadline.
+                timeout=timedelta(seconds=max(0.0, end_time - time.time()) + 2 * self.poll_interval + 300),
+            )
+        return self._block_until_done(batch_id, end_time)
+
+    def _block_until_done(self, batch_id: str, end_time: float) -> BatchSummary:
+        self._waiting_on = batch_id
+        try:
+            last: tuple[Any, ...] | None = None
+            while True:
+                summary = summarize(self.hook.get_batch(batch_id))
+                if progress_key(summary) != last:
+                    last = progress_key(summary)
+                    self.log.info(format_progress(summary))
+                if is_terminal(summary["status"]):
+                    return self.finish(summary)
+                if time.time() >= end_time:
+                    return self.on_deadline(summary)
+                time.sleep(max(0.0, min(self.poll_interval, end_time - time.time())))
+        finally:
+            self._waiting_on = None
+
+    def execute_complete(self, context: Mapping[str, Any], event: dict[str, Any] | None = None) -> Any:
+        """Where a deferred wait resumes: turn the trigger's one event into the task's outcome."""
+        if not event or "status" not in event:
+            raise BatchFailedError(f"The trigger returned no usable event: {event!r}")
+        summary = event.get("summary")
+        if event["status"] == "terminal" and summary:
+            return self.finish(summary)
+        if event["status"] == "timeout":
+            return self.on_deadline(summary or {"batch_id": event.get("batch_id")})
+        raise BatchFailedError(str(event.get("message") or event), summary)
+
+    def on_deadline(self, summary: BatchSummary) -> BatchSummary:
+        batch_id = summary["batch_id"]
+        message = f"Batch {batch_id} did not end before its deadline"
+        if self.cancel_on_timeout:
+            try:
+                self.hook.cancel_batch(batch_id)
+                message += "; it was cancelled (partial output is kept)"
+            except OpenAIBatchAPIError as error:
+                message += f"; cancelling it failed: {error}"
+        raise BatchTimeoutError(message + ".", summary)
+
+    def finish(self, summary: BatchSummary) -> BatchSummary:
+        """Apply the outcome policy: return the summary on success, raise with the reason otherwise."""
+        outcome = evaluate(summary, self.policy)
+        if not outcome.ok:
+            raise BatchFailedError(outcome.message, summary)
+        (self.log.warning if outcome.warning else self.log.info)(outcome.message)
+        return summary
+
+    def on_kill(self) -> None:
+        """The blocking path's counterpart of the trigger's ``on_kill``: cancel what we were waiting for."""
+        if self._waiting_on and self.cancel_on_kill:
+            try:
+                self.hook.cancel_batch(self._waiting_on)
+                self.log.info("Cancelled batch %s because the task was killed", self._waiting_on)
+            except OpenAIBatchAPIError as error:
+                self.log.warning("Could not cancel batch %s on kill: %s", self._waiting_on, error)
+
+
+def batch_id_of(value: Any) -> str:
+    """Accept a batch id or a batch summary (the sensor's XCom), so tasks chain without glue code."""
+    if isinstance(value, Mapping):
+        value = value.get("batch_id")
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a batch id or a batch summary with 'batch_id', got {value!r}")
+    return value

@@ -1,0 +1,363 @@
+"""
+The batch workflow as operators: upload, create, download, cancel. Thin on purpose: the hook talks to the API,
+``batch_file`` checks input, ``batch_status`` judges outcomes, ``idempotency`` keeps retries from paying twice.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Collection, Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from openai.types import Batch
+
+from airflow_provider_openai_batch.batch_file import (
+    OPENAI_BATCH_ENDPOINTS,
+    BatchFileStats,
+    encode_requests,
+    validate_batch_file,
+)
+from airflow_provider_openai_batch.batch_status import BatchSummary, is_reusable, summarize
+from airflow_provider_openai_batch.exceptions import DownloadMismatchError, OpenAIBatchAPIError
+from airflow_provider_openai_batch.idempotency import (
+    DEFAULT_LOOKBACK,
+    IDEMPOTENCY_METADATA_KEY,
+    STATE_STORE_KEY,
+    build_metadata,
+    content_filename,
+    idempotency_key,
+    task_identity,
+)
+from airflow_provider_openai_batch.links.openai_batch import OpenAIBatchLink
+from airflow_provider_openai_batch.operators.base import (
+    BatchWaitingOperator,
+    OpenAIBatchBaseOperator,
+    batch_id_of,
+)
+from airflow_provider_openai_batch.storage import Source, source_name, to_storage_path
+
+
+def _as_seconds(value: timedelta | int | None) -> int | None:
+    if value is None:
+        return None
+    return int(value.total_seconds()) if isinstance(value, timedelta) else int(value)
+
+
+class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
+    """
+    Validate a batch input file, streaming, then upload it once; returns the file id.
+
+    :param source: A local path, a URI or ``ObjectStoragePath`` (any fsspec protocol), or a list of request dicts
+        (e.g. an upstream task's XCom). Templated.
+    :param endpoint: The batch endpoint every line's ``url`` must equal (e.g. ``/v1/chat/completions``).
+    :param allowed_endpoints: Endpoints a line may name; ``None`` accepts any (for compatible servers).
+    :param filename: Name to give the file at OpenAI (default: the source's name).
+    :param expires_after: Let OpenAI delete the uploaded input after this long (data retention).
+    :param reuse_window: How far back to look for an identical upload to reuse instead of sending it again.
+
+    A retry of the same content reuses the earlier upload: the file name carries a hash of the content and is
+    looked up among recent uploads, so a 200 MB file is not sent twice.
+    """
+
+    template_fields: Sequence[str] = ("source", "endpoint", "filename", "conn_id")
+
+    def __init__(
+        self,
+        *,
+        source: Any,
+        endpoint: str,
+        allowed_endpoints: Collection[str] | None = OPENAI_BATCH_ENDPOINTS,
+        filename: str | None = None,
+        expires_after: timedelta | int | None = None,
+        reuse_window: timedelta = DEFAULT_LOOKBACK,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.source = source
+        self.endpoint = endpoint
+        self.allowed_endpoints = allowed_endpoints
+        self.filename = filename
+        self.expires_after = expires_after
+        self.reuse_window = reuse_window
+
+    def execute(self, context: Mapping[str, Any]) -> str:
+        if isinstance(self.source, (list, tuple)):
+            with tempfile.TemporaryDirectory(prefix="openai-batch-upload-") as folder:
+                path = Path(folder) / (self.filename or "requests.jsonl")
+                with path.open("wb") as out:
+                    out.writelines(encode_requests(self.source))
+                return self._upload(path, self.filename or f"{context['ti'].task_id}.jsonl")
+        return self._upload(self.source, self.filename or source_name(self.source))
+
+    def _upload(self, source: Source, name: str) -> str:
+        stats = validate_batch_file(source, endpoint=self.endpoint, allowed_endpoints=self.allowed_endpoints)
+        self.log.info(
+            "Validated %s: %s requests, %s bytes, model %s",
+            name,
+            f"{stats.requests:,}",
+            f"{stats.bytes:,}",
+            stats.model,
+        )
+        filename = content_filename(name, stats.sha256)
+        existing = self._find_upload(filename, stats)
+        if existing is not None:
+            self.log.info("Reusing %s: the same content was already uploaded as %s", existing, filename)
+            return existing
+        uploaded = self.hook.upload_file(
+            source, purpose="batch", filename=filename, expires_after_seconds=_as_seconds(self.expires_after)
+        )
+        self.log.info("Uploaded %s as %s", name, uploaded.id)
+        return uploaded.id
+
+    def _find_upload(self, filename: str, stats: BatchFileStats) -> str | None:
+        cutoff = time.time() - self.reuse_window.total_seconds()
+        for existing in self.hook.list_files(purpose="batch"):
+            if existing.created_at < cutoff:
+                return None
+            if existing.filename == filename and existing.bytes == stats.bytes:
+                return existing.id
+        return None
+
+
+class OpenAIBatchCreateOperator(BatchWaitingOperator):
+    """
+    Create a batch, at most once per task instance however often it is retried; returns the batch id.
+
+    :param input_file_id: The uploaded input file (e.g. the upload task's XCom). Templated.
+    :param endpoint: ``/v1/chat/completions``, ``/v1/responses``, ``/v1/embeddings``, ... Templated.
+    :param completion_window: ``"24h"`` at OpenAI; compatible servers may offer others.
+    :param metadata: Up to 15 string pairs (one key is reserved for retry safety). Templated.
+    :param output_expires_after: Let OpenAI delete the output and error files after this long.
+    :param wait_for_completion: Also wait for the batch to end (deferrable like the sensor, same policy).
+    :param lookback: How far back a retry looks for the batch an earlier try created.
+
+    The batch id is pushed to XCom (key ``batch_id``) right after the API call, before any wait, so the
+    extra link works while the task is deferred. See ``BatchWaitingOperator`` for the waiting options.
+    """
+
+    template_fields: Sequence[str] = ("input_file_id", "endpoint", "completion_window", "metadata", "conn_id")
+    template_fields_renderers = {"metadata": "json"}
+
+    def __init__(
+        self,
+        *,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str = "24h",
+        metadata: dict[str, str] | None = None,
+        output_expires_after: timedelta | int | None = None,
+        wait_for_completion: bool = False,
+        lookback: timedelta = DEFAULT_LOOKBACK,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.input_file_id = input_file_id
+        self.endpoint = endpoint
+        self.completion_window = completion_window
+        self.metadata = metadata
+        self.output_expires_after = output_expires_after
+        self.wait_for_completion = wait_for_completion
+        self.lookback = lookback
+
+    def execute(self, context: Mapping[str, Any]) -> str:
+        key = idempotency_key(task_identity(context), self.input_file_id, self.endpoint)
+        metadata = build_metadata(self.metadata, key)
+        batch = self._existing_batch(context, key) or self._create(metadata, key)
+        self.push_batch_id(context, batch.id)
+        self._remember(context, key, batch.id)
+        if self.wait_for_completion:
+            self.wait_for(context, batch.id)
+        return batch.id
+
+    def execute_complete(self, context: Mapping[str, Any], event: dict[str, Any] | None = None) -> str:
+        summary = super().execute_complete(context, event)
+        return str(summary["batch_id"])
+
+    def _existing_batch(self, context: Mapping[str, Any], key: str) -> Batch | None:
+        """An earlier try's batch that can stand in for a new one: active or completed, never failed/expired."""
+        store = context.get("task_state_store")
+        if store is not None:
+            record = store.get(STATE_STORE_KEY)
+            if isinstance(record, dict) and record.get("key") == key:
+                try:
+                    batch = self.hook.get_batch(str(record["batch_id"]))
+                except OpenAIBatchAPIError as error:
+                    if error.http_status != 404:
+                        raise
+                else:
+                    if is_reusable(batch.status):
+                        self.log.info("Reusing batch %s (%s) from an earlier try", batch.id, batch.status)
+                        return batch
+        found = self.hook.find_batch(IDEMPOTENCY_METADATA_KEY, key, created_after=self._cutoff())
+        if found is not None and is_reusable(found.status):
+            self.log.info("Reusing batch %s (%s) that an earlier try created", found.id, found.status)
+            return found
+        if found is not None:
+            self.log.info("The earlier try's batch %s ended %s; creating a new one", found.id, found.status)
+        return None
+
+    def _cutoff(self) -> float:
+        return time.time() - self.lookback.total_seconds()
+
+    def _create(self, metadata: dict[str, str], key: str, attempts: int = 4) -> Batch:
+        """
+        The SDK would resend a create whose answer was lost and so make a second paid batch; instead each
+        lost answer is followed by a look for the batch it may have created, then a new attempt.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                batch = self.hook.create_batch(
+                    self.input_file_id,
+                    self.endpoint,
+                    completion_window=self.completion_window,
+                    metadata=metadata,
+                    output_expires_after_seconds=_as_seconds(self.output_expires_after),
+                    max_retries=0,
+                )
+                self.log.info("Created batch %s for %s", batch.id, self.input_file_id)
+                return batch
+            except OpenAIBatchAPIError as error:
+                if not error.retryable or attempt == attempts:
+                    raise
+                self.log.warning("Creating the batch failed (%s); checking whether it was created anyway", error)
+                time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
+                found = self.hook.find_batch(IDEMPOTENCY_METADATA_KEY, key, created_after=self._cutoff())
+                if found is not None and is_reusable(found.status):
+                    self.log.info("It was: batch %s", found.id)
+                    return found
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _remember(context: Mapping[str, Any], key: str, batch_id: str) -> None:
+        store = context.get("task_state_store")
+        if store is not None:
+            store.set(STATE_STORE_KEY, {"key": key, "batch_id": batch_id})
+
+
+class OpenAIBatchCancelOperator(BatchWaitingOperator):
+    """
+    Cancel a batch and (by default) wait until it is ``cancelled``; returns the batch summary, whose
+    ``output_file_id`` holds the results finished before the cancel.
+
+    :param batch_id: A batch id or a batch summary. Templated.
+    :param wait_for_completion: Wait for ``cancelled`` (deferrable like the sensor).
+    """
+
+    template_fields: Sequence[str] = ("batch_id", "conn_id")
+
+    def __init__(self, *, batch_id: Any, wait_for_completion: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("accept_cancelled", True)
+        kwargs.setdefault("accept_expired", True)
+        kwargs.setdefault("cancel_on_timeout", False)
+        super().__init__(**kwargs)
+        self.batch_id = batch_id
+        self.wait_for_completion = wait_for_completion
+
+    def execute(self, context: Mapping[str, Any]) -> BatchSummary:
+        batch_id = batch_id_of(self.batch_id)
+        self.push_batch_id(context, batch_id)
+        try:
+            batch = self.hook.cancel_batch(batch_id)
+        except OpenAIBatchAPIError as error:
+            if error.http_status != 409:
+                raise
+            batch = self.hook.get_batch(batch_id)
+            self.log.info("Batch %s had already ended (%s); nothing to cancel", batch_id, batch.status)
+            return summarize(batch)
+        self.log.info("Cancel requested for batch %s (%s)", batch_id, batch.status)
+        if not self.wait_for_completion:
+            return summarize(batch)
+        return self.wait_for(context, batch_id)
+
+
+class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
+    """
+    Stream a batch's output and error files to local or object storage; returns the batch summary plus
+    ``output_uri``, ``error_uri``, ``output_lines`` and ``error_lines`` (``None`` / 0 when a file is absent).
+
+    :param batch_id: A batch id or the sensor's summary. Templated.
+    :param destination: Folder (path, URI or ``ObjectStoragePath``). Templated. Default: a per-run folder under
+        ``$AIRFLOW_HOME/openai_batch_results/<dag_id>/<run_id>/<task_id>/``.
+    :param delete_remote_files: After a verified download, delete the input, output and error files at
+        OpenAI (data-retention rules).
+    :param check_counts: Fail when the downloaded lines do not add up to the batch's request count.
+
+    Files are written to a temporary name and moved into place, so a reader never sees half a file, and a
+    retry after a dropped stream starts clean.
+    """
+
+    template_fields: Sequence[str] = ("batch_id", "destination", "conn_id")
+    operator_extra_links = (OpenAIBatchLink(),)
+
+    def __init__(
+        self,
+        *,
+        batch_id: Any,
+        destination: Any = None,
+        delete_remote_files: bool = False,
+        check_counts: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.batch_id = batch_id
+        self.destination = destination
+        self.delete_remote_files = delete_remote_files
+        self.check_counts = check_counts
+
+    def _folder(self, context: Mapping[str, Any]) -> Any:
+        if self.destination:
+            return to_storage_path(self.destination)
+        ti = context["ti"]
+        home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
+        folder = Path(home) / "openai_batch_results" / ti.dag_id / ti.run_id.replace(":", "_") / ti.task_id
+        map_index = getattr(ti, "map_index", -1)
+        return folder / str(map_index) if map_index not in (None, -1) else folder
+
+    def execute(self, context: Mapping[str, Any]) -> dict[str, Any]:
+        batch_id = batch_id_of(self.batch_id)
+        self.push_batch_id(context, batch_id)
+        summary = summarize(self.hook.get_batch(batch_id))
+        folder = self._folder(context)
+        result: dict[str, Any] = dict(summary)
+        for kind, file_id in (("output", summary["output_file_id"]), ("error", summary["error_file_id"])):
+            result[f"{kind}_uri"], result[f"{kind}_lines"] = None, 0
+            if not file_id:
+                continue
+            target = folder / ("output.jsonl" if kind == "output" else "errors.jsonl")
+            downloaded = self.hook.download_file(file_id, target, overwrite=True)
+            result[f"{kind}_uri"] = str(target)
+            result[f"{kind}_lines"] = downloaded.lines
+            self.log.info("Downloaded %s file %s to %s (%s lines)", kind, file_id, target, f"{downloaded.lines:,}")
+        if self.check_counts:
+            self._check_counts(result)
+        if self.delete_remote_files:
+            self._delete_remote(summary)
+        return result
+
+    @staticmethod
+    def _check_counts(result: dict[str, Any]) -> None:
+        counts = result["request_counts"]
+        lines = result["output_lines"] + result["error_lines"]
+        expected = counts["completed"] + counts["failed"]
+        if result["status"] in ("completed", "expired", "cancelled") and expected and lines != expected:
+            raise DownloadMismatchError(
+                f"Batch {result['batch_id']}: the result files hold {lines:,} lines "
+                f"({result['output_lines']:,} output + {result['error_lines']:,} error) but the batch reports "
+                f"{counts['completed']:,} completed + {counts['failed']:,} failed requests."
+            )
+
+    def _delete_remote(self, summary: BatchSummary) -> None:
+        for key in ("input_file_id", "output_file_id", "error_file_id"):
+            file_id = summary.get(key)
+            if not file_id:
+                continue
+            try:
+                self.hook.delete_file(file_id)
+                self.log.info("Deleted %s %s at OpenAI", key.replace("_id", ""), file_id)
+            except OpenAIBatchAPIError as error:
+                if error.http_status != 404:
+                    raise

@@ -1,0 +1,63 @@
+"""
+OpenAIBatchSensor: wait for a batch to end, then apply the outcome policy; returns the batch summary.
+
+Deferrable by ``[operators] default_deferrable`` (the triggerer waits, the worker slot is free); ``poke`` and
+``reschedule`` modes poll from the worker. A deferred sensor resumes into ``execute_complete``, never into
+``poke``, so a batch is judged once, by ``batch_status``, whichever way it was waited for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from airflow.sdk import BaseSensorOperator, PokeReturnValue
+
+from airflow_provider_openai_batch.batch_status import BatchSummary, format_progress, is_terminal, summarize
+from airflow_provider_openai_batch.operators.base import (
+    DEFAULT_POLL_INTERVAL,
+    BatchWaitingOperator,
+    batch_id_of,
+)
+
+
+class OpenAIBatchSensor(BatchWaitingOperator, BaseSensorOperator):
+    """
+    Wait for a batch to end.
+
+    :param batch_id: A batch id or a batch summary (e.g. the create task's XCom). Templated.
+    :param poke_interval: Seconds between polls, in every mode (default 60).
+
+    Outcome and deadline options are those of ``BatchWaitingOperator``: ``max_failed_requests``,
+    ``max_failed_ratio``, ``accept_expired``, ``accept_cancelled``, ``deadline`` (from the batch's creation,
+    default completion window + 1 h), ``cancel_on_timeout``, ``cancel_on_kill``, ``deferrable``. In ``poke`` and
+    ``reschedule`` modes Airflow's own ``timeout`` applies too.
+    """
+
+    template_fields: Sequence[str] = ("batch_id", "conn_id")
+
+    def __init__(self, *, batch_id: Any, poke_interval: float = DEFAULT_POLL_INTERVAL, **kwargs: Any) -> None:
+        kwargs.setdefault("poll_interval", poke_interval)
+        super().__init__(poke_interval=poke_interval, **kwargs)
+        self.batch_id = batch_id
+
+    def execute(self, context: Mapping[str, Any]) -> Any:
+        batch_id = batch_id_of(self.batch_id)
+        self.push_batch_id(context, batch_id)
+        if self.deferrable:
+            return self.wait_for(context, batch_id)
+        return BaseSensorOperator.execute(self, context)  # type: ignore[arg-type]
+
+    def poke(self, context: Mapping[str, Any]) -> PokeReturnValue | bool:
+        batch = self.hook.get_batch(batch_id_of(self.batch_id))
+        summary = summarize(batch)
+        self.log.info(format_progress(summary))
+        if is_terminal(batch.status):
+            return PokeReturnValue(is_done=True, xcom_value=self.finish(summary))
+        if time.time() >= self.end_time(batch.created_at, batch.completion_window):
+            self.on_deadline(summary)
+        return False
+
+    def execute_complete(self, context: Mapping[str, Any], event: dict[str, Any] | None = None) -> BatchSummary:
+        return super().execute_complete(context, event)
