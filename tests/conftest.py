@@ -83,3 +83,49 @@ def input_file(tmp_path: Path) -> Path:
     path = tmp_path / "input.jsonl"
     path.write_bytes(jsonl([request_line(i) for i in range(10)]))
     return path
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    """A migrated SQLite metadata DB for dag.test(), once per session."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
+
+
+def xcoms(dag_run, task_id: str, key: str = "return_value") -> dict[int, object]:
+    """XCom values a task pushed in a dag.test() run, by map index (-1 when not mapped)."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.scalars(
+            XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, task_ids=task_id, key=key)
+        ).all()
+        return {row.map_index: XComModel.deserialize_value(row) for row in rows}
+
+
+def task_states(dag_run) -> dict[str, str]:
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        return {
+            (ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"): str(ti.state)
+            for ti in dag_run.get_task_instances(session=session)
+        }
+
+
+def register(dag) -> None:
+    """Write a DAG defined inside a test to the metadata DB, as the DAG processor does for files it parses."""
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.collection import update_dag_parsing_results_in_db
+    from airflow.serialization.serialized_objects import LazyDeserializedDAG
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        DagBundlesManager().sync_bundles_to_db(session=session)
+        session.flush()
+        update_dag_parsing_results_in_db(
+            "dags-folder", None, [LazyDeserializedDAG.from_dag(dag)], {}, None, set(), session
+        )

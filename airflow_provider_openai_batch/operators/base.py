@@ -215,6 +215,9 @@ def batch_id_of(value: Any) -> str:
     """Accept a batch id or a batch summary (the sensor's XCom), so tasks chain without glue code."""
     if isinstance(value, Mapping):
         value = value.get("batch_id")
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a batch id or a batch summary with 'batch_id', got {value!r}")
+    if not isinstance(value, str) or not value or value == "None":
+        raise ValueError(
+            f"expected a batch id or a batch summary with 'batch_id', got {value!r} "
+            "(a template that pulled an XCom the upstream task never pushed renders as 'None')"
+        )
     return value

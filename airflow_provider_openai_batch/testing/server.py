@@ -118,6 +118,9 @@ class FakeOpenAIServer:
         )
         self.faults = FaultPlan()
         self.calls: Counter[str] = Counter()
+        #: Calls per (route, SDK client class), e.g. ``("batches.retrieve", "AsyncOpenAI")``: shows which
+        #: calls came from a trigger (async client) and which from a worker (sync client).
+        self.clients: Counter[tuple[str, str]] = Counter()
         self._calls_lock = threading.Lock()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -195,9 +198,15 @@ class FakeOpenAIServer:
         """Batches that exist on the server (what a user would be billed for)."""
         return len(self.state.batches)
 
+    def count_from(self, route: str, client: str) -> int:
+        """Calls of ``route`` made by an SDK client class (``"OpenAI"``, ``"AsyncOpenAI"``, ``"AzureOpenAI"``...)."""
+        with self._calls_lock:
+            return self.clients[(route, client)]
+
     def reset_counters(self) -> None:
         with self._calls_lock:
             self.calls.clear()
+            self.clients.clear()
 
     # --- the app -----------------------------------------------------------------------------
 
@@ -229,6 +238,7 @@ class FakeOpenAIServer:
         async def endpoint(request: Request) -> Response:
             with self._calls_lock:
                 self.calls[name] += 1
+                self.clients[(name, request.headers.get("user-agent", "").split("/", 1)[0])] += 1
             if self.latency:
                 await asyncio.sleep(self.latency)
             if not self._authorized(request):
