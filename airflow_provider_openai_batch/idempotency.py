@@ -11,11 +11,16 @@ any local record. Uploads do the same with a content hash in the file name.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import logging
+import time
+from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
-from airflow_provider_openai_batch.exceptions import BatchInputError, InputIssue
+from airflow_provider_openai_batch.exceptions import BatchInputError, InputIssue, OpenAIBatchAPIError
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 IDEMPOTENCY_METADATA_KEY = "airflow_idempotency_key"
 STATE_STORE_KEY = "openai_batch_create"
@@ -74,3 +79,34 @@ def content_filename(name: str, sha256: str) -> str:
     if not dot:
         stem, suffix = name, "jsonl"
     return f"{stem}.{sha256[:16]}.{suffix}"
+
+
+def call_once(
+    operation: str,
+    send: Callable[[], T],
+    find: Callable[[], T | None],
+    *,
+    attempts: int = 5,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """
+    Send a request that must take effect at most once (a paid batch, a 200 MB upload).
+
+    The SDK would resend a request whose answer was lost (a dropped connection, a 502 from a proxy after the
+    API acted) and so create a second batch. Here ``send`` runs with the SDK's retries off, and after each
+    retryable failure ``find`` looks for what the lost attempt may have made before sending again.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return send()
+        except OpenAIBatchAPIError as error:
+            if not error.retryable or attempt == attempts:
+                raise
+            delay = min(0.5 * 2 ** (attempt - 1), 8.0)
+            log.warning("%s failed (%s); checking whether it took effect before retrying", operation, error)
+            sleep(delay)
+            found = find()
+            if found is not None:
+                log.info("%s had taken effect before its answer was lost; using that result", operation)
+                return found
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -239,6 +239,9 @@ class OpenAIBatchHook(BaseHook):
         """The sync SDK client for this connection (cached on the hook)."""
         return self._client
 
+    def _with_retries(self, max_retries: int | None) -> OpenAI:
+        return self.get_conn() if max_retries is None else self.get_conn().with_options(max_retries=max_retries)
+
     @property
     def _async_key(self) -> str:
         return f"{self.conn_id}\x00{self.max_retries}\x00{self.strict_response_validation}"
@@ -272,6 +275,8 @@ class OpenAIBatchHook(BaseHook):
         purpose: str = "batch",
         filename: str | None = None,
         expires_after_seconds: int | None = None,
+        *,
+        max_retries: int | None = None,
     ) -> FileObject:
         """Upload from a path, URI, ``ObjectStoragePath``, bytes or binary stream, streamed (never read whole)."""
         name = filename or source_name(source)
@@ -280,7 +285,8 @@ class OpenAIBatchHook(BaseHook):
             extra["expires_after"] = {"anchor": "created_at", "seconds": int(expires_after_seconds)}
         with open_source(source) as stream, api_errors("files.create"):
             upload = (name, as_io(stream), "application/jsonl")
-            return self.get_conn().files.create(file=upload, purpose=purpose, **extra)  # type: ignore[arg-type]
+            client = self._with_retries(max_retries)
+            return client.files.create(file=upload, purpose=purpose, **extra)  # type: ignore[arg-type]
 
     def get_file(self, file_id: str) -> FileObject:
         with api_errors("files.retrieve"):
@@ -363,7 +369,7 @@ class OpenAIBatchHook(BaseHook):
                 "anchor": "created_at",
                 "seconds": int(output_expires_after_seconds),
             }
-        client = self.get_conn() if max_retries is None else self.get_conn().with_options(max_retries=max_retries)
+        client = self._with_retries(max_retries)
         with api_errors("batches.create"):
             return client.batches.create(
                 input_file_id=input_file_id,

@@ -28,6 +28,7 @@ from airflow_provider_openai_batch.idempotency import (
     IDEMPOTENCY_METADATA_KEY,
     STATE_STORE_KEY,
     build_metadata,
+    call_once,
     content_filename,
     idempotency_key,
     task_identity,
@@ -107,11 +108,19 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
         if existing is not None:
             self.log.info("Reusing %s: the same content was already uploaded as %s", existing, filename)
             return existing
-        uploaded = self.hook.upload_file(
-            source, purpose="batch", filename=filename, expires_after_seconds=_as_seconds(self.expires_after)
-        )
-        self.log.info("Uploaded %s as %s", name, uploaded.id)
-        return uploaded.id
+
+        def send() -> str:
+            return self.hook.upload_file(
+                source,
+                purpose="batch",
+                filename=filename,
+                expires_after_seconds=_as_seconds(self.expires_after),
+                max_retries=0,
+            ).id
+
+        file_id = call_once("files.create", send, lambda: self._find_upload(filename, stats))
+        self.log.info("Uploaded %s as %s", name, file_id)
+        return file_id
 
     def _find_upload(self, filename: str, stats: BatchFileStats) -> str | None:
         cutoff = time.time() - self.reuse_window.total_seconds()
@@ -203,33 +212,24 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
     def _cutoff(self) -> float:
         return time.time() - self.lookback.total_seconds()
 
-    def _create(self, metadata: dict[str, str], key: str, attempts: int = 4) -> Batch:
-        """
-        The SDK would resend a create whose answer was lost and so make a second paid batch; instead each
-        lost answer is followed by a look for the batch it may have created, then a new attempt.
-        """
-        for attempt in range(1, attempts + 1):
-            try:
-                batch = self.hook.create_batch(
-                    self.input_file_id,
-                    self.endpoint,
-                    completion_window=self.completion_window,
-                    metadata=metadata,
-                    output_expires_after_seconds=_as_seconds(self.output_expires_after),
-                    max_retries=0,
-                )
-                self.log.info("Created batch %s for %s", batch.id, self.input_file_id)
-                return batch
-            except OpenAIBatchAPIError as error:
-                if not error.retryable or attempt == attempts:
-                    raise
-                self.log.warning("Creating the batch failed (%s); checking whether it was created anyway", error)
-                time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
-                found = self.hook.find_batch(IDEMPOTENCY_METADATA_KEY, key, created_after=self._cutoff())
-                if found is not None and is_reusable(found.status):
-                    self.log.info("It was: batch %s", found.id)
-                    return found
-        raise AssertionError("unreachable")  # pragma: no cover
+    def _create(self, metadata: dict[str, str], key: str) -> Batch:
+        def send() -> Batch:
+            batch = self.hook.create_batch(
+                self.input_file_id,
+                self.endpoint,
+                completion_window=self.completion_window,
+                metadata=metadata,
+                output_expires_after_seconds=_as_seconds(self.output_expires_after),
+                max_retries=0,
+            )
+            self.log.info("Created batch %s for %s", batch.id, self.input_file_id)
+            return batch
+
+        def find() -> Batch | None:
+            found = self.hook.find_batch(IDEMPOTENCY_METADATA_KEY, key, created_after=self._cutoff())
+            return found if found is not None and is_reusable(found.status) else None
+
+        return call_once("batches.create", send, find)
 
     @staticmethod
     def _remember(context: Mapping[str, Any], key: str, batch_id: str) -> None:
