@@ -27,6 +27,8 @@ STATE_STORE_KEY = "openai_batch_create"
 MAX_METADATA_KEYS = 16
 MAX_METADATA_KEY_LENGTH = 64
 MAX_METADATA_VALUE_LENGTH = 512
+#: First back-off (seconds) before looking for what a failed send may have made; doubles per attempt.
+RETRY_BASE_DELAY = 0.5
 #: How far back an attempt scans the account's batches for one it made: a 24 h window plus retries.
 DEFAULT_LOOKBACK = timedelta(hours=48)
 
@@ -87,7 +89,6 @@ def call_once(
     find: Callable[[], T | None],
     *,
     attempts: int = 5,
-    sleep: Callable[[float], None] = time.sleep,
 ) -> T:
     """
     Send a request that must take effect at most once (a paid batch, a 200 MB upload).
@@ -102,9 +103,9 @@ def call_once(
         except OpenAIBatchAPIError as error:
             if not error.retryable or attempt == attempts:
                 raise
-            delay = min(0.5 * 2 ** (attempt - 1), 8.0)
+            delay = min(RETRY_BASE_DELAY * 2 ** (attempt - 1), 8.0)
             log.warning("%s failed (%s); checking whether it took effect before retrying", operation, error)
-            sleep(delay)
+            time.sleep(delay)
             found = find()
             if found is not None:
                 log.info("%s had taken effect before its answer was lost; using that result", operation)
