@@ -1,7 +1,7 @@
 """
 Faults the fake server injects on demand, scripted or by probability, so tests can prove what survives them.
 
-Kinds: ``429`` (with Retry-After), ``500``/``502``/``503``, ``drop`` (headers sent, then the connection is
+Kinds: ``429`` (with Retry-After), any other HTTP status as three digits (``500``, ``503``, ``403``...), ``drop`` (headers sent, then the connection is
 closed before the body), ``slow`` (the answer is delayed), ``truncate`` (the body is cut off half way; for file
 downloads this is a stream dropped mid-file), and ``drop_after`` (the request takes effect, then the answer is
 lost: the case that makes naive retries create a second paid batch).
@@ -14,7 +14,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-KINDS = frozenset({"429", "500", "502", "503", "drop", "slow", "truncate", "drop_after"})
+KINDS = frozenset({"drop", "slow", "truncate", "drop_after"})
 #: What chaos runs draw from by default: every transient failure a real deployment sees.
 TRANSIENT_KINDS: tuple[str, ...] = ("429", "500", "503", "drop")
 
@@ -26,8 +26,9 @@ class Fault:
     delay: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown fault kind {self.kind!r}; one of {sorted(KINDS)}")
+        is_status = self.kind.isdigit() and len(self.kind) == 3 and self.kind[0] in "45"
+        if self.kind not in KINDS and not is_status:
+            raise ValueError(f"unknown fault kind {self.kind!r}; an HTTP status like '503' or one of {sorted(KINDS)}")
 
 
 class FaultPlan:

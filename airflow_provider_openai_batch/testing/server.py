@@ -265,8 +265,8 @@ class FakeOpenAIServer:
             response.headers["retry-after-ms"] = str(int(fault.retry_after * 1000))
             response.headers["retry-after"] = str(max(1, round(fault.retry_after)))
             return response
-        if fault.kind in ("500", "502", "503"):
-            return error_response(int(fault.kind), "The server had an error (fault injected).")
+        if fault.kind.isdigit():
+            return error_response(int(fault.kind), f"HTTP {fault.kind} (fault injected).")
         if fault.kind == "slow":
             await asyncio.sleep(fault.delay)
             return error_response(504, "Gateway timeout after a slow answer (fault injected).")
