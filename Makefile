@@ -26,6 +26,9 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+chaos: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider -m chaos tests/test_chaos.py
+
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 

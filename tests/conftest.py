@@ -37,6 +37,8 @@ def _attach_memory_filesystem() -> None:
 _attach_memory_filesystem()
 
 FAST = Timings(validating=0.05, in_progress=0.2, finalizing=0.05, cancelling=0.05)
+#: Long enough that a sensor started right after create always finds the batch running and defers.
+DEFERRING = Timings(validating=0.5, in_progress=2.0, finalizing=0.5, cancelling=0.2)
 
 
 def connection_env(server: FakeOpenAIServer, **extra: object) -> str:

@@ -7,7 +7,15 @@ import json
 
 import pytest
 
-from tests.conftest import task_states, xcoms
+from airflow_provider_openai_batch.testing import FakeOpenAIServer
+from tests.conftest import DEFERRING, task_states, xcoms
+
+
+@pytest.fixture
+def server():
+    """Batches that run for seconds, so every sensor here really defers rather than finding them done."""
+    with FakeOpenAIServer(timings=DEFERRING) as srv:
+        yield srv
 
 
 @pytest.fixture(autouse=True)

@@ -98,7 +98,7 @@ def test_restart_keeps_the_absolute_deadline(batch_id, conn_id, hook):
     ).id
     end_time = time.time() + 0.5
     original = _trigger(stalled, conn_id, end_time=end_time)
-    path, kwargs = original.serialize()
+    _, kwargs = original.serialize()
     time.sleep(0.3)  # the triggerer restarts; the trigger is rebuilt from its serialized form
     rebuilt = OpenAIBatchTrigger(**kwargs)
     started = time.monotonic()

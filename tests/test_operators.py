@@ -19,7 +19,8 @@ from airflow_provider_openai_batch.operators.openai_batch import (
     OpenAIBatchUploadOperator,
 )
 from airflow_provider_openai_batch.sensors.openai_batch import OpenAIBatchSensor
-from tests.conftest import jsonl, register, request_line, task_states, xcoms
+from airflow_provider_openai_batch.testing import FakeOpenAIServer
+from tests.conftest import DEFERRING, connection_env, jsonl, register, request_line, task_states, xcoms
 
 SUMMARY_KEYS = {
     "batch_id",
@@ -55,7 +56,13 @@ def run_dag(build: Callable[[], Any], **dag_kwargs: Any):
     return dag.test()
 
 
-def test_full_chain_xcoms_are_the_contract(server, input_file, tmp_path):
+def test_full_chain_xcoms_are_the_contract(input_file, tmp_path, monkeypatch):
+    with FakeOpenAIServer(timings=DEFERRING) as server:
+        monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(server))
+        _full_chain(server, input_file, tmp_path)
+
+
+def _full_chain(server, input_file, tmp_path):
     def build():
         up = OpenAIBatchUploadOperator(task_id="upload", source=str(input_file), endpoint="/v1/chat/completions")
         create = OpenAIBatchCreateOperator(

@@ -1,10 +1,11 @@
 """
 Faults the fake server injects on demand, scripted or by probability, so tests can prove what survives them.
 
-Kinds: ``429`` (with Retry-After), any other HTTP status as three digits (``500``, ``503``, ``403``...), ``drop`` (headers sent, then the connection is
-closed before the body), ``slow`` (the answer is delayed), ``truncate`` (the body is cut off half way; for file
-downloads this is a stream dropped mid-file), and ``drop_after`` (the request takes effect, then the answer is
-lost: the case that makes naive retries create a second paid batch).
+Kinds: ``429`` (with Retry-After), any other HTTP status as three digits (``500``, ``503``, ``403``...),
+``drop`` (headers sent, then the connection is closed before the body), ``slow`` (the answer is delayed),
+``truncate`` (the body is cut off half way; for file downloads this is a stream dropped mid-file), and
+``drop_after`` (the request takes effect, then the answer is lost: the case that makes naive retries create a
+second paid batch).
 """
 
 from __future__ import annotations
