@@ -172,3 +172,12 @@ def test_on_kill_can_be_switched_off(hook, conn_id, server):
     trigger = OpenAIBatchTrigger(batch_id, conn_id, 0.05, time.time() + 30, cancel_on_kill=False)
     asyncio.run(trigger.on_kill())
     assert server.count("batches.cancel") == 0
+
+
+def test_polls_relax_as_the_batch_ages():
+    from airflow_provider_openai_batch.triggers.openai_batch import poll_delay
+
+    assert poll_delay(60, 600, batch_age=30) == 60
+    assert poll_delay(60, 600, batch_age=3_000) == 300
+    assert poll_delay(60, 600, batch_age=86_400) == 600
+    assert poll_delay(60, None, batch_age=86_400) == 60

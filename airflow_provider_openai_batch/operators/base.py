@@ -27,11 +27,17 @@ from airflow_provider_openai_batch.batch_status import (
 from airflow_provider_openai_batch.exceptions import BatchFailedError, BatchTimeoutError, OpenAIBatchAPIError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.links.openai_batch import BATCH_ID_XCOM_KEY, OpenAIBatchLink
-from airflow_provider_openai_batch.triggers.openai_batch import DEFAULT_MAX_POLL_FAILURES, OpenAIBatchTrigger
+from airflow_provider_openai_batch.triggers.openai_batch import (
+    DEFAULT_MAX_POLL_FAILURES,
+    OpenAIBatchTrigger,
+    poll_delay,
+)
 
 #: Added to the completion window for the default deadline: OpenAI may take a little past it to finalize.
 DEADLINE_MARGIN = timedelta(hours=1)
 DEFAULT_POLL_INTERVAL = 60.0
+#: The relaxed cadence's ceiling: a long batch is polled at least every 10 minutes.
+DEFAULT_MAX_POLL_INTERVAL = 600.0
 
 
 def default_deferrable() -> bool:
@@ -75,7 +81,9 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
     """
     Waits for a batch and applies the outcome policy; deferrable or blocking.
 
-    :param poll_interval: Seconds between status polls.
+    :param poll_interval: Seconds between status polls while the batch is young.
+    :param max_poll_interval: As the batch ages, polls relax to a tenth of its age, up to this (default 600 s);
+        ``None`` keeps every poll ``poll_interval`` apart.
     :param deadline: How long to wait, counted from the batch's creation (so retries and triggerer restarts
         do not extend it). Default: the completion window plus one hour.
     :param deferrable: Wait in the triggerer, freeing the worker slot. Default ``[operators] default_deferrable``.
@@ -94,6 +102,7 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
         self,
         *,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
+        max_poll_interval: float | None = DEFAULT_MAX_POLL_INTERVAL,
         deadline: timedelta | float | None = None,
         deferrable: bool | None = None,
         cancel_on_timeout: bool = True,
@@ -107,6 +116,7 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.poll_interval = float(poll_interval)
+        self.max_poll_interval = max_poll_interval
         self.deadline = _seconds(deadline)
         self.deferrable = default_deferrable() if deferrable is None else deferrable
         self.cancel_on_timeout = cancel_on_timeout
@@ -147,14 +157,16 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
                     end_time=end_time,
                     cancel_on_kill=self.cancel_on_kill,
                     max_poll_failures=self.max_poll_failures,
+                    created_at=float(batch.created_at),
+                    max_poll_interval=self.max_poll_interval,
                 ),
                 method_name="execute_complete",
                 # Airflow's own backstop in case the triggerer is down at the deadline.
-                timeout=timedelta(seconds=max(0.0, end_time - time.time()) + 2 * self.poll_interval + 300),
+                timeout=timedelta(seconds=max(0.0, end_time - time.time()) + 2 * self.poll_interval + 900),
             )
-        return self._block_until_done(batch_id, end_time)
+        return self._block_until_done(batch_id, end_time, float(batch.created_at))
 
-    def _block_until_done(self, batch_id: str, end_time: float) -> BatchSummary:
+    def _block_until_done(self, batch_id: str, end_time: float, created_at: float) -> BatchSummary:
         self._waiting_on = batch_id
         try:
             last: tuple[Any, ...] | None = None
@@ -167,7 +179,8 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
                     return self.finish(summary)
                 if time.time() >= end_time:
                     return self.on_deadline(summary)
-                time.sleep(max(0.0, min(self.poll_interval, end_time - time.time())))
+                delay = poll_delay(self.poll_interval, self.max_poll_interval, time.time() - created_at)
+                time.sleep(max(0.0, min(delay, end_time - time.time())))
         finally:
             self._waiting_on = None
 

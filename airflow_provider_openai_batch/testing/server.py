@@ -222,7 +222,7 @@ class FakeOpenAIServer:
             ("/batches/{batch_id}", "GET", "batches.retrieve", self._batches_retrieve),
             ("/batches/{batch_id}/cancel", "POST", "batches.cancel", self._batches_cancel),
         ]
-        routes = []
+        routes: list[Route] = [Route("/_fake/stats", self._stats, methods=["GET"])]
         for prefix, azure in (("/v1", False), ("/openai", True)):
             for path, method, name, handler in routes_spec:
                 routes.append(Route(prefix + path, self._wrap(name, handler, azure), methods=[method]))
@@ -300,6 +300,12 @@ class FakeOpenAIServer:
         if self.page_limit_cap:
             limit = min(limit, self.page_limit_cap)
         return limit
+
+    async def _stats(self, request: Request) -> Response:
+        """Call counters for a server in another process (``python -m ...testing``), e.g. for benchmarks."""
+        with self._calls_lock:
+            calls = dict(self.calls)
+        return JSONResponse({"calls": calls, "batches": len(self.state.batches), "files": len(self.state.files)})
 
     # --- files -------------------------------------------------------------------------------
 

@@ -20,6 +20,21 @@ from airflow_provider_openai_batch.batch_status import format_progress, is_termi
 from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 
+
+def poll_delay(poll_interval: float, max_poll_interval: float | None, batch_age: float) -> float:
+    """
+    Seconds until the next poll: ``poll_interval`` at first, then a tenth of the batch's age, capped at
+    ``max_poll_interval``.
+
+    A batch that has run for 5 hours will not finish in the next minute any more likely than in the next 10,
+    so later polls can be sparser while the delay in noticing the end stays under a tenth of the wait. A 1 h
+    batch takes about 29 polls instead of 60; a 24 h one about 60 instead of 1,440. ``None`` keeps the cadence fixed.
+    """
+    if max_poll_interval is None or max_poll_interval <= poll_interval:
+        return poll_interval
+    return min(max_poll_interval, max(poll_interval, batch_age / 10.0))
+
+
 #: Consecutive failed polls (after the SDK's own retries) before the wait gives up with an error event.
 DEFAULT_MAX_POLL_FAILURES = 10
 
@@ -38,6 +53,9 @@ class OpenAIBatchTrigger(BaseTrigger):
         ``error`` event; 401/403/404 end the wait at once.
     :param jitter_first_poll: Start at a random offset within the interval, so a triggerer restart that
         loads 1,000 waits at once does not make them poll in lockstep.
+    :param created_at: When the batch was created (epoch seconds); with ``max_poll_interval`` it lets the
+        cadence relax as the batch ages (see ``poll_delay``).
+    :param max_poll_interval: Upper bound of the relaxed cadence; ``None`` polls every ``poll_interval``.
 
     Events (exactly one): ``{"status": "terminal" | "timeout" | "error", "batch_id", "summary", "message"}``.
     """
@@ -51,6 +69,8 @@ class OpenAIBatchTrigger(BaseTrigger):
         cancel_on_kill: bool = True,
         max_poll_failures: int = DEFAULT_MAX_POLL_FAILURES,
         jitter_first_poll: bool = True,
+        created_at: float | None = None,
+        max_poll_interval: float | None = None,
     ) -> None:
         super().__init__()
         self.batch_id = batch_id
@@ -60,6 +80,8 @@ class OpenAIBatchTrigger(BaseTrigger):
         self.cancel_on_kill = cancel_on_kill
         self.max_poll_failures = int(max_poll_failures)
         self.jitter_first_poll = jitter_first_poll
+        self.created_at = created_at
+        self.max_poll_interval = max_poll_interval
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -72,6 +94,8 @@ class OpenAIBatchTrigger(BaseTrigger):
                 "cancel_on_kill": self.cancel_on_kill,
                 "max_poll_failures": self.max_poll_failures,
                 "jitter_first_poll": self.jitter_first_poll,
+                "created_at": self.created_at,
+                "max_poll_interval": self.max_poll_interval,
             },
         )
 
@@ -107,11 +131,13 @@ class OpenAIBatchTrigger(BaseTrigger):
                 if is_terminal(batch.status):
                     yield self._event("terminal", f"Batch {self.batch_id} ended: {batch.status}", summary)
                     return
-            remaining = self.end_time - time.time()
+            now = time.time()
+            remaining = self.end_time - now
             if remaining <= 0:
                 yield self._event("timeout", f"Batch {self.batch_id} did not end before the deadline", summary)
                 return
-            await asyncio.sleep(min(self.poll_interval, remaining))
+            age = now - self.created_at if self.created_at is not None else 0.0
+            await asyncio.sleep(min(poll_delay(self.poll_interval, self.max_poll_interval, age), remaining))
 
     async def on_kill(self) -> None:
         """A user killed the waiting task: stop paying for a batch nobody will collect (if configured)."""
