@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import queue
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Union, cast
 
@@ -161,3 +163,42 @@ def atomic_writer(destination: Destination, *, overwrite: bool = False) -> Itera
         with contextlib.suppress(FileNotFoundError, OSError):
             if temp.exists():
                 temp.unlink()
+
+
+class _Writer(threading.Thread):
+    """Writes queued chunks while the caller keeps reading: disk and network overlap (both release the GIL)."""
+
+    def __init__(self, out: IO[bytes], depth: int) -> None:
+        super().__init__(daemon=True, name="openai-batch-writer")
+        self.out = out
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while (chunk := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.out.write(chunk)
+                except BaseException as error:  # reported to the reader on its next put or at the end
+                    self.error = error
+
+
+def copy_chunks(chunks: Iterable[bytes], out: IO[bytes], *, depth: int = 16) -> Iterator[bytes]:
+    """
+    Write ``chunks`` to ``out`` on a background thread and yield each one to the caller (to count or hash).
+
+    At most ``depth`` chunks wait in memory, so a slow disk slows the download instead of filling RAM.
+    """
+    writer = _Writer(out, depth)
+    writer.start()
+    try:
+        for chunk in chunks:
+            if writer.error is not None:
+                raise writer.error
+            writer.queue.put(chunk)
+            yield chunk
+    finally:
+        writer.queue.put(None)
+        writer.join()
+    if writer.error is not None:
+        raise writer.error

@@ -31,6 +31,7 @@ from airflow_provider_openai_batch.storage import (
     Source,
     as_io,
     atomic_writer,
+    copy_chunks,
     open_source,
     source_name,
     to_storage_path,
@@ -55,7 +56,6 @@ class Downloaded:
     lines: int
 
 
-_DOWNLOAD_CHUNK = 1 << 20
 T = TypeVar("T")
 
 
@@ -333,8 +333,7 @@ class OpenAIBatchHook(BaseHook):
             written = lines = 0
             last = b"\n"
             with atomic_writer(target, overwrite=overwrite) as out:
-                for chunk in response.iter_bytes(_DOWNLOAD_CHUNK):
-                    out.write(chunk)
+                for chunk in copy_chunks(response.iter_bytes(), out):
                     written += len(chunk)
                     lines += chunk.count(b"\n")
                     last = chunk[-1:] or last

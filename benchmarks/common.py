@@ -1,0 +1,132 @@
+"""Shared by the benchmarks: a fake server in its own process, memory readings, and the result table."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+API_KEY = "sk-bench-key"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_fake/stats", timeout=10) as answer:
+            return dict(json.load(answer))
+
+    def connection(self, conn_type: str = "openai_batch") -> str:
+        return json.dumps({"conn_type": conn_type, "host": self.base_url, "password": API_KEY})
+
+
+@contextlib.contextmanager
+def fake_server(*args: str) -> Iterator[ServerProcess]:
+    """The fake server in its own process, so its work never counts against what is measured here."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "airflow_provider_openai_batch.testing",
+            "--port",
+            str(port),
+            "--api-key",
+            API_KEY,
+            *args,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = ServerProcess(port, process)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            server.stats()
+            break
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError("the fake server did not start") from None
+            time.sleep(0.1)
+    try:
+        yield server
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_child(module: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter (so peak RSS is its own) and read the JSON it prints last."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def emit(result: dict[str, Any]) -> None:
+    print(json.dumps(result), flush=True)
+
+
+MB = 1024 * 1024
+
+
+@dataclass
+class Row:
+    figure: str
+    value: str
+    goal: str
+    anchor: str
+    met: bool | None
+
+    @property
+    def verdict(self) -> str:
+        return "-" if self.met is None else ("met" if self.met else "MISSED")
+
+
+def table(rows: list[Row]) -> str:
+    headers = ("figure", "measured", "goal", "anchor (same run)", "")
+    cells = [headers, *[(r.figure, r.value, r.goal, r.anchor, r.verdict) for r in rows]]
+    widths = [max(len(str(c[i])) for c in cells) for i in range(len(headers))]
+    line = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
+    out = [line.format(*headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line.format(*c) for c in cells[1:]]
+    return "\n".join(out)

@@ -1,0 +1,173 @@
+"""
+P1: N trigger waits in one asyncio loop, as a triggerer runs them, against the fake server in another process.
+
+Prints polls made vs ideal, the loop's lag (a 10 ms ticker: how late it wakes), and the extra RSS per wait.
+``--impl official`` runs apache-airflow-providers-openai's trigger instead (installed in the bench venv only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import statistics
+import threading
+import time
+import urllib.request
+from typing import Any
+
+from benchmarks.common import emit, rss_bytes
+
+TICK = 0.010
+
+
+def _quiet() -> None:
+    for name in ("httpx", "httpx2", "openai", "airflow", "airflow_provider_openai_batch", "airflow.task"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def build(impl: str, batch_ids: list[str], n: int, interval: float, duration: float) -> list[Any]:
+    # The deadline lies past the measured window, so every trigger is still waiting when the window closes.
+    end_time = time.time() + duration + 60
+    if impl == "ours":
+        from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchTrigger
+
+        return [
+            OpenAIBatchTrigger(
+                batch_id=batch_ids[i % len(batch_ids)],
+                conn_id="openai_default",
+                poll_interval=interval,
+                end_time=end_time,
+            )
+            for i in range(n)
+        ]
+    from airflow.providers.openai.triggers.openai import OpenAIBatchTrigger as OfficialTrigger
+
+    return [
+        OfficialTrigger(
+            conn_id="openai_official",
+            batch_id=batch_ids[i % len(batch_ids)],
+            poll_interval=interval,
+            timeout=duration + 60,
+        )
+        for i in range(n)
+    ]
+
+
+def polls_so_far(stats_url: str) -> int:
+    with urllib.request.urlopen(stats_url, timeout=30) as answer:
+        return int(json.load(answer)["calls"].get("batches.retrieve", 0))
+
+
+async def warm_up(impl: str, batch_id: str) -> None:
+    """One poll before the baseline: imports, the connection lookup and the shared client are not per wait."""
+    if impl == "ours":
+        from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+
+        await OpenAIBatchHook("openai_default").aget_batch(batch_id)
+    else:
+        from airflow.providers.openai.hooks.openai import OpenAIHook
+
+        OpenAIHook(conn_id="openai_official").get_batch(batch_id)
+
+
+async def measure(
+    impl: str, triggers: list[Any], batch_id: str, duration: float, stats_url: str, freeze: bool
+) -> dict[str, Any]:
+    """Run the waits for ``duration`` seconds of wall time; a thread closes the window, whatever the loop does."""
+    await warm_up(impl, batch_id)
+    gc.collect()
+    if freeze:
+        gc.freeze()  # what a long-running service can do after start-up: full collections skip the imports
+    baseline = rss_bytes()
+    lags: list[tuple[float, float, bool]] = []
+    peak = [baseline]
+    window = {"start": polls_so_far(stats_url), "end": 0}
+    closed = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + duration
+        while time.monotonic() < deadline:
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.05)
+        window["end"] = polls_so_far(stats_url)
+        closed.set()
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    pauses: list[tuple[float, float]] = []  # full collections, in loop time
+    gc_started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") == 2:
+            if phase == "start":
+                gc_started[0] = loop.time()
+            else:
+                pauses.append((gc_started[0], loop.time()))
+
+    gc.callbacks.append(on_gc)
+
+    async def ticker() -> None:
+        while not closed.is_set():
+            expected = loop.time() + TICK
+            await asyncio.sleep(TICK)
+            woke = loop.time()
+            in_gc = any(start < woke and end > expected for start, end in pauses)
+            lags.append((max(0.0, woke - expected), expected - started, in_gc))
+
+    async def consume(trigger: Any) -> None:
+        async for _ in trigger.run():
+            return
+
+    tasks = [asyncio.create_task(consume(t)) for t in triggers]
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    await ticker()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    watcher.join()
+    gc.callbacks.remove(on_gc)
+    worst = max(lags) if lags else (0.0, 0.0, False)
+    values = sorted(lag for lag, _, _ in lags)
+    return {
+        "polls": window["end"] - window["start"],
+        "max_lag_ms": 1000 * worst[0],
+        "max_lag_at_s": worst[1],
+        "max_lag_outside_gc_ms": 1000 * max((lag for lag, _, in_gc in lags if not in_gc), default=0.0),
+        "p99_lag_ms": 1000 * values[int(0.99 * (len(values) - 1))] if values else 0.0,
+        "median_lag_ms": 1000 * statistics.median(values) if values else 0.0,
+        "extra_rss": peak[0] - baseline,
+        "full_gc_runs": len(pauses),
+        "full_gc_max_ms": 1000 * max((end - start for start, end in pauses), default=0.0),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--impl", choices=["ours", "official"], default="ours")
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--interval", type=float, default=5.0)
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--batches", required=True, help="comma-separated batch ids to wait on")
+    parser.add_argument("--stats-url", required=True, help="the fake server's /_fake/stats")
+    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after start-up, before the waits")
+    args = parser.parse_args()
+    _quiet()
+    batch_ids = args.batches.split(",")
+    triggers = build(args.impl, batch_ids, args.n, args.interval, args.duration)
+    result = asyncio.run(measure(args.impl, triggers, batch_ids[0], args.duration, args.stats_url, args.gc_freeze))
+    result["heap_objects"] = len(gc.get_objects())
+    result.update(
+        impl=args.impl,
+        n=args.n,
+        ideal_polls=args.n * args.duration / args.interval,
+        extra_rss_per_wait=result["extra_rss"] / args.n,
+    )
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
