@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 import msgspec
@@ -64,6 +65,8 @@ class BatchFileStats:
     endpoint: str | None
     model: str | None
     sha256: str
+    #: Estimated input tokens (bytes / 4 per line), for quota planning.
+    tokens: int = 0
 
 
 class _Collector:
@@ -121,6 +124,8 @@ class BatchFileValidator:
         self.model: str | None = None
         self.model_line = 0
         self.url_line = 0
+        self.lines = 0
+        self.requests = 0
         if endpoint is not None and self.allowed_endpoints is not None and endpoint not in self.allowed_endpoints:
             self.collector.add(
                 0,
@@ -216,6 +221,37 @@ class BatchFileValidator:
                 "mismatched_model",
             )
 
+    def check_line(self, lineno: int, raw: bytes) -> bytes | None:
+        """
+        File-level checks (BOM, blank line, UTF-8), then the request checks; returns the line (without a BOM)
+        when it holds a request, ``None`` when it does not.
+        """
+        add = self.collector.add
+        self.lines = lineno
+        if lineno == 1 and raw.startswith(_BOM):
+            add(
+                1,
+                None,
+                "the file starts with a UTF-8 byte order mark (BOM); save it as UTF-8 without BOM",
+                "invalid_encoding",
+            )
+            raw = raw[len(_BOM) :]
+        if not raw.strip():
+            add(lineno, None, "blank line; every line must hold one request", "invalid_json_line")
+            return None
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            add(lineno, None, f"not valid UTF-8 (byte {error.start + 1} of the line)", "invalid_encoding")
+            return None
+        self.requests += 1
+        self.check(lineno, raw)
+        return raw
+
+    def check_end(self) -> None:
+        if self.lines == 0:
+            self.collector.add(0, None, "the file is empty; a batch needs at least one request", "empty_file")
+
     def raise_if_invalid(self, source: str) -> None:
         if self.collector.issues:
             raise BatchInputError(source, self.collector.issues, more=self.collector.more)
@@ -246,35 +282,16 @@ def validate_batch_file(
     validator = BatchFileValidator(endpoint=endpoint, allowed_endpoints=allowed_endpoints, max_issues=max_issues)
     add = validator.collector.add
     digest = hashlib.sha256()
-    size = 0
-    requests = 0
-    last = 0
+    size = tokens = 0
     with open_source(source) as stream:
         for lineno, raw in iter_raw_lines(stream):
-            last = lineno
             size += len(raw) + 1
-            if lineno == 1 and raw.startswith(_BOM):
-                add(
-                    1,
-                    None,
-                    "the file starts with a UTF-8 byte order mark (BOM); save it as UTF-8 without BOM",
-                    "invalid_encoding",
-                )
-                raw = raw[len(_BOM) :]
-            digest.update(raw)
-            digest.update(b"\n")
-            if not raw.strip():
-                add(lineno, None, "blank line; every line must hold one request", "invalid_json_line")
-                continue
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                add(lineno, None, f"not valid UTF-8 (byte {error.start + 1} of the line)", "invalid_encoding")
-                continue
-            requests += 1
-            validator.check(lineno, raw)
-    if last == 0:
-        add(0, None, "the file is empty; a batch needs at least one request", "empty_file")
+            line = validator.check_line(lineno, raw)
+            digest.update((raw if line is None else line) + b"\n")
+            if line is not None:
+                tokens += estimate_tokens(line)
+    validator.check_end()
+    requests = validator.requests
     if requests > max_requests:
         add(
             0,
@@ -296,7 +313,108 @@ def validate_batch_file(
         endpoint=validator.url,
         model=validator.model,
         sha256=digest.hexdigest(),
+        tokens=tokens,
     )
+
+
+# --- sharding ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardLimits:
+    """
+    When to start a new file. OpenAI's own limits by default; lower them to stay under a quota, e.g. an
+    enqueued-token limit per batch (``max_tokens`` counts estimated input tokens: a line's bytes / 4).
+    """
+
+    max_requests: int = MAX_REQUESTS_PER_FILE
+    max_bytes: int = MAX_BYTES_PER_FILE
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_requests <= MAX_REQUESTS_PER_FILE:
+            raise ValueError(f"max_requests must be 1..{MAX_REQUESTS_PER_FILE:,}, got {self.max_requests}")
+        if not 0 < self.max_bytes <= MAX_BYTES_PER_FILE:
+            raise ValueError(f"max_bytes must be 1..{MAX_BYTES_PER_FILE:,}, got {self.max_bytes}")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One valid batch file cut from a larger input, ready to upload."""
+
+    path: Path
+    requests: int
+    bytes: int
+    sha256: str
+    first_line: int
+
+
+def estimate_tokens(raw: bytes) -> int:
+    """A cheap, conservative input-token estimate for quota planning: about four bytes per token."""
+    return max(1, len(raw) // 4)
+
+
+def shard_batch_file(
+    source: Source,
+    folder: Path,
+    *,
+    endpoint: str | None = None,
+    allowed_endpoints: Collection[str] | None = OPENAI_BATCH_ENDPOINTS,
+    limits: ShardLimits | None = None,
+    max_issues: int = MAX_REPORTED_ISSUES,
+) -> list[Shard]:
+    """
+    Validate ``source`` and cut it into files that each respect ``limits``, in one streaming pass.
+
+    Every problem in the whole input is reported (file, line, field) before any shard is used, and
+    ``custom_id`` must be unique across all shards, since results are joined back on it. Shards keep
+    input order: shard 0 holds the first lines.
+    """
+    limits = limits or ShardLimits()
+    name = describe(source)
+    validator = BatchFileValidator(endpoint=endpoint, allowed_endpoints=allowed_endpoints, max_issues=max_issues)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[Shard] = []
+    out: IO[bytes] | None = None
+    digest = hashlib.sha256()
+    count = size = tokens = start = 0
+
+    def close() -> None:
+        nonlocal out
+        if out is not None:
+            out.close()
+            path = folder / f"shard-{len(shards):05d}.jsonl"
+            shards.append(Shard(path, count, size, digest.hexdigest(), start))
+            out = None
+
+    with open_source(source) as stream:
+        for lineno, line in iter_raw_lines(stream):
+            raw = validator.check_line(lineno, line)
+            if raw is None or validator.collector.issues:
+                continue  # keep reading to report every problem, but write nothing more
+            line_tokens = estimate_tokens(raw)
+            full = out is not None and (
+                count + 1 > limits.max_requests
+                or size + len(raw) + 1 > limits.max_bytes
+                or (limits.max_tokens is not None and tokens + line_tokens > limits.max_tokens)
+            )
+            if full:
+                close()
+            if out is None:
+                out = (folder / f"shard-{len(shards):05d}.jsonl").open("wb")
+                digest = hashlib.sha256()
+                count = size = tokens = 0
+                start = lineno
+            out.write(raw + b"\n")
+            digest.update(raw + b"\n")
+            count, size, tokens = count + 1, size + len(raw) + 1, tokens + line_tokens
+    if out is not None:
+        close()
+    validator.check_end()
+    validator.raise_if_invalid(name)
+    return shards
 
 
 # --- result files ---------------------------------------------------------------------------------

@@ -183,20 +183,28 @@ class _Writer(threading.Thread):
                     self.error = error
 
 
-def copy_chunks(chunks: Iterable[bytes], out: IO[bytes], *, depth: int = 16) -> Iterator[bytes]:
+def copy_chunks(chunks: Iterable[bytes], out: IO[bytes], *, block: int = 1 << 20, depth: int = 8) -> Iterator[bytes]:
     """
     Write ``chunks`` to ``out`` on a background thread and yield each one to the caller (to count or hash).
 
-    At most ``depth`` chunks wait in memory, so a slow disk slows the download instead of filling RAM.
+    Network reads arrive in 64 KB pieces; they are written in ``block``-sized writes, because some file
+    objects pay per call (Airflow's ``ObjectStoragePath`` records lineage on every ``write``). At most
+    ``depth`` blocks wait in memory, so a slow disk slows the download instead of filling RAM.
     """
     writer = _Writer(out, depth)
     writer.start()
+    pending = bytearray()
     try:
         for chunk in chunks:
             if writer.error is not None:
                 raise writer.error
-            writer.queue.put(chunk)
+            pending += chunk
+            if len(pending) >= block:
+                writer.queue.put(bytes(pending))
+                pending.clear()
             yield chunk
+        if pending:
+            writer.queue.put(bytes(pending))
     finally:
         writer.queue.put(None)
         writer.join()

@@ -62,3 +62,18 @@ def test_example_embeddings(server):
     assert set(task_states(run).values()) == {"success"}
     assert server.count_from("batches.retrieve", "AsyncOpenAI") >= 1
     assert xcoms(run, "vectors")[-1] == {f"doc-{i}": 8 for i in range(5)}
+
+
+def test_example_sharded_120k(server):
+    dag = _load("example_openai_batch_sharded")
+    run = dag.test()
+    states = task_states(run)
+    assert set(states.values()) == {"success"}, states
+    assert {k for k in states if k.startswith("create[")} == {"create[0]", "create[1]", "create[2]"}
+    assert sorted(b.metadata and len(b.requests) for b in server.state.batches.values()) == [20_000, 50_000, 50_000]
+    joined = xcoms(run, "join")[-1]
+    assert joined["counts"] == {"succeeded": 120_000}
+    assert joined["shards"] == 3
+    with open(joined["joined_uri"]) as rows:
+        ids = [json.loads(line)["custom_id"] for line in rows]
+    assert ids == [f"product-{i:06d}" for i in range(120_000)]

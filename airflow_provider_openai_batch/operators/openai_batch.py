@@ -6,19 +6,24 @@ The batch workflow as operators: upload, create, download, cancel. Thin on purpo
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Collection, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from openai.types import Batch
 
 from airflow_provider_openai_batch.batch_file import (
+    MAX_BYTES_PER_FILE,
+    MAX_REQUESTS_PER_FILE,
     OPENAI_BATCH_ENDPOINTS,
     BatchFileStats,
+    ShardLimits,
     encode_requests,
+    shard_batch_file,
     validate_batch_file,
 )
 from airflow_provider_openai_batch.batch_status import BatchSummary, is_reusable, summarize
@@ -39,7 +44,7 @@ from airflow_provider_openai_batch.operators.base import (
     OpenAIBatchBaseOperator,
     batch_id_of,
 )
-from airflow_provider_openai_batch.storage import Source, source_name, to_storage_path
+from airflow_provider_openai_batch.storage import Source, source_name, source_size, to_storage_path
 
 
 def _as_seconds(value: timedelta | int | None) -> int | None:
@@ -50,7 +55,10 @@ def _as_seconds(value: timedelta | int | None) -> int | None:
 
 class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
     """
-    Validate a batch input file, streaming, then upload it once; returns the file id.
+    Validate a batch input, streaming, shard it when it is too big for one batch, and upload each file once.
+
+    Returns the file id, or the list of file ids in input order when the input was sharded (always a list with
+    ``sharding="always"``, which is what dynamic task mapping over create/wait/download wants).
 
     :param source: A local path, a URI or ``ObjectStoragePath`` (any fsspec protocol), or a list of request dicts
         (e.g. an upstream task's XCom). Templated.
@@ -59,8 +67,14 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
     :param filename: Name to give the file at OpenAI (default: the source's name).
     :param expires_after: Let OpenAI delete the uploaded input after this long (data retention).
     :param reuse_window: How far back to look for an identical upload to reuse instead of sending it again.
+    :param sharding: ``"auto"`` (split only when needed), ``"always"`` (always return a list) or ``"never"``
+        (an input over the limits is an error).
+    :param max_requests_per_file: Requests per file (OpenAI: at most 50,000).
+    :param max_bytes_per_file: Bytes per file (OpenAI: at most 200 MB).
+    :param max_tokens_per_file: Estimated input tokens per file (bytes / 4), e.g. to stay under an
+        enqueued-token quota.
 
-    A retry of the same content reuses the earlier upload: the file name carries a hash of the content and is
+    A retry of the same content reuses the earlier upload: each file name carries a hash of its content and is
     looked up among recent uploads, so a 200 MB file is not sent twice.
     """
 
@@ -75,27 +89,77 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
         filename: str | None = None,
         expires_after: timedelta | int | None = None,
         reuse_window: timedelta = DEFAULT_LOOKBACK,
+        sharding: Literal["auto", "always", "never"] = "auto",
+        max_requests_per_file: int = MAX_REQUESTS_PER_FILE,
+        max_bytes_per_file: int = MAX_BYTES_PER_FILE,
+        max_tokens_per_file: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if sharding not in ("auto", "always", "never"):
+            raise ValueError(f"sharding must be 'auto', 'always' or 'never', got {sharding!r}")
         self.source = source
         self.endpoint = endpoint
         self.allowed_endpoints = allowed_endpoints
         self.filename = filename
         self.expires_after = expires_after
         self.reuse_window = reuse_window
+        self.sharding = sharding
+        self.limits = ShardLimits(max_requests_per_file, max_bytes_per_file, max_tokens_per_file)
 
-    def execute(self, context: Mapping[str, Any]) -> str:
-        if isinstance(self.source, (list, tuple)):
-            with tempfile.TemporaryDirectory(prefix="openai-batch-upload-") as folder:
-                path = Path(folder) / (self.filename or "requests.jsonl")
+    def execute(self, context: Mapping[str, Any]) -> str | list[str]:
+        with tempfile.TemporaryDirectory(prefix="openai-batch-upload-") as folder:
+            source: Source = self.source
+            name = self.filename or (
+                f"{context['ti'].task_id}.jsonl" if isinstance(source, (list, tuple)) else source_name(source)
+            )
+            if isinstance(source, (list, tuple)):
+                path = Path(folder) / "requests.jsonl"
                 with path.open("wb") as out:
                     out.writelines(encode_requests(self.source))
-                return self._upload(path, self.filename or f"{context['ti'].task_id}.jsonl")
-        return self._upload(self.source, self.filename or source_name(self.source))
+                source = path
+            if self.sharding == "never" or not self._too_big(source):
+                file_id = self._upload(source, name)
+                return [file_id] if self.sharding == "always" else file_id
+            shards = shard_batch_file(
+                source,
+                Path(folder) / "shards",
+                endpoint=self.endpoint,
+                allowed_endpoints=self.allowed_endpoints,
+                limits=self.limits,
+            )
+            self.log.info("Split %s into %d files of at most %s", name, len(shards), self.limits)
+            stem = name.rsplit(".", 1)[0]
+            ids = [self._upload(shard.path, f"{stem}.part{i:05d}.jsonl") for i, shard in enumerate(shards)]
+            return ids if len(ids) > 1 or self.sharding == "always" else ids[0]
+
+    def _too_big(self, source: Source) -> bool:
+        """Whether ``source`` must be split; a cheap size check first, a counting pass only when it may be."""
+        size = source_size(source)
+        # Fewer bytes than two per allowed request means few enough lines, whatever they hold.
+        if size is not None and self.limits.max_tokens is None and size < self.limits.max_requests * 2:
+            return False
+        stats = validate_batch_file(
+            source,
+            endpoint=self.endpoint,
+            allowed_endpoints=self.allowed_endpoints,
+            max_requests=sys.maxsize,
+            max_bytes=sys.maxsize,
+        )
+        return (
+            stats.requests > self.limits.max_requests
+            or stats.bytes > self.limits.max_bytes
+            or (self.limits.max_tokens is not None and stats.tokens > self.limits.max_tokens)
+        )
 
     def _upload(self, source: Source, name: str) -> str:
-        stats = validate_batch_file(source, endpoint=self.endpoint, allowed_endpoints=self.allowed_endpoints)
+        stats = validate_batch_file(
+            source,
+            endpoint=self.endpoint,
+            allowed_endpoints=self.allowed_endpoints,
+            max_requests=self.limits.max_requests,
+            max_bytes=self.limits.max_bytes,
+        )
         self.log.info(
             "Validated %s: %s requests, %s bytes, model %s",
             name,
