@@ -10,6 +10,7 @@ stays flat whether a batch holds 100 requests or a million across many shards.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,13 +27,15 @@ _UNRUN = {"batch_expired": "expired", "batch_cancelled": "cancelled"}
 
 
 class JoinedRow(msgspec.Struct, omit_defaults=False):
-    """One request and what became of it."""
+    """One request and what became of it (``url`` and ``request`` are what was sent, so it can be sent again)."""
 
     custom_id: str
     status: str
     request: dict[str, Any] | None
     response: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    url: str | None = None
+    round: int = 0
 
 
 class _Result(msgspec.Struct):
@@ -44,6 +47,7 @@ class _Result(msgspec.Struct):
 class _Request(msgspec.Struct):
     custom_id: str
     body: dict[str, Any] | None = None
+    url: str | None = None
 
 
 _result_decoder = msgspec.json.Decoder(_Result)
@@ -103,7 +107,7 @@ def iter_joined(
                         "SELECT line FROM results WHERE custom_id = ?", (request.custom_id,)
                     ).fetchone()
                     if found is None:
-                        yield JoinedRow(request.custom_id, "missing", request.body)
+                        yield JoinedRow(request.custom_id, "missing", request.body, url=request.url)
                         continue
                     result = _result_decoder.decode(found[0])
                     yield JoinedRow(
@@ -112,6 +116,7 @@ def iter_joined(
                         request.body,
                         response=(result.response or {}).get("body") if result.response else None,
                         error=result.error or _error_of(result.response),
+                        url=request.url,
                     )
 
 
@@ -125,10 +130,185 @@ def _error_of(response: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def write_joined(rows: Iterable[JoinedRow], destination: Destination, *, overwrite: bool = True) -> dict[str, int]:
-    """Write joined rows as JSONL (atomically) and return how many rows had each status."""
+    """
+    Write joined rows (atomically) and return how many rows had each status: JSONL, or Parquet when the
+    destination ends in ``.parquet`` (needs ``pyarrow``; request, response and error become JSON strings).
+    """
     counts: dict[str, int] = {}
-    with atomic_writer(destination, overwrite=overwrite) as out:
+
+    def counted() -> Iterator[JoinedRow]:
         for row in rows:
             counts[row.status] = counts.get(row.status, 0) + 1
-            out.write(_encoder.encode(row) + b"\n")
+            yield row
+
+    with atomic_writer(destination, overwrite=overwrite) as out:
+        if str(destination).endswith(".parquet"):
+            _write_parquet(counted(), out)
+        else:
+            for row in counted():
+                out.write(_encoder.encode(row) + b"\n")
     return counts
+
+
+def _write_parquet(rows: Iterator[JoinedRow], out: Any, chunk: int = 50_000) -> None:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise RuntimeError("writing Parquet needs pyarrow: pip install pyarrow") from error
+    schema = pa.schema(
+        [(name, pa.string()) for name in ("custom_id", "status", "url", "request", "response", "error")]
+        + [("round", pa.int32())]
+    )
+
+    def dumps(value: Any) -> str | None:
+        return None if value is None else _encoder.encode(value).decode()
+
+    with pq.ParquetWriter(out, schema) as writer:
+        while batch := list(itertools.islice(rows, chunk)):
+            columns = {
+                "custom_id": [r.custom_id for r in batch],
+                "status": [r.status for r in batch],
+                "url": [r.url for r in batch],
+                "request": [dumps(r.request) for r in batch],
+                "response": [dumps(r.response) for r in batch],
+                "error": [dumps(r.error) for r in batch],
+                "round": [r.round for r in batch],
+            }
+            writer.write_table(pa.table(columns, schema=schema))
+
+
+# --- failed requests, resubmitted -----------------------------------------------------------------
+
+#: HTTP statuses of a failed request that may pass when sent again.
+RETRYABLE_STATUS_CODES = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+def is_retryable(row: JoinedRow) -> bool:
+    """Worth sending again: never ran (expired, cancelled, missing) or failed with a transient error."""
+    if row.status in ("expired", "cancelled", "missing"):
+        return True
+    if row.status != "failed" or not row.error:
+        return False
+    code = row.error.get("status_code")
+    return (isinstance(code, int) and code in RETRYABLE_STATUS_CODES) or row.error.get("code") in (
+        "rate_limit_exceeded",
+        "server_error",
+    )
+
+
+def write_retry_input(joined: Source, destination: Destination) -> int:
+    """
+    A batch input file of the requests in ``joined`` (a joined JSONL) that are worth sending again;
+    returns how many. Nothing is written when there is nothing to retry.
+    """
+    decoder = msgspec.json.Decoder(JoinedRow)
+    with open_source(joined) as stream:
+        lines = (
+            _encoder.encode({"custom_id": r.custom_id, "method": "POST", "url": r.url, "body": r.request}) + b"\n"
+            for r in (decoder.decode(raw) for _, raw in iter_raw_lines(stream) if raw.strip())
+            if is_retryable(r)
+        )
+        first = next(lines, None)
+        if first is None:
+            return 0
+        with atomic_writer(destination, overwrite=True) as out:
+            out.write(first)
+            count = 1
+            for line in lines:
+                out.write(line)
+                count += 1
+    return count
+
+
+def iter_merged(rounds: Sequence[Source | None]) -> Iterator[JoinedRow]:
+    """
+    The first round's joined rows, in its order, each replaced by its latest retry: one row per original
+    request however many rounds ran. ``None`` entries (rounds that had nothing to retry) are skipped.
+    """
+    decoder = msgspec.json.Decoder(JoinedRow)
+    first, later = rounds[0], [r for r in rounds[1:] if r is not None]
+    with tempfile.TemporaryDirectory(prefix="openai-batch-merge-") as folder:
+        db = sqlite3.connect(Path(folder) / "rounds.sqlite")
+        try:
+            db.execute("PRAGMA journal_mode=OFF")
+            db.execute("PRAGMA synchronous=OFF")
+            db.execute("CREATE TABLE latest (custom_id TEXT PRIMARY KEY, round INTEGER, line BLOB)")
+            for number, source in enumerate(later, start=1):
+                with open_source(source) as stream:
+                    rows = (
+                        (decoder.decode(raw).custom_id, number, raw) for _, raw in iter_raw_lines(stream) if raw.strip()
+                    )
+                    db.executemany("INSERT OR REPLACE INTO latest VALUES (?, ?, ?)", rows)
+            db.commit()
+            lookup = db.cursor()
+            with open_source(first) as stream:  # type: ignore[arg-type]
+                for _, raw in iter_raw_lines(stream):
+                    if not raw.strip():
+                        continue
+                    row = decoder.decode(raw)
+                    found = lookup.execute(
+                        "SELECT round, line FROM latest WHERE custom_id = ?", (row.custom_id,)
+                    ).fetchone()
+                    if found is not None:
+                        row = decoder.decode(found[1])
+                        row.round = found[0]
+                    yield row
+        finally:
+            db.close()
+
+
+# --- usage and cost -------------------------------------------------------------------------------
+
+USAGE_KEYS = ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "total_tokens")
+
+
+def normalize_usage(usage: dict[str, Any] | None) -> dict[str, int]:
+    """One shape for every endpoint's usage (chat/completions, responses, embeddings, the batch object)."""
+    usage = usage or {}
+    details_in = usage.get("input_tokens_details") or usage.get("prompt_tokens_details") or {}
+    details_out = usage.get("output_tokens_details") or usage.get("completion_tokens_details") or {}
+    input_tokens = int(usage.get("input_tokens", usage.get("prompt_tokens", 0)) or 0)
+    output_tokens = int(usage.get("output_tokens", usage.get("completion_tokens", 0)) or 0)
+    return {
+        "input_tokens": input_tokens,
+        "cached_input_tokens": int(details_in.get("cached_tokens", 0) or 0),
+        "output_tokens": output_tokens,
+        "reasoning_tokens": int(details_out.get("reasoning_tokens", 0) or 0),
+        "total_tokens": int(usage.get("total_tokens", input_tokens + output_tokens) or 0),
+    }
+
+
+def sum_usage(output: Source) -> dict[str, int]:
+    """Usage summed over an output file's lines, for servers whose batch object carries none."""
+    totals = dict.fromkeys(USAGE_KEYS, 0)
+    with open_source(output) as stream:
+        for _, raw in iter_raw_lines(stream):
+            if not raw.strip():
+                continue
+            response = _result_decoder.decode(raw).response or {}
+            body = response.get("body") if isinstance(response.get("body"), dict) else {}
+            for key, value in normalize_usage((body or {}).get("usage")).items():
+                totals[key] += value
+    return totals
+
+
+def estimate_cost(
+    usage: dict[str, int], model: str | None, prices: dict[str, dict[str, float]]
+) -> dict[str, Any] | None:
+    """
+    Cost from a user-supplied price table: ``{model: {"input": $, "cached_input": $, "output": $}}`` per
+    million tokens (batch prices; this provider ships no prices, since they change). ``None`` when the
+    table has no entry for the model. Reasoning tokens are billed as output and already counted in it.
+    """
+    price = prices.get(model or "") or next((p for m, p in prices.items() if model and model.startswith(m)), None)
+    if price is None:
+        return None
+    cached = usage["cached_input_tokens"]
+    uncached = usage["input_tokens"] - cached
+    cost = (
+        uncached * price.get("input", 0.0)
+        + cached * price.get("cached_input", price.get("input", 0.0))
+        + usage["output_tokens"] * price.get("output", 0.0)
+    ) / 1_000_000
+    return {"model": model, "currency": price.get("currency", "USD"), "total": round(cost, 6)}

@@ -77,3 +77,26 @@ def test_example_sharded_120k(server):
     with open(joined["joined_uri"]) as rows:
         ids = [json.loads(line)["custom_id"] for line in rows]
     assert ids == [f"product-{i:06d}" for i in range(120_000)]
+
+
+@pytest.mark.parametrize("simulate", [True, False])
+def test_example_resubmit(server, simulate):
+    dag = _load("example_openai_batch_resubmit")
+    run = dag.test(run_conf={"simulate_transient_failures": simulate})
+    states = task_states(run)
+    result = xcoms(run, "merge")[-1]
+    with open(result["final"]) as rows:
+        final = [json.loads(line) for line in rows]
+    assert [r["custom_id"] for r in final] == [f"item-{i:02d}" for i in range(30)]
+    assert result["counts"] == {"succeeded": 30}
+    if simulate:
+        assert result["rounds"] == 2
+        assert states["upload_round_2"] == "success"
+        assert server.batches_created == 2
+        assert {r["custom_id"] for r in final if r["round"] == 1} == {f"item-{i:02d}" for i in range(0, 30, 5)}
+        retried = [b for b in server.state.batches.values() if len(b.requests) == 6]
+        assert len(retried) == 1
+    else:
+        assert result["rounds"] == 1
+        assert states["upload_round_2"] == "skipped"
+        assert server.batches_created == 1

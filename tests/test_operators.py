@@ -34,7 +34,14 @@ SUMMARY_KEYS = {
     "usage",
     "errors",
 }
-DOWNLOAD_KEYS = SUMMARY_KEYS | {"output_uri", "error_uri", "output_lines", "error_lines"}
+DOWNLOAD_KEYS = SUMMARY_KEYS | {
+    "output_uri",
+    "error_uri",
+    "output_lines",
+    "error_lines",
+    "usage_totals",
+    "usage_source",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -179,7 +186,11 @@ def test_download_to_object_storage_and_delete_remote(hook, server, tmp_path):
 
     def build():
         OpenAIBatchDownloadOperator(
-            task_id="download", batch_id=batch.id, destination="memory://results/run1", delete_remote_files=True
+            task_id="download",
+            batch_id=batch.id,
+            destination="memory://results/run1",
+            delete_remote_files=True,
+            price_table={"gpt-4o-mini": {"input": 0.075, "output": 0.30}},
         )
 
     run = run_dag(build)
@@ -187,6 +198,11 @@ def test_download_to_object_storage_and_delete_remote(hook, server, tmp_path):
     assert result["output_uri"] == "memory://results/run1/output.jsonl"
     assert result["error_uri"] == "memory://results/run1/errors.jsonl"
     assert (result["output_lines"], result["error_lines"]) == (5, 1)
+    totals = result["usage_totals"]
+    assert result["usage_source"] == "batch"
+    assert totals["input_tokens"] == done.usage.input_tokens and totals["output_tokens"] == done.usage.output_tokens
+    expected = (totals["input_tokens"] * 0.075 + totals["output_tokens"] * 0.30) / 1e6
+    assert result["cost_estimate"] == {"model": "gpt-4o-mini", "currency": "USD", "total": round(expected, 6)}
     errors = ObjectStoragePath(result["error_uri"]).read_text().splitlines()
     assert json.loads(errors[0])["custom_id"] == "req-4"
     for file_id in (done.input_file_id, done.output_file_id, done.error_file_id):

@@ -44,6 +44,7 @@ from airflow_provider_openai_batch.operators.base import (
     OpenAIBatchBaseOperator,
     batch_id_of,
 )
+from airflow_provider_openai_batch.results import estimate_cost, normalize_usage, sum_usage
 from airflow_provider_openai_batch.storage import Source, source_name, source_size, to_storage_path
 
 
@@ -349,6 +350,11 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
     :param delete_remote_files: After a verified download, delete the input, output and error files at
         OpenAI (data-retention rules).
     :param check_counts: Fail when the downloaded lines do not add up to the batch's request count.
+    :param price_table: ``{model: {"input": $, "cached_input": $, "output": $}}`` per million tokens; when
+        given, a cost estimate is logged and pushed as ``cost_estimate``.
+
+    The result also holds ``usage_totals`` (input, cached input, output, reasoning and total tokens), from the
+    batch object when it has usage and summed from the output lines when it does not.
 
     Files are written to a temporary name and moved into place, so a reader never sees half a file, and a
     retry after a dropped stream starts clean.
@@ -364,6 +370,7 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
         destination: Any = None,
         delete_remote_files: bool = False,
         check_counts: bool = True,
+        price_table: dict[str, dict[str, float]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -371,6 +378,7 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
         self.destination = destination
         self.delete_remote_files = delete_remote_files
         self.check_counts = check_counts
+        self.price_table = price_table
 
     def _folder(self, context: Mapping[str, Any]) -> Any:
         if self.destination:
@@ -398,9 +406,25 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
             self.log.info("Downloaded %s file %s to %s (%s lines)", kind, file_id, target, f"{downloaded.lines:,}")
         if self.check_counts:
             self._check_counts(result)
+        self._add_usage(result)
         if self.delete_remote_files:
             self._delete_remote(summary)
         return result
+
+    def _add_usage(self, result: dict[str, Any]) -> None:
+        if result["usage"]:
+            result["usage_totals"], result["usage_source"] = normalize_usage(result["usage"]), "batch"
+        elif result["output_uri"]:
+            result["usage_totals"], result["usage_source"] = sum_usage(result["output_uri"]), "output_lines"
+        else:
+            result["usage_totals"], result["usage_source"] = normalize_usage(None), None
+        self.log.info("Usage of batch %s: %s", result["batch_id"], result["usage_totals"])
+        if self.price_table:
+            result["cost_estimate"] = estimate_cost(result["usage_totals"], result["model"], self.price_table)
+            if result["cost_estimate"]:
+                self.log.info("Estimated cost of batch %s: %s", result["batch_id"], result["cost_estimate"])
+            else:
+                self.log.warning("The price table has no entry for model %s", result["model"])
 
     @staticmethod
     def _check_counts(result: dict[str, Any]) -> None:

@@ -101,6 +101,7 @@ class StoredBatch:
     output_file_id: str | None = None
     error_file_id: str | None = None
     usage: dict[str, Any] | None = None
+    final_counts: dict[str, int] | None = None
 
 
 def _id(prefix: str) -> str:
@@ -139,6 +140,8 @@ class FakeState:
         self.scenario = scenario
         self.files: dict[str, StoredFile] = {}
         self.batches: dict[str, StoredBatch] = {}
+        #: How often each transient ``fake_error`` (``"times": n``) has failed so far, by custom_id.
+        self.failures: dict[str, int] = {}
         self._lock = threading.RLock()
         self._seq = itertools.count()
 
@@ -308,7 +311,7 @@ class FakeState:
             if index >= done:
                 reason = "batch_expired" if status == "expired" else "batch_cancelled"
                 err_lines.append(json.dumps(responses.unprocessed_line(custom_id, reason)).encode())
-            elif isinstance(body, dict) and body.get("fake_error"):
+            elif self._fails(custom_id, body):
                 err_lines.append(json.dumps(responses.failed_request_line(custom_id, body["fake_error"])).encode())
             else:
                 line = responses.output_line(custom_id, batch.endpoint, body, created)
@@ -326,7 +329,23 @@ class FakeState:
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": in_tokens + out_tokens,
         }
+        total = len(batch.requests)
+        batch.final_counts = {"total": total, "completed": len(out_lines), "failed": total - len(out_lines)}
         batch.final_status, batch.finished_at = status, at
+
+    def _fails(self, custom_id: str, body: Any) -> bool:
+        """A request marked ``fake_error`` fails; with ``"times": n`` only its first n runs fail (transient)."""
+        spec = body.get("fake_error") if isinstance(body, dict) else None
+        if not spec:
+            return False
+        times = spec.get("times") if isinstance(spec, dict) else None
+        if times is None:
+            return True
+        seen = self.failures.get(custom_id, 0)
+        if seen >= int(times):
+            return False
+        self.failures[custom_id] = seen + 1
+        return True
 
     def _write_result(self, batch: StoredBatch, kind: str, lines: list[bytes]) -> str | None:
         if not lines:
@@ -343,23 +362,15 @@ class FakeState:
         status = self._status_now(batch)
         if status == "validating" or batch.issues:
             return {"total": 0 if batch.issues else total, "completed": 0, "failed": 0}
-        if batch.final_status is not None:
-            done = self._done_count(batch, batch.finished_at or 0)
-            if batch.cancel_requested_at is not None:
-                done = batch.cancelled_done or 0
-        elif batch.cancel_requested_at is not None:
+        if batch.final_counts is not None:
+            return dict(batch.final_counts)
+        if batch.cancel_requested_at is not None:
             done = batch.cancelled_done or 0
         else:
             done = self._done_count(batch, self.clock())
+        # While running, a marked request counts as failed once done (its real fate is decided at the end).
         failed = sum(1 for _, body in batch.requests[:done] if isinstance(body, dict) and body.get("fake_error"))
-        if batch.final_status in ("expired", "cancelled"):
-            failed += total - done
-        return {
-            "total": total,
-            "completed": done
-            - sum(1 for _, body in batch.requests[:done] if isinstance(body, dict) and body.get("fake_error")),
-            "failed": failed,
-        }
+        return {"total": total, "completed": done - failed, "failed": failed}
 
     def batch_json(self, batch: StoredBatch) -> dict[str, Any]:
         with self._lock:
