@@ -253,6 +253,34 @@ def polls(rows: list[Row]) -> None:
     )
 
 
+def join(rows: list[Row], work: Path) -> None:
+    from benchmarks.join import PER_SHARD, SHARDS, generate
+
+    folder = work / "join"
+    folder.mkdir()
+    generate(folder)
+    result = run_child("benchmarks.join", "--folder", str(folder))
+    assert result["rows"] == SHARDS * PER_SHARD
+    rows.append(
+        Row(
+            f"Join {SHARDS * PER_SHARD:,} requests across {SHARDS} shards: wall time",
+            f"{result['wall']:.1f} s ({result['rows'] / result['wall']:,.0f} rows/s)",
+            "-",
+            "-",
+            None,
+        )
+    )
+    rows.append(
+        Row(
+            "Join 1,000,000 requests: extra peak RSS",
+            f"{result['extra_rss'] / MB:.1f} MB",
+            "flat (no growth with rows)",
+            "-",
+            None,
+        )
+    )
+
+
 def main() -> None:
     started = time.monotonic()
     rows: list[Row] = []
@@ -261,7 +289,7 @@ def main() -> None:
         work = Path(folder)
         for step in (p1, polls):
             step(rows)
-        for step_with_files in (p2, p3):
+        for step_with_files in (p2, p3, join):
             step_with_files(rows, work)
     print()
     print(f"Machine: {machine()}")
