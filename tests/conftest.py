@@ -131,3 +131,20 @@ def register(dag) -> None:
         update_dag_parsing_results_in_db(
             "dags-folder", None, [LazyDeserializedDAG.from_dag(dag)], {}, None, set(), session
         )
+
+
+def run_dag(build, **dag_kwargs):
+    """Define a DAG in a test, register it as the DAG processor would, and run it with dag.test()."""
+    import pendulum
+    from airflow.sdk import DAG
+
+    with DAG(
+        dag_id=build.__qualname__.replace(".<locals>.build", "").replace(".", "_"),
+        schedule=dag_kwargs.pop("schedule", None),
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        **dag_kwargs,
+    ) as dag:
+        build()
+    register(dag)
+    return dag.test()

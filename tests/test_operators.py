@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import pendulum
 import pytest
-from airflow.sdk import DAG, ObjectStoragePath
+from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_openai_batch.exceptions import BatchInputError
 from airflow_provider_openai_batch.operators.openai_batch import (
@@ -20,7 +17,7 @@ from airflow_provider_openai_batch.operators.openai_batch import (
 )
 from airflow_provider_openai_batch.sensors.openai_batch import OpenAIBatchSensor
 from airflow_provider_openai_batch.testing import FakeOpenAIServer
-from tests.conftest import DEFERRING, connection_env, jsonl, register, request_line, task_states, xcoms
+from tests.conftest import DEFERRING, connection_env, jsonl, request_line, run_dag, task_states, xcoms
 
 SUMMARY_KEYS = {
     "batch_id",
@@ -47,20 +44,6 @@ DOWNLOAD_KEYS = SUMMARY_KEYS | {
 @pytest.fixture(autouse=True)
 def _db(airflow_db, conn_id):
     return None
-
-
-def run_dag(build: Callable[[], Any], **dag_kwargs: Any):
-    """Define a DAG in the test, register it the way the DAG processor would, and run it with dag.test()."""
-    with DAG(
-        dag_id=build.__qualname__.replace(".<locals>.build", "").replace(".", "_"),
-        schedule=None,
-        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-        catchup=False,
-        **dag_kwargs,
-    ) as dag:
-        build()
-    register(dag)
-    return dag.test()
 
 
 def test_full_chain_xcoms_are_the_contract(input_file, tmp_path, monkeypatch):

@@ -84,7 +84,8 @@ class FakeOpenAIServer:
     ``srv.state`` holds the files and batches, and ``srv.clock`` (a ``FakeClock`` if you pass one) drives
     the status machine. A request whose body has ``"fake_error": {...}`` goes to the error file; batch
     metadata ``{"fake_scenario": "expire" | "fail" | "stall"}`` (or ``scenario=`` for every batch) picks
-    the batch's fate.
+    the batch's fate. ``azure_quirks=True`` answers as Azure OpenAI does: empty-string file ids instead of
+    null, null request counts while validating, and a zero-byte error file when nothing failed.
     """
 
     def __init__(
@@ -101,6 +102,7 @@ class FakeOpenAIServer:
         completion_windows: tuple[str, ...] | None = ("24h",),
         storage_dir: str | os.PathLike[str] | None = None,
         page_limit_cap: int | None = None,
+        azure_quirks: bool = False,
     ) -> None:
         self.api_key = api_key
         self.host = host
@@ -115,6 +117,7 @@ class FakeOpenAIServer:
             allowed_endpoints=allowed_endpoints,
             completion_windows=completion_windows,
             scenario=scenario,
+            azure_quirks=azure_quirks,
         )
         self.faults = FaultPlan()
         self.calls: Counter[str] = Counter()
@@ -132,6 +135,11 @@ class FakeOpenAIServer:
     def base_url(self) -> str:
         """OpenAI-style base URL (``http://127.0.0.1:PORT/v1``)."""
         return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def azure_v1_base_url(self) -> str:
+        """Azure's v1 endpoint (``https://RESOURCE.openai.azure.com/openai/v1``), used with the plain client."""
+        return f"http://{self.host}:{self.port}/openai/v1"
 
     @property
     def azure_endpoint(self) -> str:
@@ -223,7 +231,8 @@ class FakeOpenAIServer:
             ("/batches/{batch_id}/cancel", "POST", "batches.cancel", self._batches_cancel),
         ]
         routes: list[Route] = [Route("/_fake/stats", self._stats, methods=["GET"])]
-        for prefix, azure in (("/v1", False), ("/openai", True)):
+        # OpenAI's paths, Azure's v1 endpoint (plain client) and Azure's classic one (api-version required).
+        for prefix, azure in (("/v1", False), ("/openai/v1", False), ("/openai", True)):
             for path, method, name, handler in routes_spec:
                 routes.append(Route(prefix + path, self._wrap(name, handler, azure), methods=[method]))
         return Starlette(routes=routes)

@@ -130,8 +130,10 @@ class FakeState:
         allowed_endpoints: tuple[str, ...] | None = OPENAI_BATCH_ENDPOINTS,
         completion_windows: tuple[str, ...] | None = ("24h",),
         scenario: str = "complete",
+        azure_quirks: bool = False,
     ) -> None:
         self.clock = clock
+        self.azure_quirks = azure_quirks
         self.timings = timings or Timings()
         self._tmp = None if storage_dir else tempfile.TemporaryDirectory(prefix="fake-openai-")
         self.dir = Path(storage_dir or self._tmp.name)  # type: ignore[union-attr]
@@ -348,7 +350,7 @@ class FakeState:
         return True
 
     def _write_result(self, batch: StoredBatch, kind: str, lines: list[bytes]) -> str | None:
-        if not lines:
+        if not lines and not (self.azure_quirks and kind == "error"):
             return None
 
         def write(out: Any) -> None:
@@ -379,6 +381,12 @@ class FakeState:
             validated, processed, _ = self._phase_times(batch)
             created = int(batch.created_at)
             ended = int(batch.finished_at) if batch.finished_at is not None else None
+            counts: dict[str, int] | None = self.counts(batch)
+            output_file_id, error_file_id = batch.output_file_id, batch.error_file_id
+            if self.azure_quirks:
+                output_file_id, error_file_id = output_file_id or "", error_file_id or ""
+                if status == "validating":
+                    counts = None
             return {
                 "id": batch.id,
                 "object": "batch",
@@ -388,8 +396,8 @@ class FakeState:
                 "input_file_id": batch.input_file_id,
                 "completion_window": batch.completion_window,
                 "status": status,
-                "output_file_id": batch.output_file_id,
-                "error_file_id": batch.error_file_id,
+                "output_file_id": output_file_id,
+                "error_file_id": error_file_id,
                 "created_at": created,
                 "in_progress_at": int(validated) if status not in ("validating", "failed") else None,
                 "expires_at": created + 86_400,
@@ -399,7 +407,7 @@ class FakeState:
                 "expired_at": ended if status == "expired" else None,
                 "cancelling_at": int(batch.cancel_requested_at) if batch.cancel_requested_at else None,
                 "cancelled_at": ended if status == "cancelled" else None,
-                "request_counts": self.counts(batch),
+                "request_counts": counts,
                 "usage": batch.usage,
                 "metadata": batch.metadata,
             }
