@@ -352,6 +352,8 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
     :param check_counts: Fail when the downloaded lines do not add up to the batch's request count.
     :param price_table: ``{model: {"input": $, "cached_input": $, "output": $}}`` per million tokens; when
         given, a cost estimate is logged and pushed as ``cost_estimate``.
+    :param asset: An Asset (or its URI) this download updates; added to ``outlets`` so DAGs scheduled on it run
+        after each download. Every Asset outlet's event carries the result locations and counts in ``extra``.
 
     The result also holds ``usage_totals`` (input, cached input, output, reasoning and total tokens), from the
     batch object when it has usage and summed from the output lines when it does not.
@@ -371,8 +373,14 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
         delete_remote_files: bool = False,
         check_counts: bool = True,
         price_table: dict[str, dict[str, float]] | None = None,
+        asset: Any = None,
         **kwargs: Any,
     ) -> None:
+        if asset is not None:
+            from airflow.sdk import Asset
+
+            outlet = asset if isinstance(asset, Asset) else Asset(str(asset))
+            kwargs["outlets"] = [*(kwargs.get("outlets") or []), outlet]
         super().__init__(**kwargs)
         self.batch_id = batch_id
         self.destination = destination
@@ -407,9 +415,29 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
         if self.check_counts:
             self._check_counts(result)
         self._add_usage(result)
+        self._describe_asset_events(context, result)
         if self.delete_remote_files:
             self._delete_remote(summary)
         return result
+
+    def _describe_asset_events(self, context: Mapping[str, Any], result: dict[str, Any]) -> None:
+        """Downstream DAGs scheduled on our Assets find where the results are in the triggering event."""
+        from airflow.sdk import Asset
+
+        events = context.get("outlet_events")
+        if events is None:
+            return
+        extra = {
+            "batch_id": result["batch_id"],
+            "status": result["status"],
+            "output_uri": result["output_uri"],
+            "error_uri": result["error_uri"],
+            "output_lines": result["output_lines"],
+            "error_lines": result["error_lines"],
+        }
+        for outlet in self.outlets:
+            if isinstance(outlet, Asset):
+                events[outlet].extra.update(extra)
 
     def _add_usage(self, result: dict[str, Any]) -> None:
         if result["usage"]:
