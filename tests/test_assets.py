@@ -47,3 +47,30 @@ def test_downstream_dag_runs_on_the_download(airflow_db, hook, server, input_fil
 
     consumed = consumer.test()
     assert xcoms(consumed, "read_results")[-1] == {"batch_id": batch.id, "lines": 10}
+
+
+def test_openlineage_facets(conn_id, hook, server, input_file, tmp_path):
+    from airflow_provider_openai_batch.operators.openai_batch import OpenAIBatchUploadOperator
+
+    upload = OpenAIBatchUploadOperator(task_id="upload", source=str(input_file), endpoint="/v1/chat/completions")
+    file_id = upload.execute({})
+    facets = upload.get_openlineage_facets_on_complete(None)
+    assert [(d.namespace, d.name) for d in facets.inputs] == [("file", str(input_file))]
+    assert [(d.namespace, d.name) for d in facets.outputs] == [
+        (f"openai://127.0.0.1:{server.port}", f"files/{file_id}")
+    ]
+
+    batch = hook.create_batch(file_id, "/v1/chat/completions")
+    done = hook.wait_for_batch(batch.id, poll_interval=0.05, timeout=10)
+
+    class TI:
+        dag_id, task_id, run_id, map_index = "d", "download", "r", -1
+
+        def xcom_push(self, key, value):
+            pass
+
+    download = OpenAIBatchDownloadOperator(task_id="download", batch_id=batch.id, destination=str(tmp_path / "res"))
+    download.execute({"ti": TI()})
+    facets = download.get_openlineage_facets_on_complete(None)
+    assert [d.name for d in facets.inputs] == [f"files/{done.output_file_id}"]
+    assert [(d.namespace, d.name) for d in facets.outputs] == [("file", str(tmp_path / "res" / "output.jsonl"))]

@@ -71,6 +71,29 @@ class OpenAIBatchBaseOperator(BaseOperator):
     def hook(self) -> OpenAIBatchHook:
         return OpenAIBatchHook(self.conn_id)
 
+    #: What the task read and wrote, as (kind, identifier) pairs: ("storage", uri) or ("file"/"batch", OpenAI id).
+    _lineage: tuple[list[tuple[str, str]], list[tuple[str, str]]] | None = None
+
+    def record_lineage(self, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]]) -> None:
+        self._lineage = (inputs, outputs)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage (when its provider is installed): input files → output files, OpenAI's included."""
+        from airflow_provider_openai_batch import lineage
+
+        if self._lineage is None or not lineage.available():
+            return None
+        base_url = str(self.hook.get_conn().base_url)
+
+        def datasets(items: list[tuple[str, str]]) -> list[Any]:
+            return [
+                lineage.storage_dataset(ident) if kind == "storage" else lineage.openai_dataset(base_url, kind, ident)
+                for kind, ident in items
+            ]
+
+        inputs, outputs = self._lineage
+        return lineage.operator_lineage(datasets(inputs), datasets(outputs))
+
     @staticmethod
     def push_batch_id(context: Mapping[str, Any], batch_id: str) -> None:
         """First thing once a batch id is known: the extra link reads it, even while the task is deferred."""

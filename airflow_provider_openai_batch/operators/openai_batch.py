@@ -119,8 +119,10 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
                 with path.open("wb") as out:
                     out.writelines(encode_requests(self.source))
                 source = path
+            origin = [] if isinstance(self.source, (list, tuple)) else [("storage", str(self.source))]
             if self.sharding == "never" or not self._too_big(source):
                 file_id = self._upload(source, name)
+                self.record_lineage(origin, [("files", file_id)])
                 return [file_id] if self.sharding == "always" else file_id
             shards = shard_batch_file(
                 source,
@@ -132,6 +134,7 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
             self.log.info("Split %s into %d files of at most %s", name, len(shards), self.limits)
             stem = name.rsplit(".", 1)[0]
             ids = [self._upload(shard.path, f"{stem}.part{i:05d}.jsonl") for i, shard in enumerate(shards)]
+            self.record_lineage(origin, [("files", file_id) for file_id in ids])
             return ids if len(ids) > 1 or self.sharding == "always" else ids[0]
 
     def _too_big(self, source: Source) -> bool:
@@ -241,6 +244,7 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
         key = idempotency_key(task_identity(context), self.input_file_id, self.endpoint)
         metadata = build_metadata(self.metadata, key)
         batch = self._existing_batch(context, key) or self._create(metadata, key)
+        self.record_lineage([("files", self.input_file_id)], [("batches", batch.id)])
         self.push_batch_id(context, batch.id)
         self._remember(context, key, batch.id)
         if self.wait_for_completion:
@@ -416,6 +420,10 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
             self._check_counts(result)
         self._add_usage(result)
         self._describe_asset_events(context, result)
+        self.record_lineage(
+            [("files", summary[k]) for k in ("output_file_id", "error_file_id") if summary[k]],
+            [("storage", result[k]) for k in ("output_uri", "error_uri") if result[k]],
+        )
         if self.delete_remote_files:
             self._delete_remote(summary)
         return result
