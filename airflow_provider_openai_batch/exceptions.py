@@ -5,10 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-try:
-    from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout
-except ImportError:  # pragma: no cover - Airflow 3.0 keeps them in airflow.exceptions
-    from airflow.exceptions import AirflowException, AirflowSensorTimeout  # type: ignore[no-redef]
+from airflow.providers.common.compat.sdk import AirflowException, AirflowSensorTimeout
 
 
 class OpenAIBatchError(AirflowException):

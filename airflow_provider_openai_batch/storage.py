@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Union, cast
 
 if TYPE_CHECKING:
-    from airflow.sdk import ObjectStoragePath
+    from airflow.providers.common.compat.sdk import ObjectStoragePath
 
 #: Anything a file can be read from. ``str`` is a local path or a URI with a scheme (``s3://…``).
 Source = Union[str, os.PathLike, "ObjectStoragePath", bytes, bytearray, memoryview, IO[bytes]]
@@ -33,7 +33,7 @@ def _is_uri(value: str) -> bool:
 
 def to_storage_path(value: Destination) -> ObjectStoragePath | Path:
     """A URI becomes an ``ObjectStoragePath`` (fsspec), a plain path stays a local ``Path``."""
-    from airflow.sdk import ObjectStoragePath
+    from airflow.providers.common.compat.sdk import ObjectStoragePath
 
     if isinstance(value, ObjectStoragePath):
         return value
@@ -118,7 +118,7 @@ def as_io(stream: Any) -> IO[bytes]:
 
 
 def _is_object_storage_path(value: object) -> bool:
-    from airflow.sdk import ObjectStoragePath
+    from airflow.providers.common.compat.sdk import ObjectStoragePath
 
     return isinstance(value, ObjectStoragePath)
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import httpx2
 import openai
+from airflow.providers.common.compat.sdk import BaseHook
 from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
 from openai.types import Batch, FileDeleted, FileObject
 
@@ -37,13 +38,8 @@ from airflow_provider_openai_batch.storage import (
     to_storage_path,
 )
 
-try:
-    from airflow.sdk import BaseHook
-except ImportError:  # pragma: no cover - Airflow 3.0 without the sdk alias
-    from airflow.hooks.base import BaseHook  # type: ignore[no-redef,attr-defined]
-
 if TYPE_CHECKING:
-    from airflow.sdk import Connection
+    from airflow.providers.common.compat.sdk import Connection
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -62,9 +58,9 @@ T = TypeVar("T")
 def _mask(secret: str | None) -> None:
     if not secret:
         return
-    try:
+    try:  # its home moved across Airflow 3.x releases
         from airflow.sdk.log import mask_secret
-    except ImportError:  # pragma: no cover - older Task SDK layout
+    except ImportError:  # pragma: no cover - exercised on older Airflow 3
         from airflow.sdk.execution_time.secrets_masker import mask_secret  # type: ignore[no-redef]
     mask_secret(secret)
 

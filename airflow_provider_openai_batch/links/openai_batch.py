@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperatorLink
+from airflow.providers.common.compat.sdk import BaseOperatorLink
 
 if TYPE_CHECKING:
-    from airflow.sdk.types import TaskInstanceKey
+    from airflow.providers.common.compat.sdk import TaskInstanceKey
 
 BATCH_URL = "https://platform.openai.com/batches/{batch_id}"
 #: Operators push the batch id under this key before they defer, so the link works while the task waits.
@@ -23,7 +23,7 @@ class OpenAIBatchLink(BaseOperatorLink):
     name = "OpenAI Batch"
 
     def get_link(self, operator: Any, *, ti_key: TaskInstanceKey) -> str:
-        from airflow.sdk.execution_time.xcom import XCom
+        from airflow.providers.common.compat.sdk import XCom
 
         batch_id = XCom.get_value(ti_key=ti_key, key=BATCH_ID_XCOM_KEY)
         return BATCH_URL.format(batch_id=batch_id) if batch_id else ""

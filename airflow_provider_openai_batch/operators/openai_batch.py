@@ -381,7 +381,7 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
         **kwargs: Any,
     ) -> None:
         if asset is not None:
-            from airflow.sdk import Asset
+            from airflow.providers.common.compat.sdk import Asset
 
             outlet = asset if isinstance(asset, Asset) else Asset(str(asset))
             kwargs["outlets"] = [*(kwargs.get("outlets") or []), outlet]
@@ -430,7 +430,7 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
 
     def _describe_asset_events(self, context: Mapping[str, Any], result: dict[str, Any]) -> None:
         """Downstream DAGs scheduled on our Assets find where the results are in the triggering event."""
-        from airflow.sdk import Asset
+        from airflow.providers.common.compat.sdk import Asset
 
         events = context.get("outlet_events")
         if events is None:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.providers.common.compat.sdk import BaseSensorOperator, PokeReturnValue
 
 from airflow_provider_openai_batch.batch_status import BatchSummary, format_progress, is_terminal, summarize
 from airflow_provider_openai_batch.operators.base import (
