@@ -265,6 +265,14 @@ def iter_raw_lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
         yield number, raw
 
 
+def iter_lines(source: Source) -> Iterator[bytes]:
+    """The non-blank lines of a file, streamed, without their line endings."""
+    with open_source(source) as stream:
+        for _, raw in iter_raw_lines(stream):
+            if raw.strip():
+                yield raw
+
+
 def validate_batch_file(
     source: Source,
     *,
@@ -434,18 +442,12 @@ _result_decoder = msgspec.json.Decoder(ResultLine)
 
 def iter_result_lines(source: Source) -> Iterator[ResultLine]:
     """Stream the lines of an output or error file; order is OpenAI's, not the input's (join on custom_id)."""
-    with open_source(source) as stream:
-        for _, raw in iter_raw_lines(stream):
-            if raw.strip():
-                yield _result_decoder.decode(raw)
+    return (_result_decoder.decode(raw) for raw in iter_lines(source))
 
 
 def iter_request_lines(source: Source) -> Iterator[dict[str, Any]]:
     """Stream the request objects of an input file, in input order."""
-    with open_source(source) as stream:
-        for _, raw in iter_raw_lines(stream):
-            if raw.strip():
-                yield msgspec.json.decode(raw)
+    return (msgspec.json.decode(raw) for raw in iter_lines(source))
 
 
 def encode_requests(requests: Iterable[dict[str, Any]]) -> Iterator[bytes]:
@@ -456,10 +458,5 @@ def encode_requests(requests: Iterable[dict[str, Any]]) -> Iterator[bytes]:
 
 
 def count_lines(source: Source) -> int:
-    """Non-blank lines in a file, streamed; how downloads check a result file against the batch's counts."""
-    count = 0
-    with open_source(source) as stream:
-        for _, raw in iter_raw_lines(stream):
-            if raw.strip():
-                count += 1
-    return count
+    """Non-blank lines in a file, streamed."""
+    return sum(1 for _ in iter_lines(source))

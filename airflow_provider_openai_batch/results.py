@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from airflow_provider_openai_batch.batch_file import iter_raw_lines
-from airflow_provider_openai_batch.storage import Destination, Source, atomic_writer, open_source
+from airflow_provider_openai_batch.batch_file import iter_lines
+from airflow_provider_openai_batch.storage import Destination, Source, atomic_writer
 
 RequestStatus = Literal["succeeded", "failed", "expired", "cancelled", "missing"]
 _UNRUN = {"batch_expired": "expired", "batch_cancelled": "cancelled"}
@@ -65,25 +65,28 @@ def result_status(response: dict[str, Any] | None, error: dict[str, Any] | None)
 
 
 @contextlib.contextmanager
-def _index(result_sources: Iterable[Source | None]) -> Iterator[sqlite3.Connection]:
-    with tempfile.TemporaryDirectory(prefix="openai-batch-join-") as folder:
-        db = sqlite3.connect(Path(folder) / "results.sqlite")
+def _scratch_db(schema: str) -> Iterator[sqlite3.Connection]:
+    """A throw-away SQLite file: an index on disk, so memory does not grow with the number of requests."""
+    with tempfile.TemporaryDirectory(prefix="openai-batch-index-") as folder:
+        db = sqlite3.connect(Path(folder) / "index.sqlite")
         try:
             db.execute("PRAGMA journal_mode=OFF")
             db.execute("PRAGMA synchronous=OFF")
-            db.execute("CREATE TABLE results (custom_id TEXT PRIMARY KEY, line BLOB)")
-            for source in result_sources:
-                if source is None:
-                    continue
-                with open_source(source) as stream:
-                    rows = (
-                        (_result_decoder.decode(raw).custom_id, raw) for _, raw in iter_raw_lines(stream) if raw.strip()
-                    )
-                    db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?)", rows)
-            db.commit()
+            db.execute(schema)
             yield db
         finally:
             db.close()
+
+
+@contextlib.contextmanager
+def _index(result_sources: Iterable[Source | None]) -> Iterator[sqlite3.Connection]:
+    with _scratch_db("CREATE TABLE results (custom_id TEXT PRIMARY KEY, line BLOB)") as db:
+        for source in result_sources:
+            if source is not None:
+                rows = ((_result_decoder.decode(raw).custom_id, raw) for raw in iter_lines(source))
+                db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?)", rows)
+        db.commit()
+        yield db
 
 
 def iter_joined(
@@ -98,26 +101,21 @@ def iter_joined(
     with _index(result_sources) as db:
         lookup = db.cursor()
         for source in inputs:
-            with open_source(source) as stream:
-                for _, raw in iter_raw_lines(stream):
-                    if not raw.strip():
-                        continue
-                    request = _request_decoder.decode(raw)
-                    found = lookup.execute(
-                        "SELECT line FROM results WHERE custom_id = ?", (request.custom_id,)
-                    ).fetchone()
-                    if found is None:
-                        yield JoinedRow(request.custom_id, "missing", request.body, url=request.url)
-                        continue
-                    result = _result_decoder.decode(found[0])
-                    yield JoinedRow(
-                        request.custom_id,
-                        result_status(result.response, result.error),
-                        request.body,
-                        response=(result.response or {}).get("body") if result.response else None,
-                        error=result.error or _error_of(result.response),
-                        url=request.url,
-                    )
+            for raw in iter_lines(source):
+                request = _request_decoder.decode(raw)
+                found = lookup.execute("SELECT line FROM results WHERE custom_id = ?", (request.custom_id,)).fetchone()
+                if found is None:
+                    yield JoinedRow(request.custom_id, "missing", request.body, url=request.url)
+                    continue
+                result = _result_decoder.decode(found[0])
+                yield JoinedRow(
+                    request.custom_id,
+                    result_status(result.response, result.error),
+                    request.body,
+                    response=(result.response or {}).get("body") if result.response else None,
+                    error=result.error or _error_of(result.response),
+                    url=request.url,
+                )
 
 
 def _error_of(response: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -203,21 +201,20 @@ def write_retry_input(joined: Source, destination: Destination) -> int:
     returns how many. Nothing is written when there is nothing to retry.
     """
     decoder = msgspec.json.Decoder(JoinedRow)
-    with open_source(joined) as stream:
-        lines = (
-            _encoder.encode({"custom_id": r.custom_id, "method": "POST", "url": r.url, "body": r.request}) + b"\n"
-            for r in (decoder.decode(raw) for _, raw in iter_raw_lines(stream) if raw.strip())
-            if is_retryable(r)
-        )
-        first = next(lines, None)
-        if first is None:
-            return 0
-        with atomic_writer(destination, overwrite=True) as out:
-            out.write(first)
-            count = 1
-            for line in lines:
-                out.write(line)
-                count += 1
+    lines = (
+        _encoder.encode({"custom_id": r.custom_id, "method": "POST", "url": r.url, "body": r.request}) + b"\n"
+        for r in map(decoder.decode, iter_lines(joined))
+        if is_retryable(r)
+    )
+    first = next(lines, None)
+    if first is None:
+        return 0
+    count = 1
+    with atomic_writer(destination, overwrite=True) as out:
+        out.write(first)
+        for line in lines:
+            out.write(line)
+            count += 1
     return count
 
 
@@ -228,34 +225,19 @@ def iter_merged(rounds: Sequence[Source | None]) -> Iterator[JoinedRow]:
     """
     decoder = msgspec.json.Decoder(JoinedRow)
     first, later = rounds[0], [r for r in rounds[1:] if r is not None]
-    with tempfile.TemporaryDirectory(prefix="openai-batch-merge-") as folder:
-        db = sqlite3.connect(Path(folder) / "rounds.sqlite")
-        try:
-            db.execute("PRAGMA journal_mode=OFF")
-            db.execute("PRAGMA synchronous=OFF")
-            db.execute("CREATE TABLE latest (custom_id TEXT PRIMARY KEY, round INTEGER, line BLOB)")
-            for number, source in enumerate(later, start=1):
-                with open_source(source) as stream:
-                    rows = (
-                        (decoder.decode(raw).custom_id, number, raw) for _, raw in iter_raw_lines(stream) if raw.strip()
-                    )
-                    db.executemany("INSERT OR REPLACE INTO latest VALUES (?, ?, ?)", rows)
-            db.commit()
-            lookup = db.cursor()
-            with open_source(first) as stream:  # type: ignore[arg-type]
-                for _, raw in iter_raw_lines(stream):
-                    if not raw.strip():
-                        continue
-                    row = decoder.decode(raw)
-                    found = lookup.execute(
-                        "SELECT round, line FROM latest WHERE custom_id = ?", (row.custom_id,)
-                    ).fetchone()
-                    if found is not None:
-                        row = decoder.decode(found[1])
-                        row.round = found[0]
-                    yield row
-        finally:
-            db.close()
+    with _scratch_db("CREATE TABLE latest (custom_id TEXT PRIMARY KEY, round INTEGER, line BLOB)") as db:
+        for number, source in enumerate(later, start=1):
+            rows = ((decoder.decode(raw).custom_id, number, raw) for raw in iter_lines(source))
+            db.executemany("INSERT OR REPLACE INTO latest VALUES (?, ?, ?)", rows)
+        db.commit()
+        lookup = db.cursor()
+        for raw in iter_lines(first):  # type: ignore[arg-type]
+            row = decoder.decode(raw)
+            found = lookup.execute("SELECT round, line FROM latest WHERE custom_id = ?", (row.custom_id,)).fetchone()
+            if found is not None:
+                row = decoder.decode(found[1])
+                row.round = found[0]
+            yield row
 
 
 # --- usage and cost -------------------------------------------------------------------------------
@@ -282,14 +264,11 @@ def normalize_usage(usage: dict[str, Any] | None) -> dict[str, int]:
 def sum_usage(output: Source) -> dict[str, int]:
     """Usage summed over an output file's lines, for servers whose batch object carries none."""
     totals = dict.fromkeys(USAGE_KEYS, 0)
-    with open_source(output) as stream:
-        for _, raw in iter_raw_lines(stream):
-            if not raw.strip():
-                continue
-            response = _result_decoder.decode(raw).response or {}
-            body = response.get("body") if isinstance(response.get("body"), dict) else {}
-            for key, value in normalize_usage((body or {}).get("usage")).items():
-                totals[key] += value
+    for raw in iter_lines(output):
+        response = _result_decoder.decode(raw).response or {}
+        body = response.get("body") if isinstance(response.get("body"), dict) else {}
+        for key, value in normalize_usage((body or {}).get("usage")).items():
+            totals[key] += value
     return totals
 
 

@@ -9,6 +9,7 @@ import resource
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -130,3 +131,32 @@ def table(rows: list[Row]) -> str:
     out = [line.format(*headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line.format(*c) for c in cells[1:]]
     return "\n".join(out)
+
+
+class PeakRss:
+    """``with PeakRss() as peak: ...`` then ``peak.extra``: the most RSS grew over its start, sampled every 5 ms."""
+
+    def __init__(self, every: float = 0.005) -> None:
+        self.every = every
+        self.baseline = self.peak = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.every)
+
+    def __enter__(self) -> PeakRss:
+        self.baseline = self.peak = rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.baseline

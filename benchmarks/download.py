@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
-from benchmarks.common import emit, rss_bytes
+from benchmarks.common import PeakRss, emit
 
 
 def main() -> None:
@@ -22,23 +21,11 @@ def main() -> None:
     hook = OpenAIBatchHook()
     hook.get_conn()
     target = ObjectStoragePath(f"file://{args.dest}") if args.mode == "objectstorage" else args.dest
-    baseline = peak = rss_bytes()
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, rss_bytes())
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    started = time.perf_counter()
-    result = hook.download_file(args.file_id, target, overwrite=True)
-    wall = time.perf_counter() - started
-    done.set()
-    sampler.join()
-    emit({"wall": wall, "bytes": result.bytes, "extra_rss": peak - baseline})
+    with PeakRss() as peak:
+        started = time.perf_counter()
+        result = hook.download_file(args.file_id, target, overwrite=True)
+        wall = time.perf_counter() - started
+    emit({"wall": wall, "bytes": result.bytes, "extra_rss": peak.extra})
 
 
 if __name__ == "__main__":

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import emit, rss_bytes
+from benchmarks.common import PeakRss, emit
 
 SHARDS, PER_SHARD = 20, 50_000
 
@@ -52,23 +51,11 @@ def main() -> None:
     results = sorted(folder.glob("out-*.jsonl")) + sorted(folder.glob("err-*.jsonl"))
     from airflow_provider_openai_batch.results import iter_joined, write_joined
 
-    baseline = peak = rss_bytes()
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, rss_bytes())
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    started = time.perf_counter()
-    counts = write_joined(iter_joined(inputs, results), folder / "joined.jsonl")
-    wall = time.perf_counter() - started
-    done.set()
-    sampler.join()
-    emit({"wall": wall, "rows": sum(counts.values()), "counts": counts, "extra_rss": peak - baseline})
+    with PeakRss(every=0.02) as peak:
+        started = time.perf_counter()
+        counts = write_joined(iter_joined(inputs, results), folder / "joined.jsonl")
+        wall = time.perf_counter() - started
+    emit({"wall": wall, "rows": sum(counts.values()), "counts": counts, "extra_rss": peak.extra})
 
 
 if __name__ == "__main__":

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 
-from benchmarks.common import emit, rss_bytes
+from benchmarks.common import PeakRss, emit
 
 
 def main() -> None:
@@ -29,24 +28,12 @@ def main() -> None:
         return
     hook = OpenAIBatchHook()
     hook.get_conn()
-    baseline = peak = rss_bytes()
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, rss_bytes())
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    started = time.perf_counter()
-    stats = validate_batch_file(args.path, endpoint="/v1/chat/completions")
-    validated = time.perf_counter()
-    uploaded = hook.upload_file(args.path)
-    finished = time.perf_counter()
-    done.set()
-    sampler.join()
+    with PeakRss() as peak:
+        started = time.perf_counter()
+        stats = validate_batch_file(args.path, endpoint="/v1/chat/completions")
+        validated = time.perf_counter()
+        uploaded = hook.upload_file(args.path)
+        finished = time.perf_counter()
     emit(
         {
             "validate_wall": validated - started,
@@ -54,7 +41,7 @@ def main() -> None:
             "bytes": stats.bytes,
             "requests": stats.requests,
             "uploaded_bytes": uploaded.bytes,
-            "extra_rss": peak - baseline,
+            "extra_rss": peak.extra,
         }
     )
 

@@ -36,6 +36,22 @@ def _attach_memory_filesystem() -> None:
 
 _attach_memory_filesystem()
 
+#: The batch summary the sensor and cancel operators push (DESIGN.md's XCom contract).
+SUMMARY_KEYS = frozenset(
+    {
+        "batch_id",
+        "status",
+        "endpoint",
+        "model",
+        "input_file_id",
+        "output_file_id",
+        "error_file_id",
+        "request_counts",
+        "usage",
+        "errors",
+    }
+)
+
 FAST = Timings(validating=0.05, in_progress=0.2, finalizing=0.05, cancelling=0.05)
 #: Long enough that a sensor started right after create always finds the batch running and defers.
 DEFERRING = Timings(validating=0.5, in_progress=2.0, finalizing=0.5, cancelling=0.2)

@@ -17,20 +17,8 @@ from airflow_provider_openai_batch.operators.openai_batch import (
 )
 from airflow_provider_openai_batch.sensors.openai_batch import OpenAIBatchSensor
 from airflow_provider_openai_batch.testing import FakeOpenAIServer
-from tests.conftest import DEFERRING, connection_env, jsonl, request_line, run_dag, task_states, xcoms
+from tests.conftest import DEFERRING, SUMMARY_KEYS, connection_env, jsonl, request_line, run_dag, task_states, xcoms
 
-SUMMARY_KEYS = {
-    "batch_id",
-    "status",
-    "endpoint",
-    "model",
-    "input_file_id",
-    "output_file_id",
-    "error_file_id",
-    "request_counts",
-    "usage",
-    "errors",
-}
 DOWNLOAD_KEYS = SUMMARY_KEYS | {
     "output_uri",
     "error_uri",

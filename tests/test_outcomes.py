@@ -15,7 +15,7 @@ import pytest
 from airflow_provider_openai_batch.exceptions import BatchFailedError, BatchTimeoutError
 from airflow_provider_openai_batch.sensors.openai_batch import OpenAIBatchSensor
 from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchTrigger
-from tests.conftest import jsonl, request_line
+from tests.conftest import SUMMARY_KEYS, jsonl, request_line
 
 FAIL = {"fake_error": {"status_code": 400, "code": "invalid_prompt"}}
 
@@ -46,18 +46,7 @@ def test_completed(hook, conn_id):
     assert summary["status"] == "completed"
     assert summary["request_counts"] == {"total": 10, "completed": 10, "failed": 0}
     assert summary["usage"]["total_tokens"] > 0
-    assert set(summary) == {
-        "batch_id",
-        "status",
-        "endpoint",
-        "model",
-        "input_file_id",
-        "output_file_id",
-        "error_file_id",
-        "request_counts",
-        "usage",
-        "errors",
-    }
+    assert set(summary) == SUMMARY_KEYS
 
 
 def test_partial_failures_warn_by_default(hook, conn_id):
