@@ -155,10 +155,12 @@ def atomic_writer(destination: Destination, *, overwrite: bool = False) -> Itera
     try:
         with temp.open("wb") as stream:
             yield stream  # type: ignore[misc]
-        if isinstance(target, Path):
+        # (Older universal-pathlib makes ObjectStoragePath a pathlib.Path too: ask what it is, not what it extends.)
+        if not _is_object_storage_path(target):
             os.replace(cast(Path, temp), target)
-        else:
-            cast(Any, temp).rename(target)
+        else:  # the filesystem's own move: a rename locally, a server-side copy on object stores
+            storage = cast(Any, target)
+            storage.fs.mv(cast(Any, temp).path, storage.path)
     finally:
         with contextlib.suppress(FileNotFoundError, OSError):
             if temp.exists():

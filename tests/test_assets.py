@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pendulum
+import pytest
 from airflow.sdk import DAG, Asset, task
 from sqlalchemy import select
 
@@ -50,6 +51,7 @@ def test_downstream_dag_runs_on_the_download(airflow_db, hook, server, input_fil
 
 
 def test_openlineage_facets(conn_id, hook, server, input_file, tmp_path):
+    pytest.importorskip("airflow.providers.openlineage")
     from airflow_provider_openai_batch.operators.openai_batch import OpenAIBatchUploadOperator
 
     upload = OpenAIBatchUploadOperator(task_id="upload", source=str(input_file), endpoint="/v1/chat/completions")

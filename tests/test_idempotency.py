@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from airflow.sdk.exceptions import TaskDeferred
+from airflow.providers.common.compat.sdk import TaskDeferred
 
 from airflow_provider_openai_batch import idempotency
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
