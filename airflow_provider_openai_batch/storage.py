@@ -157,7 +157,7 @@ def atomic_writer(destination: Destination, *, overwrite: bool = False) -> Itera
             yield stream  # type: ignore[misc]
         # (Older universal-pathlib makes ObjectStoragePath a pathlib.Path too: ask what it is, not what it extends.)
         if not _is_object_storage_path(target):
-            os.replace(cast(Path, temp), target)
+            os.replace(cast(Path, temp), cast(Path, target))
         else:  # the filesystem's own move: a rename locally, a server-side copy on object stores
             storage = cast(Any, target)
             storage.fs.mv(cast(Any, temp).path, storage.path)
