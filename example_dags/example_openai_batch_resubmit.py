@@ -87,7 +87,8 @@ with DAG(
         write_joined(iter_joined(input_path, [downloaded["output_uri"], downloaded["error_uri"]]), joined)
         retry = _folder() / "round-2.input.jsonl"
         count = write_retry_input(joined, retry)
-        return {"joined": str(joined), "retry": str(retry) if count else None, "retry_count": count}
+        # "" rather than None: Airflow 3.0 cannot store a None inside an XCom value.
+        return {"joined": str(joined), "retry": str(retry) if count else "", "retry_count": count}
 
     @task.short_circuit(ignore_downstream_trigger_rules=False)
     def anything_to_retry(round_1: dict[str, Any]) -> bool:
