@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= test
 # e.g. PIP_ARGS="-c constraints/airflow-3.0.txt" for the oldest supported Airflow
-PIP_ARGS ?=
+PIP_ARGS ?= -c constraints/test.txt
 
 BENCH_VENV ?= .bench-venv
 BENCH_STAMP := $(BENCH_VENV)/.installed
@@ -42,7 +42,7 @@ demo: $(STAMP)
 $(BENCH_STAMP): pyproject.toml
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/python -m pip install --quiet -e '.[test]'
+	$(BENCH_VENV)/bin/python -m pip install --quiet -c constraints/test.txt -e '.[test]'
 	$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps 'apache-airflow-providers-openai==2.2.0'
 	touch $(BENCH_STAMP)
 
