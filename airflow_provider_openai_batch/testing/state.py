@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -145,7 +144,6 @@ class FakeState:
         #: How often each transient ``fake_error`` (``"times": n``) has failed so far, by custom_id.
         self.failures: dict[str, int] = {}
         self._lock = threading.RLock()
-        self._seq = itertools.count()
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -229,7 +227,6 @@ class FakeState:
         )
         with self._lock:
             self.batches[batch.id] = batch
-            next(self._seq)
         return batch
 
     def cancel(self, batch_id: str) -> StoredBatch:
