@@ -445,18 +445,8 @@ def iter_result_lines(source: Source) -> Iterator[ResultLine]:
     return (_result_decoder.decode(raw) for raw in iter_lines(source))
 
 
-def iter_request_lines(source: Source) -> Iterator[dict[str, Any]]:
-    """Stream the request objects of an input file, in input order."""
-    return (msgspec.json.decode(raw) for raw in iter_lines(source))
-
-
 def encode_requests(requests: Iterable[dict[str, Any]]) -> Iterator[bytes]:
     """JSONL bytes for request dicts, one line each (what upload sends when given rows instead of a file)."""
     encoder = msgspec.json.Encoder()
     for request in requests:
         yield encoder.encode(request) + b"\n"
-
-
-def count_lines(source: Source) -> int:
-    """Non-blank lines in a file, streamed."""
-    return sum(1 for _ in iter_lines(source))

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from airflow_provider_openai_batch.batch_file import iter_lines
+from airflow_provider_openai_batch.batch_file import ResultLine, iter_lines
 from airflow_provider_openai_batch.storage import Destination, Source, atomic_writer
 
 RequestStatus = Literal["succeeded", "failed", "expired", "cancelled", "missing"]
@@ -38,19 +38,13 @@ class JoinedRow(msgspec.Struct, omit_defaults=False):
     round: int = 0
 
 
-class _Result(msgspec.Struct):
-    custom_id: str
-    response: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-
-
 class _Request(msgspec.Struct):
     custom_id: str
     body: dict[str, Any] | None = None
     url: str | None = None
 
 
-_result_decoder = msgspec.json.Decoder(_Result)
+_result_decoder = msgspec.json.Decoder(ResultLine)
 _request_decoder = msgspec.json.Decoder(_Request)
 _encoder = msgspec.json.Encoder()
 

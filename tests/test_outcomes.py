@@ -164,7 +164,7 @@ def test_on_kill_can_be_switched_off(hook, conn_id, server):
 
 
 def test_polls_relax_as_the_batch_ages():
-    from airflow_provider_openai_batch.triggers.openai_batch import poll_delay
+    from airflow_provider_openai_batch.batch_status import poll_delay
 
     assert poll_delay(60, 600, batch_age=30) == 60
     assert poll_delay(60, 600, batch_age=3_000) == 300

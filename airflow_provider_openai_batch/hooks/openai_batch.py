@@ -25,7 +25,7 @@ from airflow.providers.common.compat.sdk import BaseHook
 from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
 from openai.types import Batch, FileDeleted, FileObject
 
-from airflow_provider_openai_batch.batch_status import format_progress, is_terminal, progress_key, summarize
+from airflow_provider_openai_batch.batch_status import format_progress, is_terminal, poll_delay, progress_key, summarize
 from airflow_provider_openai_batch.exceptions import BatchTimeoutError, OpenAIBatchAPIError
 from airflow_provider_openai_batch.storage import (
     Destination,
@@ -404,10 +404,19 @@ class OpenAIBatchHook(BaseHook):
         poll_interval: float = 60.0,
         timeout: float | None = None,
         *,
+        end_time: float | None = None,
+        max_poll_interval: float | None = None,
         on_progress: Callable[[str], None] | None = None,
     ) -> Batch:
-        """Block until the batch ends (the non-deferrable path); log progress when counts change."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """
+        Block until the batch ends (the non-deferrable path), logging progress when counts change.
+
+        ``timeout`` counts from now; ``end_time`` is an absolute epoch deadline (the operators count it from the
+        batch's creation). Past either, ``BatchTimeoutError`` carries the last summary. With
+        ``max_poll_interval`` the cadence relaxes as the batch ages, as in the trigger (``poll_delay``).
+        """
+        deadlines = [d for d in (end_time, None if timeout is None else time.time() + timeout) if d is not None]
+        deadline = min(deadlines) if deadlines else None
         report = on_progress or self.log.info
         last: tuple[Any, ...] | None = None
         while True:
@@ -418,9 +427,11 @@ class OpenAIBatchHook(BaseHook):
                 report(format_progress(summary))
             if is_terminal(batch.status):
                 return batch
-            if deadline is not None and time.monotonic() + poll_interval > deadline:
-                raise BatchTimeoutError(f"Batch {batch_id} did not finish within {timeout:.0f}s", summary)
-            time.sleep(poll_interval)
+            now = time.time()
+            if deadline is not None and now >= deadline:
+                raise BatchTimeoutError(f"Batch {batch_id} did not end before its deadline", summary)
+            delay = poll_delay(poll_interval, max_poll_interval, now - batch.created_at)
+            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - now)))
 
     # --- async twins (what triggers use) --------------------------------------------------------
 

@@ -21,17 +21,12 @@ from airflow_provider_openai_batch.batch_status import (
     evaluate,
     format_progress,
     is_terminal,
-    progress_key,
     summarize,
 )
 from airflow_provider_openai_batch.exceptions import BatchFailedError, BatchTimeoutError, OpenAIBatchAPIError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.links.openai_batch import BATCH_ID_XCOM_KEY, OpenAIBatchLink
-from airflow_provider_openai_batch.triggers.openai_batch import (
-    DEFAULT_MAX_POLL_FAILURES,
-    OpenAIBatchTrigger,
-    poll_delay,
-)
+from airflow_provider_openai_batch.triggers.openai_batch import DEFAULT_MAX_POLL_FAILURES, OpenAIBatchTrigger
 
 #: Added to the completion window for the default deadline: OpenAI may take a little past it to finalize.
 DEADLINE_MARGIN = timedelta(hours=1)
@@ -187,25 +182,16 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
                 # Airflow's own backstop in case the triggerer is down at the deadline.
                 timeout=timedelta(seconds=max(0.0, end_time - time.time()) + 2 * self.poll_interval + 900),
             )
-        return self._block_until_done(batch_id, end_time, float(batch.created_at))
-
-    def _block_until_done(self, batch_id: str, end_time: float, created_at: float) -> BatchSummary:
         self._waiting_on = batch_id
         try:
-            last: tuple[Any, ...] | None = None
-            while True:
-                summary = summarize(self.hook.get_batch(batch_id))
-                if progress_key(summary) != last:
-                    last = progress_key(summary)
-                    self.log.info(format_progress(summary))
-                if is_terminal(summary["status"]):
-                    return self.finish(summary)
-                if time.time() >= end_time:
-                    return self.on_deadline(summary)
-                delay = poll_delay(self.poll_interval, self.max_poll_interval, time.time() - created_at)
-                time.sleep(max(0.0, min(delay, end_time - time.time())))
+            done = self.hook.wait_for_batch(
+                batch_id, self.poll_interval, end_time=end_time, max_poll_interval=self.max_poll_interval
+            )
+        except BatchTimeoutError as timed_out:
+            return self.on_deadline(timed_out.summary or summary)
         finally:
             self._waiting_on = None
+        return self.finish(summarize(done))
 
     def execute_complete(self, context: Mapping[str, Any], event: dict[str, Any] | None = None) -> Any:
         """Where a deferred wait resumes: turn the trigger's one event into the task's outcome."""

@@ -16,24 +16,9 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_openai_batch.batch_status import format_progress, is_terminal, progress_key, summarize
+from airflow_provider_openai_batch.batch_status import format_progress, is_terminal, poll_delay, progress_key, summarize
 from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
-
-
-def poll_delay(poll_interval: float, max_poll_interval: float | None, batch_age: float) -> float:
-    """
-    Seconds until the next poll: ``poll_interval`` at first, then a tenth of the batch's age, capped at
-    ``max_poll_interval``.
-
-    A batch that has run for 5 hours will not finish in the next minute any more likely than in the next 10,
-    so later polls can be sparser while the delay in noticing the end stays under a tenth of the wait. A 1 h
-    batch takes about 29 polls instead of 60; a 24 h one about 60 instead of 1,440. ``None`` keeps the cadence fixed.
-    """
-    if max_poll_interval is None or max_poll_interval <= poll_interval:
-        return poll_interval
-    return min(max_poll_interval, max(poll_interval, batch_age / 10.0))
-
 
 #: Consecutive failed polls (after the SDK's own retries) before the wait gives up with an error event.
 DEFAULT_MAX_POLL_FAILURES = 10
