@@ -84,10 +84,13 @@ def hook(conn_id: str) -> OpenAIBatchHook:
 
 
 def request_line(i: int, *, url: str = "/v1/chat/completions", model: str = "gpt-4o-mini", **body: object) -> dict:
-    if url.endswith("embeddings"):
+    # The fields each endpoint's SDK request type marks Required (what the fake server checks, as OpenAI does).
+    if url.endswith("embeddings") or url.endswith("moderations"):
         payload: dict[str, object] = {"model": model, "input": f"text {i}"}
     elif url.endswith("responses"):
         payload = {"model": model, "input": f"question {i}"}
+    elif url == "/v1/completions":
+        payload = {"model": model, "prompt": f"question {i}"}
     else:
         payload = {"model": model, "messages": [{"role": "user", "content": f"question {i}"}]}
     payload.update(body)

@@ -13,9 +13,12 @@ from openai.types import Batch, FileObject
 from openai.types.chat import ChatCompletion
 from openai.types.completion import Completion
 from openai.types.create_embedding_response import CreateEmbeddingResponse
+from openai.types.images_response import ImagesResponse
 from openai.types.moderation_create_response import ModerationCreateResponse
 from openai.types.responses import Response
+from openai.types.video import Video
 
+from airflow_provider_openai_batch.endpoints import batch_endpoints
 from airflow_provider_openai_batch.testing import FakeClock, FakeOpenAIServer, Timings
 from tests.conftest import jsonl, request_line
 
@@ -25,7 +28,14 @@ BODY_TYPES = {
     "/v1/embeddings": CreateEmbeddingResponse,
     "/v1/completions": Completion,
     "/v1/moderations": ModerationCreateResponse,
+    "/v1/images/generations": ImagesResponse,
+    "/v1/images/edits": ImagesResponse,
+    "/v1/videos": Video,
 }
+
+
+def test_every_endpoint_the_sdk_lists_has_an_answer_shape():
+    assert set(batch_endpoints()) == set(BODY_TYPES)
 
 
 @pytest.fixture
@@ -60,6 +70,11 @@ def _lines(client: openai.OpenAI, file_id: str | None) -> list[dict]:
 @pytest.mark.parametrize("endpoint", sorted(BODY_TYPES))
 def test_each_endpoint_answers_in_openai_shapes(client, clock, endpoint):
     rows = [request_line(i, url=endpoint) for i in range(6)]
+    if "/images/" in endpoint or endpoint == "/v1/videos":
+        for i, row in enumerate(rows):
+            row["body"] = {"model": row["body"]["model"], "prompt": f"a picture {i}"}
+            if endpoint == "/v1/images/edits":
+                row["body"]["image"] = {"file_id": "file-abc"}
     batch = _run(client, clock, rows, endpoint)
     assert isinstance(batch, Batch)
     assert batch.status == "completed"
@@ -75,7 +90,7 @@ def test_each_endpoint_answers_in_openai_shapes(client, clock, endpoint):
         assert line["response"]["status_code"] == 200
         BODY_TYPES[endpoint].model_validate(line["response"]["body"], strict=False)
     assert batch.usage is not None
-    if endpoint != "/v1/moderations":
+    if endpoint not in ("/v1/moderations", "/v1/videos"):
         assert batch.usage.input_tokens > 0
 
 
@@ -100,6 +115,112 @@ def test_status_machine_follows_the_clock(client, clock, fake):
     assert "in_progress" in seen and "finalizing" in seen
     assert seen[-1] == "completed"
     assert seen.index("in_progress") < seen.index("finalizing") < seen.index("completed")
+
+
+def test_a_request_timeout_is_an_error_line_counted_as_failed(client, clock):
+    rows = [request_line(i, **({"fake_error": {"error_code": "request_timeout"}} if i == 1 else {})) for i in range(3)]
+    batch = _run(client, clock, rows, "/v1/chat/completions")
+    assert batch.status == "completed"
+    assert batch.request_counts is not None
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (2, 1)
+    (line,) = _lines(client, batch.error_file_id)
+    assert line["custom_id"] == "req-1" and line["response"] is None
+    assert line["error"]["code"] == "request_timeout"
+
+
+def test_a_batch_where_every_request_failed_has_no_output_file(client, clock):
+    rows = [request_line(i, fake_error={"status_code": 400}) for i in range(3)]
+    batch = _run(client, clock, rows, "/v1/chat/completions")
+    assert batch.status == "completed"
+    assert batch.output_file_id is None
+    assert len(_lines(client, batch.error_file_id)) == 3
+    assert batch.request_counts is not None and batch.request_counts.failed == 3
+
+
+def test_embeddings_batches_hold_at_most_50000_inputs(client, clock):
+    rows = [request_line(i, url="/v1/embeddings", input=[f"t{i}-{k}" for k in range(10)]) for i in range(5_001)]
+    batch = _run(client, clock, rows, "/v1/embeddings")
+    assert batch.status == "failed"
+    assert batch.errors is not None and batch.errors.data
+    assert batch.errors.data[0].code == "too_many_embedding_inputs"
+    # A token array is one input: 5,001 requests of one token array each are fine.
+    tokens = [request_line(i, url="/v1/embeddings", input=[1, 2, 3]) for i in range(5_001)]
+    assert _run(client, clock, tokens, "/v1/embeddings").status == "completed"
+
+
+@pytest.mark.parametrize(
+    ("content", "status"),
+    [
+        (b'{"custom_id": "a", "method": "POST", "url": "/v1/moderations", "body": {"input": "x"}}\r\n', "completed"),
+        (b'{"custom_id": "a", "method": "POST", "url": "/v1/moderations", "body": {"input": "x"}}', "completed"),
+        (b'{"custom_id": "a", "method": "POST", "url": "/v1/moderations", "body": {"input": "x"}}\n\n', "failed"),
+        (b'{"custom_id": "a", "method": "POST", "url": "/v1/moderations", "body": {}}\n', "failed"),
+    ],
+    ids=["crlf", "no-final-newline", "trailing-empty-line", "missing-required-input"],
+)
+def test_input_line_rules(client, clock, content, status):
+    uploaded = client.files.create(file=("in.jsonl", content), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/moderations", completion_window="24h")
+    clock.advance(3600)
+    assert client.batches.retrieve(batch.id).status == status
+
+
+@pytest.mark.parametrize(("seconds", "ok"), [(3_599, False), (3_600, True), (2_592_000, True), (2_592_001, False)])
+def test_expiry_bounds(client, seconds, ok):
+    expires = {"anchor": "created_at", "seconds": seconds}
+    try:
+        uploaded = client.files.create(
+            file=("in.jsonl", jsonl([request_line(0)])), purpose="batch", expires_after=expires
+        )
+        client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            output_expires_after=expires,
+        )
+    except openai.BadRequestError as error:
+        assert not ok, error
+    else:
+        assert ok
+
+
+def test_lists_paginate_as_the_sdk_expects(client):
+    made = [client.files.create(file=(f"f{i}.jsonl", jsonl([request_line(i)])), purpose="batch").id for i in range(5)]
+    page = client.files.list(limit=2)
+    assert len(page.data) == 2 and page.has_more
+    assert [f.id for f in client.files.list(limit=2)] == made[::-1]  # all pages, newest first
+    batches = [
+        client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h").id
+        for file_id in made
+    ]
+    first = client.batches.list(limit=2)
+    assert len(first.data) == 2 and first.has_more
+    assert [b.id for b in client.batches.list(limit=2)] == batches[::-1]
+
+
+def test_a_compressing_proxy_sends_gzip_with_the_compressed_length(clock):
+    with FakeOpenAIServer(clock=clock, compress_content=True) as fake:
+        client = openai.OpenAI(base_url=fake.base_url, api_key=fake.api_key, max_retries=0)
+        content = jsonl([request_line(i) for i in range(200)])
+        uploaded = client.files.create(file=("in.jsonl", content), purpose="batch")
+        with client.files.with_streaming_response.content(uploaded.id) as response:
+            assert response.headers["content-encoding"] == "gzip"
+            assert int(response.headers["content-length"]) < len(content)
+            assert b"".join(response.iter_bytes()) == content
+
+
+def test_compatible_quirks(clock):
+    with FakeOpenAIServer(clock=clock, compatible_quirks=True) as fake:
+        client = openai.OpenAI(base_url=fake.base_url, api_key=fake.api_key, max_retries=0)
+        batch = _run(
+            client, clock, [request_line(0), request_line(1, fake_error={"status_code": 429})], "/v1/chat/completions"
+        )
+        (ok,) = _lines(client, batch.output_file_id)
+        assert isinstance(ok["response"]["body"], str)
+        (failed,) = _lines(client, batch.error_file_id)
+        assert "code" not in failed["response"]["body"]["error"] and failed["response"]["body"]["error"]["type"]
+        clean = _run(client, clock, [request_line(0)], "/v1/chat/completions")
+        assert clean.error_file_id and client.files.retrieve(clean.error_file_id).bytes == 0
 
 
 def test_marked_requests_go_to_the_error_file(client, clock):
@@ -129,7 +250,8 @@ def test_expiry_keeps_partial_results(client, clock):
     batch = _run(client, clock, rows, "/v1/chat/completions", metadata={"fake_scenario": "expire"})
     assert batch.status == "expired"
     assert batch.request_counts is not None
-    assert (batch.request_counts.completed, batch.request_counts.failed) == (5, 5)
+    # Requests that never ran are in the error file but not counted as failed (as OpenAI reports them).
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (10, 5, 0)
     assert len(_lines(client, batch.output_file_id)) == 5
     expired = _lines(client, batch.error_file_id)
     assert {e["error"]["code"] for e in expired} == {"batch_expired"}
@@ -143,8 +265,10 @@ def test_cancel_walks_through_cancelling(client, clock):
     clock.advance(1)
     done = client.batches.retrieve(batch.id)
     assert done.status == "cancelled"
-    assert done.request_counts is not None and done.request_counts.completed == 5
+    assert done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (5, 0)
     assert len(_lines(client, done.output_file_id)) == 5
+    assert {e["error"]["code"] for e in _lines(client, done.error_file_id)} == {"batch_cancelled"}
     with pytest.raises(openai.ConflictError):
         client.batches.cancel(_run(client, clock, [request_line(0)], "/v1/chat/completions").id)
 

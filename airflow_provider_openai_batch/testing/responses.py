@@ -7,6 +7,7 @@ yields byte-identical results.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from typing import Any
@@ -167,60 +168,104 @@ def response_body(url: str, body: Body, custom_id: str, created: int) -> Body:
                 }
             ],
         }
+    if url.endswith("/images/generations") or url.endswith("/images/edits"):
+        # ``ImagesResponse``: GPT image models return base64 data (``Image.b64_json``) and token usage.
+        count = int(body.get("n", 1) or 1)
+        return {
+            "created": created,
+            "data": [{"b64_json": base64.b64encode(_digest(ident, str(i)).encode()).decode()} for i in range(count)],
+            "usage": {
+                "input_tokens": p_tokens,
+                "input_tokens_details": {"image_tokens": 0, "text_tokens": p_tokens},
+                "output_tokens": 272 * count,
+                "total_tokens": p_tokens + 272 * count,
+            },
+        }
+    if url.endswith("/videos"):
+        # ``Video``: the job object, as ``POST /v1/videos`` answers it.
+        return {
+            "id": f"video_{ident}",
+            "object": "video",
+            "model": model or "sora-2",
+            "status": "queued",
+            "progress": 0,
+            "created_at": created,
+            "prompt": prompt,
+            "seconds": str(body.get("seconds", "4")),
+            "size": str(body.get("size", "720x1280")),
+        }
     # A compatible server's own endpoint: echo back, so users of other endpoints can still test.
     return {"id": f"fake-{ident}", "object": "fake.response", "model": model, "output": text}
 
 
 def usage_of(url: str, body: Body) -> tuple[int, int]:
     """(input tokens, output tokens) of one successful answer, for the batch's ``usage`` totals."""
-    if url.endswith("/moderations"):
+    if url.endswith("/moderations") or url.endswith("/videos"):
         return 0, 0
+    if "/images/" in url:
+        count = int(body.get("n", 1) or 1)
+        return _tokens(_prompt_text(body)), 272 * count
     prompt = _tokens(_prompt_text(body))
     if url.endswith("/embeddings"):
         return prompt, 0
     return prompt, _tokens(answer_text(body))
 
 
-def output_line(custom_id: str, url: str, body: Body, created: int) -> Body:
+def output_line(custom_id: str, url: str, body: Body, created: int, quirks: bool = False) -> Body:
     ident = _digest("line", custom_id)[:24]
+    answer: Any = response_body(url, body, custom_id, created)
     return {
         "id": f"batch_req_{ident}",
         "custom_id": custom_id,
         "response": {
             "status_code": 200,
             "request_id": f"req_{ident}",
-            "body": response_body(url, body, custom_id, created),
+            # Compatible servers seen in the wild send the body JSON-encoded as a string.
+            "body": json.dumps(answer) if quirks else answer,
         },
         "error": None,
     }
 
 
-def failed_request_line(custom_id: str, spec: Any) -> Body:
-    """A request the model endpoint refused (marked with ``fake_error`` in its body): goes to the error file."""
+def failed_request_line(custom_id: str, spec: Any, quirks: bool = False) -> Body:
+    """
+    A request marked with ``fake_error`` in its body: goes to the error file. ``{"status_code": 400, ...}``: the
+    model endpoint answered with an error (``response.status_code`` and ``response.body.error``).
+    ``{"error_code": "request_timeout"}``: the request did not run to an answer (``response`` null, ``error`` set).
+    """
     spec = spec if isinstance(spec, dict) else {}
-    status = int(spec.get("status_code", 400))
     ident = _digest("line", custom_id)[:24]
+    if "error_code" in spec:
+        return {
+            "id": f"batch_req_{ident}",
+            "custom_id": custom_id,
+            "response": None,
+            "error": _error(str(spec["error_code"]), str(spec.get("message", "The request timed out.")), quirks),
+        }
+    status = int(spec.get("status_code", 400))
+    error: Body = {
+        "message": str(spec.get("message", "The request was rejected by the fake model.")),
+        "type": str(spec.get("type", "invalid_request_error")),
+        "param": spec.get("param"),
+        "code": spec.get("code", "fake_error"),
+    }
+    if quirks:
+        error.pop("code")
     return {
         "id": f"batch_req_{ident}",
         "custom_id": custom_id,
-        "response": {
-            "status_code": status,
-            "request_id": f"req_{ident}",
-            "body": {
-                "error": {
-                    "message": str(spec.get("message", "The request was rejected by the fake model.")),
-                    "type": str(spec.get("type", "invalid_request_error")),
-                    "param": spec.get("param"),
-                    "code": spec.get("code", "fake_error"),
-                }
-            },
-        },
+        "response": {"status_code": status, "request_id": f"req_{ident}", "body": {"error": error}},
         "error": None,
     }
 
 
-def unprocessed_line(custom_id: str, reason: str) -> Body:
-    """A request that never ran: ``batch_expired`` or ``batch_cancelled``."""
+def _error(code: str, message: str, quirks: bool) -> Body:
+    """A result line's ``error``; compatible servers seen in the wild send an error ``type`` and no ``code``."""
+    return {"type": code, "message": message} if quirks else {"code": code, "message": message}
+
+
+def unprocessed_line(custom_id: str, reason: str, quirks: bool = False) -> Body:
+    """A request that never ran: ``batch_expired`` or ``batch_cancelled`` (OpenAI's Batch guide)."""
     messages = {
         "batch_expired": "This request could not be executed before the completion window expired.",
         "batch_cancelled": "This request was not executed because the batch was cancelled.",

@@ -9,6 +9,7 @@ classic paths (``/openai/...?api-version=``, ``api-key`` header).
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
 import shutil
 import socket
@@ -27,7 +28,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from airflow_provider_openai_batch.batch_file import OPENAI_BATCH_ENDPOINTS
+from airflow_provider_openai_batch.endpoints import (
+    MAX_EXPIRES_AFTER_SECONDS,
+    MIN_EXPIRES_AFTER_SECONDS,
+    batch_endpoints,
+)
 from airflow_provider_openai_batch.testing.faults import Fault, FaultPlan
 from airflow_provider_openai_batch.testing.state import FakeClock, FakeState, Timings
 
@@ -86,6 +91,10 @@ class FakeOpenAIServer:
     metadata ``{"fake_scenario": "expire" | "fail" | "stall"}`` (or ``scenario=`` for every batch) picks
     the batch's fate. ``azure_quirks=True`` answers as Azure OpenAI does: empty-string file ids instead of
     null, null request counts while validating, and a zero-byte error file when nothing failed.
+    ``compatible_quirks=True`` answers as some OpenAI-compatible servers do: result bodies as JSON strings,
+    errors with a ``type`` and no ``code``, a zero-byte error file. ``compress_content=True`` gzips file
+    downloads with the compressed Content-Length, as a compressing proxy in front of any server does.
+    Every behaviour and its source: ``CONTRACT.md`` beside this module.
     """
 
     def __init__(
@@ -98,11 +107,13 @@ class FakeOpenAIServer:
         timings: Timings | None = None,
         latency: float = 0.0,
         scenario: str = "complete",
-        allowed_endpoints: tuple[str, ...] | None = OPENAI_BATCH_ENDPOINTS,
+        allowed_endpoints: tuple[str, ...] | None = batch_endpoints(),
         completion_windows: tuple[str, ...] | None = ("24h",),
         storage_dir: str | os.PathLike[str] | None = None,
         page_limit_cap: int | None = None,
         azure_quirks: bool = False,
+        compatible_quirks: bool = False,
+        compress_content: bool = False,
     ) -> None:
         self.api_key = api_key
         self.host = host
@@ -110,6 +121,7 @@ class FakeOpenAIServer:
         self.clock = clock or time.time
         self.latency = latency
         self.page_limit_cap = page_limit_cap
+        self.compress_content = compress_content
         self.state = FakeState(
             clock=self.clock,
             timings=timings,
@@ -118,6 +130,7 @@ class FakeOpenAIServer:
             completion_windows=completion_windows,
             scenario=scenario,
             azure_quirks=azure_quirks,
+            compatible_quirks=compatible_quirks,
         )
         self.faults = FaultPlan()
         self.calls: Counter[str] = Counter()
@@ -210,6 +223,11 @@ class FakeOpenAIServer:
         """Calls of ``route`` made by an SDK client class (``"OpenAI"``, ``"AsyncOpenAI"``, ``"AzureOpenAI"``...)."""
         with self._calls_lock:
             return self.clients[(route, client)]
+
+    def script_batches(self, *scenarios: str) -> None:
+        """The next batches created take these fates in order: ``"expire"``, ``"fail"``, ``"stall"``, ``"complete"``."""
+        with self.state._lock:
+            self.state.scripted_scenarios.extend(scenarios)
 
     def reset_counters(self) -> None:
         with self._calls_lock:
@@ -335,6 +353,9 @@ class FakeOpenAIServer:
         ):
             return error_response(400, f"Invalid value for 'purpose': {purpose!r}.", param="purpose")
         seconds = form.get("expires_after[seconds]")
+        problem = _expiry_problem(seconds, "expires_after")
+        if problem:
+            return error_response(400, problem, param="expires_after.seconds")
         filename = upload.filename or "upload"
         source = upload.file
         size = source.seek(0, 2)
@@ -355,7 +376,8 @@ class FakeOpenAIServer:
         purpose = request.query_params.get("purpose")
         order = request.query_params.get("order", "desc")
         files = self.state.list_files(purpose)
-        files.sort(key=lambda f: (f.created_at, f.id), reverse=order == "desc")
+        # Newest first (or oldest with order=asc); objects made in the same second keep the order they were made in.
+        files = sorted(files, key=lambda f: f.created_at) if order != "desc" else _newest_first(files)
         limit = self._limit(request, 10_000, 10_000)
         return JSONResponse(_page([f.to_json() for f in files], request.query_params.get("after"), limit))
 
@@ -376,6 +398,14 @@ class FakeOpenAIServer:
         if stored is None:
             return error_response(404, f"No such File object: {request.path_params['file_id']}", param="id")
         path: Path = stored.path
+        if self.compress_content and "gzip" in request.headers.get("accept-encoding", ""):
+            # A compressing proxy: the whole body gzipped, Content-Length counting the compressed bytes.
+            packed = await run_in_threadpool(lambda: gzip.compress(path.read_bytes(), compresslevel=1))
+            return Response(
+                packed,
+                media_type="application/octet-stream",
+                headers={"content-encoding": "gzip", "content-length": str(len(packed))},
+            )
 
         async def chunks() -> AsyncIterator[bytes]:
             with path.open("rb") as handle:
@@ -397,6 +427,13 @@ class FakeOpenAIServer:
         endpoint = payload.get("endpoint")
         window = payload.get("completion_window")
         metadata = payload.get("metadata")
+        expires = payload.get("output_expires_after")
+        if expires is not None:
+            problem = _expiry_problem((expires or {}).get("seconds") if isinstance(expires, dict) else expires, "")
+            if problem or not isinstance(expires, dict) or expires.get("anchor") != "created_at":
+                return error_response(
+                    400, problem or "output_expires_after needs anchor 'created_at'.", param="output_expires_after"
+                )
         for name, value in (
             ("input_file_id", input_file_id),
             ("endpoint", endpoint),
@@ -423,7 +460,7 @@ class FakeOpenAIServer:
         return JSONResponse(self.state.batch_json(batch))
 
     async def _batches_list(self, request: Request) -> Response:
-        batches = sorted(self.state.batches.values(), key=lambda b: (b.created_at, b.id), reverse=True)
+        batches = _newest_first(list(self.state.batches.values()))
         limit = self._limit(request, 20, 100)
         items = [self.state.batch_json(b) for b in batches]
         return JSONResponse(_page(items, request.query_params.get("after"), limit))
@@ -443,6 +480,27 @@ class FakeOpenAIServer:
         if status in ("completed", "failed", "expired"):
             return error_response(409, f"Cannot cancel a batch with status {status!r}.")
         return JSONResponse(self.state.batch_json(batch))
+
+
+def _newest_first(items: list[Any]) -> list[Any]:
+    """Items in creation order, listed newest first (a stable sort: same-second objects keep their order)."""
+    return sorted(reversed(items), key=lambda item: item.created_at, reverse=True)
+
+
+def _expiry_problem(seconds: Any, name: str) -> str | None:
+    """``expires_after.seconds`` / ``output_expires_after.seconds``: "between 3600 (1 hour) and 2592000 (30 days)"."""
+    if seconds is None:
+        return None
+    try:
+        value = int(str(seconds))
+    except ValueError:
+        return f"Invalid value for '{name or 'output_expires_after'}.seconds': {seconds!r}."
+    if not MIN_EXPIRES_AFTER_SECONDS <= value <= MAX_EXPIRES_AFTER_SECONDS:
+        return (
+            f"Invalid '{name or 'output_expires_after'}.seconds': {value}; expected a value between "
+            f"{MIN_EXPIRES_AFTER_SECONDS} and {MAX_EXPIRES_AFTER_SECONDS}."
+        )
+    return None
 
 
 def _metadata_problem(metadata: Any) -> str | None:

@@ -7,7 +7,6 @@ Status is derived from the clock whenever a batch is read, so tests can use a re
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -20,13 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_openai_batch.batch_file import (
-    OPENAI_BATCH_ENDPOINTS,
-    BatchFileValidator,
-    iter_raw_lines,
-)
-from airflow_provider_openai_batch.exceptions import InputIssue
+from airflow_provider_openai_batch.endpoints import batch_endpoints
 from airflow_provider_openai_batch.testing import responses
+from airflow_provider_openai_batch.testing.input_rules import check_input
 
 
 class FakeClock:
@@ -92,7 +87,8 @@ class StoredBatch:
     scenario: str
     requests: list[tuple[str, dict[str, Any]]]
     model: str | None
-    issues: list[InputIssue] = field(default_factory=list)
+    #: ``BatchError`` dicts: why the batch fails validation (empty when it does not).
+    issues: list[dict[str, Any]] = field(default_factory=list)
     cancel_requested_at: float | None = None
     cancelled_done: int | None = None
     final_status: str | None = None
@@ -107,14 +103,8 @@ def _id(prefix: str) -> str:
     return f"{prefix}{os.urandom(12).hex()}"
 
 
-def _errors_json(issues: list[InputIssue]) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": [
-            {"code": issue.code, "line": issue.line or None, "message": issue.message, "param": issue.field}
-            for issue in issues
-        ],
-    }
+def _errors_json(issues: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"object": "list", "data": list(issues)}
 
 
 class FakeState:
@@ -126,19 +116,24 @@ class FakeState:
         clock: Callable[[], float] = time.time,
         timings: Timings | None = None,
         storage_dir: str | os.PathLike[str] | None = None,
-        allowed_endpoints: tuple[str, ...] | None = OPENAI_BATCH_ENDPOINTS,
+        allowed_endpoints: tuple[str, ...] | None = batch_endpoints(),
         completion_windows: tuple[str, ...] | None = ("24h",),
         scenario: str = "complete",
         azure_quirks: bool = False,
+        compatible_quirks: bool = False,
     ) -> None:
         self.clock = clock
         self.azure_quirks = azure_quirks
+        self.compatible_quirks = compatible_quirks
         self.timings = timings or Timings()
         self._tmp = None if storage_dir else tempfile.TemporaryDirectory(prefix="fake-openai-")
         self.dir = Path(storage_dir or self._tmp.name)  # type: ignore[union-attr]
+        #: ``BatchCreateParams.endpoint``: every endpoint the installed SDK lists (``None``: any, a compatible server).
         self.allowed_endpoints = allowed_endpoints
         self.completion_windows = completion_windows
         self.scenario = scenario
+        #: Fates for the next batches created, in order (``FakeOpenAIServer.script_batches``); then ``scenario``.
+        self.scripted_scenarios: list[str] = []
         self.files: dict[str, StoredFile] = {}
         self.batches: dict[str, StoredBatch] = {}
         #: How often each transient ``fake_error`` (``"times": n``) has failed so far, by custom_id.
@@ -197,22 +192,10 @@ class FakeState:
         metadata: dict[str, str] | None,
     ) -> StoredBatch:
         stored = self.files[input_file_id]
-        validator = BatchFileValidator(endpoint=endpoint, allowed_endpoints=self.allowed_endpoints, max_issues=100)
-        requests: list[tuple[str, dict[str, Any]]] = []
-        with stored.path.open("rb") as stream:
-            for lineno, raw in iter_raw_lines(stream):
-                if not raw.strip():
-                    validator.collector.add(lineno, None, "blank line", "invalid_json_line")
-                    continue
-                custom_id = validator.check(lineno, raw)
-                if custom_id is not None:
-                    with contextlib.suppress(ValueError, KeyError, TypeError):
-                        requests.append((custom_id, json.loads(raw)["body"]))
-        if not requests and not validator.collector.issues:
-            validator.collector.add(0, None, "The input file is empty.", "empty_file")
-        if len(requests) > 50_000:
-            validator.collector.add(0, None, "The input file holds more than 50,000 requests.", "too_many_tasks")
-        scenario = (metadata or {}).get("fake_scenario", self.scenario)
+        report = check_input(stored.path, endpoint)
+        with self._lock:
+            scripted = self.scripted_scenarios.pop(0) if self.scripted_scenarios else None
+        scenario = (metadata or {}).get("fake_scenario") or scripted or self.scenario
         batch = StoredBatch(
             id=_id("batch_"),
             input_file_id=input_file_id,
@@ -221,9 +204,9 @@ class FakeState:
             metadata=metadata,
             created_at=self.clock(),
             scenario=scenario,
-            requests=requests,
-            model=validator.model,
-            issues=list(validator.collector.issues),
+            requests=report.requests,
+            model=report.model,
+            issues=report.errors,
         )
         with self._lock:
             self.batches[batch.id] = batch
@@ -291,7 +274,7 @@ class FakeState:
             return
         if batch.scenario == "fail" and now >= validated:
             batch.issues = [
-                InputIssue(0, None, "The batch failed on the fake server (scenario 'fail').", "fake_failure")
+                {"code": "fake_failure", "line": None, "message": "The batch failed (scenario 'fail').", "param": None}
             ]
             batch.final_status, batch.finished_at = "failed", validated
             return
@@ -302,18 +285,27 @@ class FakeState:
             self._finish(batch, "expired" if batch.scenario == "expire" else "completed", done, finalized)
 
     def _finish(self, batch: StoredBatch, status: str, done: int, at: float) -> None:
+        """
+        Write the result files and final counts. Requests that never ran (expired, cancelled) go to the error file
+        as ``batch_expired`` / ``batch_cancelled`` and are *not* counted as failed: OpenAI reports an expired batch
+        of 10 with one done as ``{total: 10, completed: 1, failed: 0}``, one output line and nine error lines.
+        """
         created = int(at)
         out_lines: list[tuple[bytes, bytes]] = []
         err_lines: list[bytes] = []
-        in_tokens = out_tokens = 0
+        failed = in_tokens = out_tokens = 0
+        quirks = self.compatible_quirks
         for index, (custom_id, body) in enumerate(batch.requests):
             if index >= done:
                 reason = "batch_expired" if status == "expired" else "batch_cancelled"
-                err_lines.append(json.dumps(responses.unprocessed_line(custom_id, reason)).encode())
+                err_lines.append(json.dumps(responses.unprocessed_line(custom_id, reason, quirks)).encode())
             elif self._fails(custom_id, body):
-                err_lines.append(json.dumps(responses.failed_request_line(custom_id, body["fake_error"])).encode())
+                failed += 1
+                err_lines.append(
+                    json.dumps(responses.failed_request_line(custom_id, body["fake_error"], quirks)).encode()
+                )
             else:
-                line = responses.output_line(custom_id, batch.endpoint, body, created)
+                line = responses.output_line(custom_id, batch.endpoint, body, created, quirks)
                 out_lines.append((hashlib.md5(custom_id.encode()).digest(), json.dumps(line).encode()))
                 i, o = responses.usage_of(batch.endpoint, body)
                 in_tokens, out_tokens = in_tokens + i, out_tokens + o
@@ -328,8 +320,7 @@ class FakeState:
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": in_tokens + out_tokens,
         }
-        total = len(batch.requests)
-        batch.final_counts = {"total": total, "completed": len(out_lines), "failed": total - len(out_lines)}
+        batch.final_counts = {"total": len(batch.requests), "completed": len(out_lines), "failed": failed}
         batch.final_status, batch.finished_at = status, at
 
     def _fails(self, custom_id: str, body: Any) -> bool:
@@ -347,7 +338,9 @@ class FakeState:
         return True
 
     def _write_result(self, batch: StoredBatch, kind: str, lines: list[bytes]) -> str | None:
-        if not lines and not (self.azure_quirks and kind == "error"):
+        """No file when there is nothing to write (``output_file_id`` is null when every request failed), except on
+        Azure and the compatible servers modelled here, which send a zero-byte error file when nothing failed."""
+        if not lines and not ((self.azure_quirks or self.compatible_quirks) and kind == "error"):
             return None
 
         def write(out: Any) -> None:

@@ -1,0 +1,110 @@
+"""
+How the fake server judges a batch input file: OpenAI's published rules, written apart from the provider's own
+validator (``batch_file``) on purpose.
+
+If the fake reused the provider's validator, a wrong rule would be wrong on both sides and no test could catch it.
+Here each rule is read from OpenAI's documentation (see ``CONTRACT.md``), with the standard library's JSON parser;
+where OpenAI is silent, the stricter reading is taken and the provider has to cope with it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from airflow_provider_openai_batch.endpoints import MAX_EMBEDDING_INPUTS, required_body_fields
+
+#: ``BatchCreateParams.input_file_id``: "The file can contain up to 50,000 requests".
+MAX_REQUESTS = 50_000
+
+
+@dataclass
+class InputReport:
+    """What OpenAI learns about an input file while validating a batch: the requests, or why the batch fails."""
+
+    requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    model: str | None = None
+    #: ``BatchError`` dicts (``code``, ``line``, ``message``, ``param``) for ``batch.errors.data``.
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def fail(self, line: int | None, param: str | None, message: str, code: str) -> None:
+        if len(self.errors) < 100:
+            self.errors.append({"code": code, "line": line, "message": message, "param": param})
+
+
+def _inputs(value: Any) -> int:
+    """``EmbeddingCreateParams.input``: a string or one token array is one input, an array of either is many."""
+    if isinstance(value, list):
+        return 1 if value and all(isinstance(v, int) for v in value) else len(value)
+    return 1
+
+
+def check_input(path: Path, endpoint: str) -> InputReport:
+    report = InputReport()
+    seen: set[str] = set()
+    embedding_inputs = 0
+    required = required_body_fields(endpoint)
+    number = 0
+    with path.open("rb") as handle:  # a line is what ends in "\n"; the newline ending the last line adds no line
+        for number, raw in enumerate(handle, start=1):
+            body = _check_line(report, number, raw, endpoint, required, seen)
+            if body is not None and endpoint == "/v1/embeddings":
+                embedding_inputs += _inputs(body.get("input"))
+    if number == 0:
+        report.fail(None, None, "The input file is empty.", "empty_file")
+    if len(report.requests) > MAX_REQUESTS:
+        report.fail(None, None, f"The input file holds more than {MAX_REQUESTS:,} requests.", "too_many_tasks")
+    if embedding_inputs > MAX_EMBEDDING_INPUTS:
+        report.fail(
+            None,
+            "body.input",
+            f"An embeddings batch holds at most {MAX_EMBEDDING_INPUTS:,} inputs; this one has {embedding_inputs:,}.",
+            "too_many_embedding_inputs",
+        )
+    return report
+
+
+def _check_line(
+    report: InputReport, number: int, raw: bytes, endpoint: str, required: frozenset[str], seen: set[str]
+) -> dict[str, Any] | None:
+    """Judge one line; its body when it holds one (kept for answering), else ``None``."""
+    if not raw.strip():
+        # OpenAI documents one request per line and says nothing of empty lines: the stricter reading.
+        report.fail(number, None, "Line is empty; each line must be a JSON request.", "invalid_json_line")
+        return None
+    try:
+        line = json.loads(raw)  # JSON allows a trailing "\r" as whitespace: CRLF files parse
+    except ValueError:
+        report.fail(number, None, "This line is not parseable as valid JSON.", "invalid_json_line")
+        return None
+    if not isinstance(line, dict):
+        report.fail(number, None, "Each line must be a JSON object.", "invalid_json_line")
+        return None
+    custom_id = line.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        report.fail(number, "custom_id", "Missing required parameter: 'custom_id'.", "missing_required_parameter")
+    elif custom_id in seen:
+        report.fail(number, "custom_id", f"Duplicate custom_id {custom_id!r}.", "duplicate_custom_id")
+    else:
+        seen.add(custom_id)
+    if line.get("method") != "POST":
+        report.fail(number, "method", "Only POST requests are supported.", "invalid_method")
+    if line.get("url") != endpoint:
+        report.fail(number, "url", f"The url must match the batch endpoint {endpoint!r}.", "mismatched_endpoint")
+    body = line.get("body")
+    if not isinstance(body, dict):
+        report.fail(number, "body", "Missing required parameter: 'body'.", "missing_required_parameter")
+        return None
+    for name in sorted(required - body.keys()):
+        report.fail(number, f"body.{name}", f"Missing required parameter: '{name}'.", "missing_required_parameter")
+    model = body.get("model")
+    if model is not None:
+        if report.model is None:
+            report.model = str(model)
+        elif model != report.model:
+            report.fail(number, "body.model", "Each file may only hold requests to one model.", "mismatched_model")
+    if isinstance(custom_id, str) and custom_id:
+        report.requests.append((custom_id, body))
+    return body
