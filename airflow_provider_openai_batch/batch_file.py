@@ -18,30 +18,25 @@ from typing import IO, Any
 
 import msgspec
 
+from airflow_provider_openai_batch.endpoints import (
+    EMBEDDINGS_ENDPOINT,
+    MAX_EMBEDDING_INPUTS,
+    batch_endpoints,
+    count_embedding_inputs,
+    required_body_fields,
+)
 from airflow_provider_openai_batch.exceptions import BatchInputError, InputIssue
 from airflow_provider_openai_batch.storage import Source, describe, open_source
 
-#: The endpoints OpenAI's Batch API accepts today. Compatible servers may accept others: pass
-#: ``allowed_endpoints=None`` (or your own list) to the validator and operators.
-OPENAI_BATCH_ENDPOINTS: tuple[str, ...] = (
-    "/v1/responses",
-    "/v1/chat/completions",
-    "/v1/embeddings",
-    "/v1/completions",
-    "/v1/moderations",
-)
+#: The endpoints the installed ``openai`` SDK lists for batches (``endpoints.batch_endpoints``). Compatible servers
+#: may accept others: pass ``allowed_endpoints=None`` (or your own list) to the validator and operators.
+OPENAI_BATCH_ENDPOINTS: tuple[str, ...] = batch_endpoints()
 MAX_REQUESTS_PER_FILE = 50_000
 MAX_BYTES_PER_FILE = 200 * 1024 * 1024
 #: How many problems an error lists before it stops counting them individually.
 MAX_REPORTED_ISSUES = 20
 
 _BOM = b"\xef\xbb\xbf"
-
-
-class _Body(msgspec.Struct):
-    """Only the field validation needs; msgspec skips the rest of the body without building it."""
-
-    model: Any = msgspec.UNSET
 
 
 class _Line(msgspec.Struct):
@@ -53,7 +48,8 @@ class _Line(msgspec.Struct):
 
 
 _line_decoder = msgspec.json.Decoder(_Line)
-_body_decoder = msgspec.json.Decoder(_Body)
+#: A body's fields, each left raw: which keys are present is all most checks need, and nothing large is built.
+_body_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
 @dataclass(frozen=True)
@@ -67,6 +63,8 @@ class BatchFileStats:
     sha256: str
     #: Estimated input tokens (bytes / 4 per line), for quota planning.
     tokens: int = 0
+    #: Embedding inputs across all requests (``/v1/embeddings`` only; OpenAI allows 50,000 per batch).
+    embedding_inputs: int = 0
 
 
 class _Collector:
@@ -126,6 +124,9 @@ class BatchFileValidator:
         self.url_line = 0
         self.lines = 0
         self.requests = 0
+        self.embedding_inputs = 0
+        #: Blank lines not yet followed by a request: empty lines at the end of a file are harmless, others are not.
+        self._blank_lines: list[int] = []
         if endpoint is not None and self.allowed_endpoints is not None and endpoint not in self.allowed_endpoints:
             self.collector.add(
                 0,
@@ -161,7 +162,7 @@ class BatchFileValidator:
         elif method != "POST":
             add(lineno, "method", f"must be 'POST', got {method!r}", "invalid_method")
         self._check_url(lineno, line.url)
-        self._check_body(lineno, line.body)
+        self._check_body(lineno, line.body, line.url)
         return result
 
     def _check_url(self, lineno: int, url: Any) -> None:
@@ -196,20 +197,29 @@ class BatchFileValidator:
                 "mismatched_endpoint",
             )
 
-    def _check_body(self, lineno: int, body: msgspec.Raw) -> None:
+    def _check_body(self, lineno: int, body: msgspec.Raw, url: Any) -> None:
         add = self.collector.add
         if not body:
             add(lineno, "body", "missing", "missing_required_parameter")
             return
         try:
-            parsed = _body_decoder.decode(body)
+            fields = _body_decoder.decode(body)
         except msgspec.ValidationError:
             add(lineno, "body", f"must be an object, got {_json_type(msgspec.json.decode(body))}")
             return
-        model = parsed.model
-        if model is msgspec.UNSET:
-            add(lineno, "body.model", "missing", "missing_required_parameter")
-        elif not isinstance(model, str) or not model:
+        endpoint = self.endpoint or (url if isinstance(url, str) else None)
+        # What the SDK's request type for this endpoint marks Required: ``model`` on chat, completions and embeddings,
+        # but not on moderations, images, videos or responses (those have a default, or a stored prompt supplies it).
+        for name in sorted(required_body_fields(endpoint) - fields.keys()):
+            add(lineno, f"body.{name}", "missing", "missing_required_parameter")
+        if "model" in fields:
+            self._check_model(lineno, msgspec.json.decode(fields["model"]))
+        if endpoint == EMBEDDINGS_ENDPOINT and "input" in fields:
+            self.embedding_inputs += count_embedding_inputs(msgspec.json.decode(fields["input"]))
+
+    def _check_model(self, lineno: int, model: Any) -> None:
+        add = self.collector.add
+        if not isinstance(model, str) or not model:
             add(lineno, "body.model", f"must be a non-empty string, got {_json_type(model)}")
         elif self.model is None:
             self.model, self.model_line = model, lineno
@@ -237,8 +247,11 @@ class BatchFileValidator:
             )
             raw = raw[len(_BOM) :]
         if not raw.strip():
-            add(lineno, None, "blank line; every line must hold one request", "invalid_json_line")
+            self._blank_lines.append(lineno)
             return None
+        for blank in self._blank_lines:
+            add(blank, None, "blank line between requests; every line must hold one request", "invalid_json_line")
+        self._blank_lines.clear()
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as error:
@@ -249,7 +262,7 @@ class BatchFileValidator:
         return raw
 
     def check_end(self) -> None:
-        if self.lines == 0:
+        if self.requests == 0 and not self.collector.issues:
             self.collector.add(0, None, "the file is empty; a batch needs at least one request", "empty_file")
 
     def raise_if_invalid(self, source: str) -> None:
@@ -258,11 +271,18 @@ class BatchFileValidator:
 
 
 def iter_raw_lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
-    """Numbered lines without their line ending; blank lines are yielded too so the caller can report them."""
-    for number, raw in enumerate(stream, start=1):
+    """Numbered lines without their line ending (LF or CRLF); blank lines are yielded too, for the caller to judge."""
+    for number, raw, _ in iter_exact_lines(stream):
+        yield number, raw
+
+
+def iter_exact_lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes, bytes]]:
+    """``(number, line without its ending, the line's bytes as read)``: sizes and hashes of what is really sent."""
+    for number, exact in enumerate(stream, start=1):
+        raw = exact
         if raw.endswith(b"\n"):
             raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
-        yield number, raw
+        yield number, raw, exact
 
 
 def iter_lines(source: Source) -> Iterator[bytes]:
@@ -281,21 +301,34 @@ def validate_batch_file(
     max_requests: int = MAX_REQUESTS_PER_FILE,
     max_bytes: int = MAX_BYTES_PER_FILE,
     max_issues: int = MAX_REPORTED_ISSUES,
+    max_embedding_inputs: int = MAX_EMBEDDING_INPUTS,
 ) -> BatchFileStats:
     """
     Check a whole input file against the Batch API's rules, streaming, and raise ``BatchInputError``
     naming the file, each line and field (the first ``max_issues`` of them) when it breaks any.
+
+    ``bytes`` and ``sha256`` are those of the file exactly as it will be sent: CRLF endings and a missing final
+    newline as they are, empty lines at the end left out (OpenAI does not say it accepts them, so the upload sends
+    the first ``bytes`` bytes only). A retry recognises its own earlier upload by that name and size.
     """
     name = describe(source)
     validator = BatchFileValidator(endpoint=endpoint, allowed_endpoints=allowed_endpoints, max_issues=max_issues)
     add = validator.collector.add
     digest = hashlib.sha256()
     size = tokens = 0
+    trailing: list[bytes] = []  # empty lines not (yet) followed by a request: not sent if they end the file
     with open_source(source) as stream:
-        for lineno, raw in iter_raw_lines(stream):
-            size += len(raw) + 1
+        for lineno, raw, exact in iter_exact_lines(stream):
             line = validator.check_line(lineno, raw)
-            digest.update((raw if line is None else line) + b"\n")
+            if not raw.strip():
+                trailing.append(exact)
+                continue
+            for blank in trailing:
+                size += len(blank)
+                digest.update(blank)
+            trailing.clear()
+            size += len(exact)
+            digest.update(exact)
             if line is not None:
                 tokens += estimate_tokens(line)
     validator.check_end()
@@ -314,6 +347,14 @@ def validate_batch_file(
             f"{size:,} bytes; a batch file holds at most {max_bytes:,} bytes (shard the input)",
             "file_too_large",
         )
+    if validator.embedding_inputs > max_embedding_inputs:
+        add(
+            0,
+            "body.input",
+            f"{validator.embedding_inputs:,} embedding inputs; an embeddings batch holds at most "
+            f"{max_embedding_inputs:,} across all its requests (shard the input)",
+            "too_many_embedding_inputs",
+        )
     validator.raise_if_invalid(name)
     return BatchFileStats(
         requests=requests,
@@ -322,6 +363,7 @@ def validate_batch_file(
         model=validator.model,
         sha256=digest.hexdigest(),
         tokens=tokens,
+        embedding_inputs=validator.embedding_inputs,
     )
 
 
@@ -338,6 +380,8 @@ class ShardLimits:
     max_requests: int = MAX_REQUESTS_PER_FILE
     max_bytes: int = MAX_BYTES_PER_FILE
     max_tokens: int | None = None
+    #: Embedding inputs per file (``/v1/embeddings``: an ``input`` array counts each element; OpenAI allows 50,000).
+    max_embedding_inputs: int = MAX_EMBEDDING_INPUTS
 
     def __post_init__(self) -> None:
         if not 0 < self.max_requests <= MAX_REQUESTS_PER_FILE:
@@ -346,6 +390,10 @@ class ShardLimits:
             raise ValueError(f"max_bytes must be 1..{MAX_BYTES_PER_FILE:,}, got {self.max_bytes}")
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
+        if not 0 < self.max_embedding_inputs <= MAX_EMBEDDING_INPUTS:
+            raise ValueError(
+                f"max_embedding_inputs must be 1..{MAX_EMBEDDING_INPUTS:,}, got {self.max_embedding_inputs}"
+            )
 
 
 @dataclass(frozen=True)
@@ -387,7 +435,7 @@ def shard_batch_file(
     shards: list[Shard] = []
     out: IO[bytes] | None = None
     digest = hashlib.sha256()
-    count = size = tokens = start = 0
+    count = size = tokens = inputs = start = 0
 
     def close() -> None:
         nonlocal out
@@ -399,25 +447,38 @@ def shard_batch_file(
 
     with open_source(source) as stream:
         for lineno, line in iter_raw_lines(stream):
+            inputs_before = validator.embedding_inputs
             raw = validator.check_line(lineno, line)
             if raw is None or validator.collector.issues:
                 continue  # keep reading to report every problem, but write nothing more
             line_tokens = estimate_tokens(raw)
+            line_inputs = validator.embedding_inputs - inputs_before
+            if line_inputs > limits.max_embedding_inputs:
+                validator.collector.add(
+                    lineno,
+                    "body.input",
+                    f"{line_inputs:,} embedding inputs in one request; a batch holds at most "
+                    f"{limits.max_embedding_inputs:,}",
+                    "too_many_embedding_inputs",
+                )
+                continue
             full = out is not None and (
                 count + 1 > limits.max_requests
                 or size + len(raw) + 1 > limits.max_bytes
                 or (limits.max_tokens is not None and tokens + line_tokens > limits.max_tokens)
+                or inputs + line_inputs > limits.max_embedding_inputs
             )
             if full:
                 close()
             if out is None:
                 out = (folder / f"shard-{len(shards):05d}.jsonl").open("wb")
                 digest = hashlib.sha256()
-                count = size = tokens = 0
+                count = size = tokens = inputs = 0
                 start = lineno
             out.write(raw + b"\n")
             digest.update(raw + b"\n")
             count, size, tokens = count + 1, size + len(raw) + 1, tokens + line_tokens
+            inputs += line_inputs
     if out is not None:
         close()
     validator.check_end()

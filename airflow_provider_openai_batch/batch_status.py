@@ -10,7 +10,7 @@ treating it as success is how failed nightly jobs go unnoticed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 ACTIVE_STATUSES = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -71,6 +71,39 @@ def summarize(batch: Any) -> BatchSummary:
         "usage": _plain(_get(batch, "usage")),
         "errors": [_plain(item) for item in (error_data or [])],
     }
+
+
+class LineRange(NamedTuple):
+    """How many lines a result file of an ended batch holds: at least ``least``, at most ``most``."""
+
+    least: int
+    most: int
+
+    def holds(self, lines: int) -> bool:
+        return self.least <= lines <= self.most
+
+    def __str__(self) -> str:
+        return f"{self.least:,}" if self.least == self.most else f"{self.least:,} to {self.most:,}"
+
+
+def expected_result_lines(summary: BatchSummary) -> dict[str, LineRange] | None:
+    """
+    How many lines the ``output`` and ``error`` files of an ended batch hold; ``None`` when the batch reports no
+    counts (some compatible servers) or has no result files (``failed``).
+
+    The output file holds one line per request counted ``completed`` (whatever the status). The error file holds one
+    per request counted ``failed`` and, for ``expired`` / ``cancelled`` batches, one per request that never ran
+    (``batch_expired`` / ``batch_cancelled``), which OpenAI does *not* count as failed: a real expired batch reports
+    total 10, completed 1, failed 0 with one output line and nine error lines. A server that counts unrun requests
+    as failed, or leaves them out of the error file, lands inside the same ranges.
+    """
+    counts = summary["request_counts"]
+    total, completed, failed = counts["total"], counts["completed"], counts["failed"]
+    status = summary["status"]
+    if status not in ("completed", "expired", "cancelled") or not (total or completed or failed):
+        return None
+    unrun = max(0, total - completed - failed) if status != "completed" else 0
+    return {"output": LineRange(completed, completed), "error": LineRange(failed, failed + unrun)}
 
 
 def poll_delay(poll_interval: float, max_poll_interval: float | None, batch_age: float) -> float:
@@ -175,8 +208,8 @@ def evaluate(summary: BatchSummary, policy: OutcomePolicy) -> Outcome:
         accepted = policy.accept_expired if status == "expired" else policy.accept_cancelled
         flag = "accept_expired" if status == "expired" else "accept_cancelled"
         text = (
-            f"Batch {batch_id} {status} with {counts['completed']:,} of {total:,} requests done; "
-            "partial results are kept in its output file"
+            f"Batch {batch_id} {status} with {counts['completed']:,} of {total:,} requests completed; "
+            "partial results are kept in its output file, requests that never ran in its error file"
         )
         if accepted:
             return Outcome(True, f"{text} ({flag}=True).", True)

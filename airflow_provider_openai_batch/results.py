@@ -32,7 +32,8 @@ class JoinedRow(msgspec.Struct, omit_defaults=False):
     custom_id: str
     status: str
     request: dict[str, Any] | None
-    response: dict[str, Any] | None = None
+    #: The response body: an object from OpenAI; a compatible server's body that is not JSON stays a string.
+    response: Any = None
     error: dict[str, Any] | None = None
     url: str | None = None
     round: int = 0
@@ -50,12 +51,33 @@ _encoder = msgspec.json.Encoder()
 
 
 def result_status(response: dict[str, Any] | None, error: dict[str, Any] | None) -> RequestStatus:
-    """What one result line means for its request."""
+    """What one result line means for its request: ``batch_expired`` / ``batch_cancelled`` never ran."""
     if error:
         return _UNRUN.get(str(error.get("code")), "failed")  # type: ignore[return-value]
-    if response and int(response.get("status_code") or 0) == 200:
+    if response and _status_code(response) == 200:
         return "succeeded"
     return "failed"
+
+
+def _status_code(response: dict[str, Any]) -> int:
+    try:
+        return int(response.get("status_code") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def response_body(response: dict[str, Any] | None) -> Any:
+    """
+    A result line's ``response.body``. OpenAI sends an object; some compatible servers send the same JSON encoded
+    as a string, which is decoded here (a string that is not JSON is kept as it is).
+    """
+    body = (response or {}).get("body")
+    if isinstance(body, (str, bytes)):
+        try:
+            return msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            return body
+    return body
 
 
 @contextlib.contextmanager
@@ -106,7 +128,7 @@ def iter_joined(
                     request.custom_id,
                     result_status(result.response, result.error),
                     request.body,
-                    response=(result.response or {}).get("body") if result.response else None,
+                    response=response_body(result.response),
                     error=result.error or _error_of(result.response),
                     url=request.url,
                 )
@@ -114,8 +136,8 @@ def iter_joined(
 
 def _error_of(response: dict[str, Any] | None) -> dict[str, Any] | None:
     """A request the endpoint refused carries its error in the response body, not in ``error``."""
-    if response and int(response.get("status_code") or 0) != 200:
-        body = response.get("body") or {}
+    if response and _status_code(response) != 200:
+        body = response_body(response) or {}
         error = body.get("error") if isinstance(body, dict) else None
         return {"status_code": response.get("status_code"), **(error if isinstance(error, dict) else {})}
     return None
@@ -174,6 +196,9 @@ def _write_parquet(rows: Iterator[JoinedRow], out: Any, chunk: int = 50_000) -> 
 
 #: HTTP statuses of a failed request that may pass when sent again.
 RETRYABLE_STATUS_CODES = frozenset({408, 409, 429, 500, 502, 503, 504})
+#: Error codes of a failed request that may pass when sent again (``request_timeout``: the request ran out of time
+#: at OpenAI). A compatible server that sends only an error ``type`` is read by its type instead.
+RETRYABLE_ERROR_CODES = frozenset({"rate_limit_exceeded", "server_error", "request_timeout", "timeout"})
 
 
 def is_retryable(row: JoinedRow) -> bool:
@@ -183,10 +208,8 @@ def is_retryable(row: JoinedRow) -> bool:
     if row.status != "failed" or not row.error:
         return False
     code = row.error.get("status_code")
-    return (isinstance(code, int) and code in RETRYABLE_STATUS_CODES) or row.error.get("code") in (
-        "rate_limit_exceeded",
-        "server_error",
-    )
+    kind = row.error.get("code") or row.error.get("type")
+    return (isinstance(code, int) and code in RETRYABLE_STATUS_CODES) or kind in RETRYABLE_ERROR_CODES
 
 
 def write_retry_input(joined: Source, destination: Destination) -> int:
@@ -259,9 +282,9 @@ def sum_usage(output: Source) -> dict[str, int]:
     """Usage summed over an output file's lines, for servers whose batch object carries none."""
     totals = dict.fromkeys(USAGE_KEYS, 0)
     for raw in iter_lines(output):
-        response = _result_decoder.decode(raw).response or {}
-        body = response.get("body") if isinstance(response.get("body"), dict) else {}
-        for key, value in normalize_usage((body or {}).get("usage")).items():
+        body = response_body(_result_decoder.decode(raw).response)
+        usage = body.get("usage") if isinstance(body, dict) else None
+        for key, value in normalize_usage(usage if isinstance(usage, dict) else None).items():
             totals[key] += value
     return totals
 
@@ -274,7 +297,12 @@ def estimate_cost(
     million tokens (batch prices; this provider ships no prices, since they change). ``None`` when the
     table has no entry for the model. Reasoning tokens are billed as output and already counted in it.
     """
-    price = prices.get(model or "") or next((p for m, p in prices.items() if model and model.startswith(m)), None)
+    price = prices.get(model or "")
+    if price is None and model:
+        # The longest matching prefix: with both "gpt-4o" and "gpt-4o-mini" in the table, a dated
+        # "gpt-4o-mini-2024-07-18" is priced as gpt-4o-mini, whatever order the table lists them in.
+        matches = [name for name in prices if model.startswith(name)]
+        price = prices[max(matches, key=len)] if matches else None
     if price is None:
         return None
     cached = usage["cached_input_tokens"]

@@ -110,8 +110,30 @@ class _RawAdapter(io.RawIOBase):
         return int(self._inner.tell())
 
 
-def as_io(stream: Any) -> IO[bytes]:
-    """``stream`` itself when it is a real ``io`` object, else a thin adapter (no copy, still streamed)."""
+class _Limited(_RawAdapter):
+    """The first ``length`` bytes of a stream (what validation decided to send), still streamed."""
+
+    def __init__(self, inner: Any, length: int) -> None:
+        super().__init__(inner)
+        self._left = length
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._inner.read(min(len(buffer), self._left)) if self._left > 0 else b""
+        buffer[: len(data)] = data
+        self._left -= len(data)
+        return len(data)
+
+    def seekable(self) -> bool:
+        return False
+
+
+def as_io(stream: Any, length: int | None = None) -> IO[bytes]:
+    """
+    ``stream`` itself when it is a real ``io`` object, else a thin adapter (no copy, still streamed); with
+    ``length``, only that many bytes of it.
+    """
+    if length is not None:
+        return io.BufferedReader(_Limited(stream, length), buffer_size=1 << 20)  # type: ignore[return-value]
     if isinstance(stream, io.IOBase):
         return stream  # type: ignore[return-value]
     return io.BufferedReader(_RawAdapter(stream), buffer_size=1 << 20)  # type: ignore[return-value]

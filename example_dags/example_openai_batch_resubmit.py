@@ -75,6 +75,9 @@ with DAG(
             deferrable=True,
             poke_interval=POLL_SECONDS,
             max_failed_ratio=0.5,
+            # An expired or cancelled round still succeeds: its unrun requests go into the next round.
+            accept_expired=True,
+            accept_cancelled=True,
         )
         return upload, OpenAIBatchDownloadOperator(task_id=f"download_round_{number}", batch_id=wait.output)
 

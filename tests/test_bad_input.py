@@ -67,11 +67,15 @@ def test_too_many_bytes(tmp_path):
 
 def test_unsupported_target_endpoint(tmp_path):
     path = tmp_path / "in.jsonl"
-    path.write_text(json.dumps(request_line(0, url="/v1/images/generations")) + "\n")
-    with pytest.raises(BatchInputError, match="field 'endpoint': unsupported endpoint '/v1/images/generations'"):
-        validate_batch_file(path, endpoint="/v1/images/generations")
+    path.write_text(json.dumps(request_line(0, url="/v1/audio/speech")) + "\n")
+    with pytest.raises(BatchInputError, match="field 'endpoint': unsupported endpoint '/v1/audio/speech'"):
+        validate_batch_file(path, endpoint="/v1/audio/speech")
     # A compatible server's own endpoint passes when the operator is told not to restrict endpoints.
-    assert validate_batch_file(path, endpoint="/v1/images/generations", allowed_endpoints=None).requests == 1
+    assert validate_batch_file(path, endpoint="/v1/audio/speech", allowed_endpoints=None).requests == 1
+    # Every endpoint the installed SDK lists for batches is accepted (images and videos included).
+    images = tmp_path / "images.jsonl"
+    images.write_text(json.dumps(request_line(0, url="/v1/images/generations", prompt="a cat")) + "\n")
+    assert validate_batch_file(images, endpoint="/v1/images/generations").requests == 1
 
 
 def test_error_lists_several_problems_not_only_the_first():

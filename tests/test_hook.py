@@ -202,7 +202,10 @@ class TestBatches:
 class TestAsync:
     async def test_async_twins_share_one_client(self, conn_id, server, input_file):
         sync_hook = OpenAIBatchHook(conn_id)
-        batch = sync_hook.create_batch(sync_hook.upload_file(input_file).id, "/v1/chat/completions")
+        # A stalled batch stays cancellable however slow the machine is.
+        batch = sync_hook.create_batch(
+            sync_hook.upload_file(input_file).id, "/v1/chat/completions", metadata={"fake_scenario": "stall"}
+        )
         first, second = OpenAIBatchHook(conn_id), OpenAIBatchHook(conn_id)
         assert await first.get_async_conn() is await second.get_async_conn()
         got = await first.aget_batch(batch.id)
@@ -215,11 +218,17 @@ class TestAsync:
     def test_a_new_loop_gets_a_new_client(self, conn_id):
         hook = OpenAIBatchHook(conn_id)
 
-        async def client_id() -> int:
-            return id(await hook.get_async_conn())
+        clients = []
 
-        assert asyncio.run(client_id()) != 0
-        assert asyncio.run(client_id()) != 0  # no "attached to a different loop" error
+        async def use_client() -> None:
+            client = await hook.get_async_conn()
+            assert client is await hook.get_async_conn()  # shared within a loop
+            clients.append(client)
+            assert [b async for b in hook.alist_batches()] == []  # no "attached to a different loop" error
+
+        asyncio.run(use_client())
+        asyncio.run(use_client())
+        assert clients[0] is not clients[1]  # both kept alive here, so a reused id cannot hide a shared client
 
     async def test_async_errors_are_translated(self, conn_id, server):
         hook = OpenAIBatchHook(conn_id)

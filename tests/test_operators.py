@@ -134,9 +134,11 @@ def test_cancel_keeps_partial_output(hook, server, input_file):
     summary = xcoms(run, "cancel")[-1]
     assert summary["status"] == "cancelled"
     assert summary["output_file_id"]
+    # Requests that never ran are not counted as failed, as OpenAI reports a cancelled batch ...
+    assert summary["request_counts"] == {"total": 10, "completed": 3, "failed": 0}
     downloaded = xcoms(run, "download")[-1]
     assert downloaded["output_lines"] == 3
-    assert downloaded["error_lines"] == 7  # batch_cancelled lines for the requests that never ran
+    assert downloaded["error_lines"] == 7  # ... but written to the error file as batch_cancelled
 
 
 def test_cancel_of_an_ended_batch_is_not_an_error(hook, server, input_file):
@@ -197,6 +199,23 @@ def test_download_default_folder_is_per_run(hook, server, input_file):
 def test_download_detects_missing_lines(hook, server, input_file):
     batch = hook.create_batch(hook.upload_file(input_file).id, "/v1/chat/completions")
     done = hook.wait_for_batch(batch.id, poll_interval=0.05, timeout=10)
+    stored = server.state.files[done.output_file_id]
+    stored.path.write_bytes(b"".join(stored.path.read_bytes().splitlines(keepends=True)[:-1]))
+    stored.bytes = stored.path.stat().st_size
+
+    def build():
+        OpenAIBatchDownloadOperator(task_id="download", batch_id=batch.id)
+
+    run = run_dag(build)
+    assert task_states(run) == {"download": "failed"}
+
+
+def test_download_detects_a_missing_line_of_an_expired_batch(hook, server, input_file):
+    batch = hook.create_batch(
+        hook.upload_file(input_file).id, "/v1/chat/completions", metadata={"fake_scenario": "expire"}
+    )
+    done = hook.wait_for_batch(batch.id, poll_interval=0.05, timeout=10)
+    assert done.status == "expired" and done.output_file_id
     stored = server.state.files[done.output_file_id]
     stored.path.write_bytes(b"".join(stored.path.read_bytes().splitlines(keepends=True)[:-1]))
     stored.bytes = stored.path.stat().st_size

@@ -56,7 +56,8 @@ def test_azure(form, monkeypatch, tmp_path):
     downloaded = xcoms(run, "download")[-1]
     assert downloaded["model"] == "my-gpt4o-mini-deployment"
     assert (downloaded["output_lines"], downloaded["error_lines"]) == (8, 0)
-    assert downloaded["error_uri"] is not None  # Azure's zero-byte error file is downloaded, and is empty
+    assert downloaded["error_file_id"]  # Azure names a zero-byte error file when nothing failed ...
+    assert downloaded["error_uri"] is None  # ... which is not worth a location: nothing failed
 
 
 def test_azure_quirks_parse_strictly(monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import uuid
 
 import pytest
 from sqlalchemy import select
@@ -85,11 +86,13 @@ def test_the_key_is_registered_for_masking(monkeypatch, extra_key):
 
     from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 
+    secret = f"sk-proj-{uuid.uuid4().hex}"  # never seen by the masker before: earlier tests cannot make this pass
+    assert secret in str(redact(f"calling with {secret}"))
     conn: dict = {"conn_type": "openai_batch", "host": "http://127.0.0.1:9/v1"}
     if extra_key == "password":
-        conn["password"] = SECRET
+        conn["password"] = secret
     else:
-        conn["extra"] = {"openai_client_kwargs": {"api_key": SECRET}}
+        conn["extra"] = {"openai_client_kwargs": {"api_key": secret}}
     monkeypatch.setenv("AIRFLOW_CONN_MASKME", json.dumps(conn))
     OpenAIBatchHook("maskme").get_conn()
-    assert SECRET not in str(redact(f"calling with {SECRET}"))
+    assert secret not in str(redact(f"calling with {secret}"))

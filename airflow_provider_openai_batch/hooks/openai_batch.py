@@ -55,6 +55,10 @@ class Downloaded:
 T = TypeVar("T")
 
 
+class _EmptyFile(Exception):
+    """Aborts the atomic write of a zero-byte download that the caller does not want kept."""
+
+
 def _mask(secret: str | None) -> None:
     if not secret:
         return
@@ -273,14 +277,18 @@ class OpenAIBatchHook(BaseHook):
         expires_after_seconds: int | None = None,
         *,
         max_retries: int | None = None,
+        length: int | None = None,
     ) -> FileObject:
-        """Upload from a path, URI, ``ObjectStoragePath``, bytes or binary stream, streamed (never read whole)."""
+        """
+        Upload from a path, URI, ``ObjectStoragePath``, bytes or binary stream, streamed (never read whole);
+        ``length`` sends only the first that many bytes (validation leaves empty lines at the end out).
+        """
         name = filename or source_name(source)
         extra: dict[str, Any] = {}
         if expires_after_seconds is not None:
             extra["expires_after"] = {"anchor": "created_at", "seconds": int(expires_after_seconds)}
         with open_source(source) as stream, api_errors("files.create"):
-            upload = (name, as_io(stream), "application/jsonl")
+            upload = (name, as_io(stream, length), "application/jsonl")
             client = self._with_retries(max_retries)
             return client.files.create(file=upload, purpose=purpose, **extra)  # type: ignore[arg-type]
 
@@ -301,19 +309,27 @@ class OpenAIBatchHook(BaseHook):
             return self.get_conn().files.delete(file_id)
 
     def download_file(
-        self, file_id: str, destination: Destination, overwrite: bool = False, *, attempts: int | None = None
+        self,
+        file_id: str,
+        destination: Destination,
+        overwrite: bool = False,
+        *,
+        attempts: int | None = None,
+        keep_empty: bool = True,
     ) -> Downloaded:
         """
         Stream a file's content to ``destination`` (path, URI or ``ObjectStoragePath``).
 
         The SDK does not retry a body cut off mid-stream, so this does: each attempt writes to a temporary
-        name and moves it into place only when the byte count matches what the server announced.
+        name and moves it into place only when the bytes received match what the server announced.
+        ``keep_empty=False`` writes nothing for a zero-byte file (``Downloaded.bytes == 0``), as some compatible
+        servers send an empty error file when nothing failed.
         """
         tries = attempts if attempts is not None else 1 + (self.max_retries if self.max_retries is not None else 2)
         target = to_storage_path(destination)
         for attempt in range(1, tries + 1):
             try:
-                return self._download_once(file_id, target, overwrite)
+                return self._download_once(file_id, target, overwrite, keep_empty)
             except OpenAIBatchAPIError as error:
                 if attempt >= tries or not error.retryable:
                     raise
@@ -322,9 +338,11 @@ class OpenAIBatchHook(BaseHook):
                 time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _download_once(self, file_id: str, target: Any, overwrite: bool) -> Downloaded:
+    def _download_once(self, file_id: str, target: Any, overwrite: bool, keep_empty: bool) -> Downloaded:
         streaming = self.get_conn().files.with_streaming_response
-        with api_errors("files.content"), streaming.content(file_id) as response:
+        with contextlib.suppress(_EmptyFile), api_errors("files.content"), streaming.content(file_id) as response:
+            # Content-Length counts the bytes on the wire: compressed ones when a proxy or server gzips the body,
+            # which iter_bytes() then decodes. So the check compares what arrived, not what was written.
             expected = response.headers.get("content-length")
             written = lines = 0
             last = b"\n"
@@ -333,12 +351,16 @@ class OpenAIBatchHook(BaseHook):
                     written += len(chunk)
                     lines += chunk.count(b"\n")
                     last = chunk[-1:] or last
-                if expected is not None and written != int(expected):
+                received = response.http_response.num_bytes_downloaded
+                if expected is not None and received != int(expected):
                     raise OpenAIBatchAPIError(
-                        "files.content", f"stream ended after {written} of {expected} bytes of {file_id}"
+                        "files.content", f"stream ended after {received} of {expected} bytes of {file_id}"
                     )
-        # A last line without a newline still counts; an empty file has no lines.
-        return Downloaded(bytes=written, lines=lines + (1 if written and last != b"\n" else 0))
+                if not written and not keep_empty:
+                    raise _EmptyFile  # leaves the destination untouched: nothing to keep
+            # A last line without a newline still counts; an empty file has no lines.
+            return Downloaded(bytes=written, lines=lines + (1 if written and last != b"\n" else 0))
+        return Downloaded(bytes=0, lines=0)
 
     # --- batches --------------------------------------------------------------------------------
 

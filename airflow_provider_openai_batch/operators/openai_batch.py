@@ -26,7 +26,8 @@ from airflow_provider_openai_batch.batch_file import (
     shard_batch_file,
     validate_batch_file,
 )
-from airflow_provider_openai_batch.batch_status import BatchSummary, is_reusable, summarize
+from airflow_provider_openai_batch.batch_status import BatchSummary, expected_result_lines, is_reusable, summarize
+from airflow_provider_openai_batch.endpoints import expiry_problem
 from airflow_provider_openai_batch.exceptions import DownloadMismatchError, OpenAIBatchAPIError
 from airflow_provider_openai_batch.idempotency import (
     DEFAULT_LOOKBACK,
@@ -52,6 +53,14 @@ def _as_seconds(value: timedelta | int | None) -> int | None:
     if value is None:
         return None
     return int(value.total_seconds()) if isinstance(value, timedelta) else int(value)
+
+
+def _expiry(name: str, value: timedelta | int | None) -> timedelta | int | None:
+    """An expiry OpenAI would refuse is refused when the DAG is parsed, naming the argument."""
+    problem = expiry_problem(_as_seconds(value))
+    if problem:
+        raise ValueError(f"{name}: {problem}")
+    return value
 
 
 class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
@@ -103,7 +112,7 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
         self.endpoint = endpoint
         self.allowed_endpoints = allowed_endpoints
         self.filename = filename
-        self.expires_after = expires_after
+        self.expires_after = _expiry("expires_after", expires_after)
         self.reuse_window = reuse_window
         self.sharding = sharding
         self.limits = ShardLimits(max_requests_per_file, max_bytes_per_file, max_tokens_per_file)
@@ -140,8 +149,10 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
     def _too_big(self, source: Source) -> bool:
         """Whether ``source`` must be split; a cheap size check first, a counting pass only when it may be."""
         size = source_size(source)
-        # Fewer bytes than two per allowed request means few enough lines, whatever they hold.
-        if size is not None and self.limits.max_tokens is None and size < self.limits.max_requests * 2:
+        # Fewer bytes than two per allowed request (and three per allowed embedding input, the least a JSON array
+        # element takes with its comma) means few enough lines and inputs, whatever they hold.
+        small = min(self.limits.max_requests * 2, self.limits.max_embedding_inputs * 3)
+        if size is not None and self.limits.max_tokens is None and size < small:
             return False
         stats = validate_batch_file(
             source,
@@ -149,11 +160,13 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
             allowed_endpoints=self.allowed_endpoints,
             max_requests=sys.maxsize,
             max_bytes=sys.maxsize,
+            max_embedding_inputs=sys.maxsize,
         )
         return (
             stats.requests > self.limits.max_requests
             or stats.bytes > self.limits.max_bytes
             or (self.limits.max_tokens is not None and stats.tokens > self.limits.max_tokens)
+            or stats.embedding_inputs > self.limits.max_embedding_inputs
         )
 
     def _upload(self, source: Source, name: str) -> str:
@@ -163,6 +176,7 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
             allowed_endpoints=self.allowed_endpoints,
             max_requests=self.limits.max_requests,
             max_bytes=self.limits.max_bytes,
+            max_embedding_inputs=self.limits.max_embedding_inputs,
         )
         self.log.info(
             "Validated %s: %s requests, %s bytes, model %s",
@@ -184,6 +198,7 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
                 filename=filename,
                 expires_after_seconds=_as_seconds(self.expires_after),
                 max_retries=0,
+                length=stats.bytes,
             ).id
 
         file_id = call_once("files.create", send, lambda: self._find_upload(filename, stats))
@@ -236,7 +251,7 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
         self.endpoint = endpoint
         self.completion_window = completion_window
         self.metadata = metadata
-        self.output_expires_after = output_expires_after
+        self.output_expires_after = _expiry("output_expires_after", output_expires_after)
         self.wait_for_completion = wait_for_completion
         self.lookback = lookback
 
@@ -412,7 +427,11 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
             if not file_id:
                 continue
             target = folder / ("output.jsonl" if kind == "output" else "errors.jsonl")
-            downloaded = self.hook.download_file(file_id, target, overwrite=True)
+            # A zero-byte error file (compatible servers send one when nothing failed) is not worth a location.
+            downloaded = self.hook.download_file(file_id, target, overwrite=True, keep_empty=kind == "output")
+            if not downloaded.bytes and kind == "error":
+                self.log.info("Error file %s is empty: no request failed", file_id)
+                continue
             result[f"{kind}_uri"] = str(target)
             result[f"{kind}_lines"] = downloaded.lines
             self.log.info("Downloaded %s file %s to %s (%s lines)", kind, file_id, target, f"{downloaded.lines:,}")
@@ -464,14 +483,20 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
 
     @staticmethod
     def _check_counts(result: dict[str, Any]) -> None:
-        counts = result["request_counts"]
-        lines = result["output_lines"] + result["error_lines"]
-        expected = counts["completed"] + counts["failed"]
-        if result["status"] in ("completed", "expired", "cancelled") and expected and lines != expected:
+        expected = expected_result_lines(result)
+        if expected is None:
+            return
+        wrong = [
+            f"{result[f'{kind}_lines']:,} {kind} lines where {expected[kind]} were expected"
+            for kind in ("output", "error")
+            if not expected[kind].holds(result[f"{kind}_lines"])
+        ]
+        if wrong:
+            counts = result["request_counts"]
             raise DownloadMismatchError(
-                f"Batch {result['batch_id']}: the result files hold {lines:,} lines "
-                f"({result['output_lines']:,} output + {result['error_lines']:,} error) but the batch reports "
-                f"{counts['completed']:,} completed + {counts['failed']:,} failed requests."
+                f"Batch {result['batch_id']} ({result['status']}): the result files hold {' and '.join(wrong)}; "
+                f"the batch reports {counts['completed']:,} completed and {counts['failed']:,} failed of "
+                f"{counts['total']:,} requests."
             )
 
     def _delete_remote(self, summary: BatchSummary) -> None:
