@@ -51,6 +51,19 @@ class OpenAIBatchAPIError(OpenAIBatchError):
         status = self.http_status
         return status is None or status in (408, 409, 429) or status >= 500
 
+    @property
+    def not_found(self) -> bool:
+        """The object does not exist (any more): deleted, expired, or never made."""
+        return self.http_status == 404
+
+    @property
+    def refused_for_state(self) -> bool:
+        """
+        The request was refused because of the object's state, e.g. cancelling a batch that already ended.
+        OpenAI does not document which status that is; 409 and 400 are both read this way.
+        """
+        return self.http_status in (400, 409)
+
     def __reduce__(self) -> tuple[Any, ...]:
         return (
             _rebuild_api_error,

@@ -155,8 +155,14 @@ def test_embeddings_batches_hold_at_most_50000_inputs(client, clock):
         (b'{"custom_id": "a", "method": "POST", "url": "/v1/moderations", "body": {"input": "x"}}', "completed"),
         (b'{"custom_id": "a", "method": "POST", "url": "/v1/moderations", "body": {"input": "x"}}\n\n', "failed"),
         (b'{"custom_id": "a", "method": "POST", "url": "/v1/moderations", "body": {}}\n', "failed"),
+        (
+            b'{"custom_id": "a", "method": "POST", "url": "/v1/moderations", "body": {"input": "x", "model": "m1"}}\n'
+            b'{"custom_id": "b", "method": "POST", "url": "/v1/moderations", "body": {"input": "x", "model": "m2"}}\n',
+            "failed",
+        ),
+        (b"", "failed"),
     ],
-    ids=["crlf", "no-final-newline", "trailing-empty-line", "missing-required-input"],
+    ids=["crlf", "no-final-newline", "trailing-empty-line", "missing-required-input", "two-models", "empty-file"],
 )
 def test_input_line_rules(client, clock, content, status):
     uploaded = client.files.create(file=("in.jsonl", content), purpose="batch")
@@ -348,3 +354,29 @@ def test_runs_as_a_module():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_create_rejects_what_openai_rejects(client):
+    uploaded = client.files.create(file=("in.jsonl", jsonl([request_line(0)])), purpose="batch")
+    for bad in (
+        {"endpoint": "/v1/audio/speech"},  # not in BatchCreateParams.endpoint
+        {"completion_window": "48h"},  # "Currently only 24h is supported"
+        {"output_expires_after": {"anchor": "last_active_at", "seconds": 3600}},  # anchor: created_at only
+    ):
+        params = {"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions", "completion_window": "24h", **bad}
+        with pytest.raises(openai.BadRequestError):
+            client.batches.create(**params)  # type: ignore[arg-type]
+    other = client.files.create(file=("x.jsonl", b"{}\n"), purpose="user_data")
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        client.batches.create(input_file_id=other.id, endpoint="/v1/chat/completions", completion_window="24h")
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id="file-missing", endpoint="/v1/chat/completions", completion_window="24h")
+
+
+def test_batch_input_files_hold_at_most_200_mb(client, monkeypatch):
+    from airflow_provider_openai_batch.testing import server as server_module
+
+    monkeypatch.setattr(server_module, "MAX_BATCH_FILE_BYTES", 1_000)  # the rule, at a size a test can send
+    with pytest.raises(openai.BadRequestError, match="too large"):
+        client.files.create(file=("in.jsonl", jsonl([request_line(i) for i in range(50)])), purpose="batch")
+    assert client.files.create(file=("in.jsonl", jsonl([request_line(0)])), purpose="batch").bytes < 1_000

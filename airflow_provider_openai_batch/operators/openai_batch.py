@@ -26,7 +26,13 @@ from airflow_provider_openai_batch.batch_file import (
     shard_batch_file,
     validate_batch_file,
 )
-from airflow_provider_openai_batch.batch_status import BatchSummary, expected_result_lines, is_reusable, summarize
+from airflow_provider_openai_batch.batch_status import (
+    BatchSummary,
+    expected_result_lines,
+    is_reusable,
+    is_terminal,
+    summarize,
+)
 from airflow_provider_openai_batch.endpoints import expiry_problem
 from airflow_provider_openai_batch.exceptions import DownloadMismatchError, OpenAIBatchAPIError
 from airflow_provider_openai_batch.idempotency import (
@@ -347,9 +353,11 @@ class OpenAIBatchCancelOperator(BatchWaitingOperator):
         try:
             batch = self.hook.cancel_batch(batch_id)
         except OpenAIBatchAPIError as error:
-            if error.http_status != 409:
+            if not error.refused_for_state:
                 raise
             batch = self.hook.get_batch(batch_id)
+            if not is_terminal(batch.status):
+                raise
             self.log.info("Batch %s had already ended (%s); nothing to cancel", batch_id, batch.status)
             return summarize(batch)
         self.log.info("Cancel requested for batch %s (%s)", batch_id, batch.status)
@@ -508,5 +516,5 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
                 self.hook.delete_file(file_id)
                 self.log.info("Deleted %s %s at OpenAI", key.replace("_id", ""), file_id)
             except OpenAIBatchAPIError as error:
-                if error.http_status != 404:
+                if not error.not_found:
                     raise
