@@ -16,6 +16,10 @@ ACTIVE_STATUSES = frozenset({"validating", "in_progress", "finalizing", "cancell
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
 #: Ended without output: a new batch is the only way forward, so an idempotent create may make one.
 DEAD_STATUSES = frozenset({"failed", "expired", "cancelled"})
+#: Still working towards its results: an earlier try's batch in one of these can be waited for again.
+#: ``cancelling`` is not here: a dying batch ends ``cancelled`` whatever we do, so waiting for it again only
+#: turns the re-run into a failure (issue 11: a clear that cancelled the batch, then a re-run that reused it).
+WORKING_STATUSES = frozenset({"validating", "in_progress", "finalizing"})
 
 BatchSummary = dict[str, Any]
 
@@ -30,8 +34,17 @@ def is_terminal(status: str) -> bool:
 
 
 def is_reusable(status: str) -> bool:
-    """An earlier batch in this status can stand in for a new one (a retry must not pay twice)."""
-    return status not in DEAD_STATUSES
+    """
+    An earlier batch in this status may stand in for a new one (a retry must not pay twice), subject to
+    ``reuse_verdict``: working batches and ``completed`` ones, never ``cancelling`` or an ended-without-output one.
+    An unknown status is not reused either: we cannot tell whether it will ever produce results.
+    """
+    return status in WORKING_STATUSES or status == "completed"
+
+
+def has_ended(status: str) -> bool:
+    """The batch will not change any more: its output and error files are final (what a download needs)."""
+    return status in TERMINAL_STATUSES
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
@@ -133,6 +146,36 @@ class Outcome:
     ok: bool
     message: str
     warning: bool = False
+
+
+@dataclass(frozen=True)
+class ReuseVerdict:
+    """Whether an earlier try's batch may stand in for a new one, and why (logged either way)."""
+
+    reuse: bool
+    reason: str
+
+
+def reuse_verdict(summary: BatchSummary, policy: OutcomePolicy, *, allow_completed: bool) -> ReuseVerdict:
+    """
+    May the batch an earlier try made be used instead of creating one?
+
+    A working batch: yes (creating another would pay twice for the same work). ``cancelling`` and the ended-
+    without-output statuses: no. ``completed``: only when ``allow_completed`` and the task's outcome policy
+    accepts it, so a retry of a task that failed on its batch's failed requests makes a new batch instead of
+    failing again on the same one forever.
+    """
+    status, batch_id = summary["status"], summary["batch_id"]
+    if status in WORKING_STATUSES:
+        return ReuseVerdict(True, f"batch {batch_id} is still {status}")
+    if status != "completed":
+        return ReuseVerdict(False, f"batch {batch_id} is {status} and will not produce (more) results")
+    if not allow_completed:
+        return ReuseVerdict(False, f"batch {batch_id} already completed and this task was cleared to run again")
+    outcome = evaluate(summary, policy)
+    if not outcome.ok:
+        return ReuseVerdict(False, f"batch {batch_id} completed but fails this task's outcome policy")
+    return ReuseVerdict(True, f"batch {batch_id} completed and passes this task's outcome policy")
 
 
 def _format_errors(errors: list[dict[str, Any]], limit: int = 10) -> str:

@@ -1,0 +1,251 @@
+"""
+What retry, clear, mark success / failed, kill and a changed argument mean for a batch (README "What happens when
+you ..."): each row of that table is a test here or is named in it.
+
+A retry and a clear are told apart the way Airflow does (``max_tries - retries + 1`` is the first try of the
+current run of tries; a clear sets ``max_tries = try_number + retries``), so a narrow task-instance stand-in with
+``max_tries`` drives the create operator through both; every API call is real HTTP to FakeOpenAIServer.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from airflow_provider_openai_batch.exceptions import BatchFailedError, BatchNotEndedError
+from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+from airflow_provider_openai_batch.idempotency import IDEMPOTENCY_METADATA_KEY
+from airflow_provider_openai_batch.operators.openai_batch import (
+    OpenAIBatchCreateOperator,
+    OpenAIBatchDownloadOperator,
+)
+from airflow_provider_openai_batch.testing import FakeClock, FakeOpenAIServer
+from tests.conftest import FAST, connection_env, jsonl, request_line
+
+ENDPOINT = "/v1/chat/completions"
+#: Fails on its first run only (the fake server's transient ``fake_error``), like a 500 from the model.
+TRANSIENT = {"fake_error": {"status_code": 500, "code": "server_error", "times": 1}}
+
+
+class TI:
+    """The task instance as the create operator sees it: identity, map index, and Airflow's ``max_tries``."""
+
+    def __init__(self, run_id: str, *, retries: int = 0) -> None:
+        self.dag_id, self.task_id, self.run_id, self.map_index = "nightly", "create", run_id, -1
+        self.try_number, self.max_tries = 1, retries
+        self.xcom: dict[str, Any] = {}
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.xcom[key] = value
+
+    def retry(self) -> None:
+        self.try_number += 1
+
+    def clear(self, retries: int = 0) -> None:
+        """What ``clear_task_instances`` does: ``max_tries = try_number + retries``; the next try is one more."""
+        self.max_tries = self.try_number + retries
+        self.try_number += 1
+
+
+class Store:
+    """The Task SDK's task_state_store (get/set/delete); Airflow 3.3 keeps it across tries and clears."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def set(self, key: str, value: Any, *, retention: Any = None) -> None:
+        self.data[key] = value
+
+    def delete(self, key: str) -> None:
+        self.data.pop(key, None)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def fake(clock, monkeypatch):
+    """A server whose batches move only when the test moves its clock."""
+    with FakeOpenAIServer(timings=FAST, clock=clock) as srv:
+        monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(srv))
+        yield srv
+
+
+@pytest.fixture
+def live(monkeypatch):
+    """A server on the real clock (FAST timings): for the blocking waits, which sleep in real time."""
+    with FakeOpenAIServer(timings=FAST) as srv:
+        monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(srv))
+        yield srv
+
+
+def upload(rows: list[dict]) -> str:
+    return OpenAIBatchHook().upload_file(jsonl(rows)).id
+
+
+def create(ti: TI, file_id: str, store: Store | None = None, **kwargs: Any) -> str:
+    kwargs.setdefault("endpoint", ENDPOINT)
+    op = OpenAIBatchCreateOperator(task_id="create", input_file_id=file_id, **kwargs)
+    context: dict[str, Any] = {"ti": ti}
+    if store is not None:
+        context["task_state_store"] = store
+    return op.execute(context)
+
+
+def ours(server: FakeOpenAIServer) -> list[str]:
+    return [b.id for b in server.state.batches.values() if IDEMPOTENCY_METADATA_KEY in (b.metadata or {})]
+
+
+def status(batch_id: str) -> str:
+    return OpenAIBatchHook().get_batch(batch_id).status
+
+
+# --- batch_status: what may be reused ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_store", [True, False], ids=["task_state_store", "metadata_scan"])
+def test_a_cancelling_batch_is_never_reused(fake, with_store):
+    """A clear whose on_kill cancelled the batch must not be followed by a re-run that waits for the dying one."""
+    file_id = upload([request_line(i) for i in range(3)])
+    ti, store = TI(f"r-{uuid.uuid4()}"), Store() if with_store else None
+    first = create(ti, file_id, store)
+    OpenAIBatchHook().cancel_batch(first)
+    assert status(first) == "cancelling"  # the fake clock stands still: it stays dying
+    ti.retry()
+    second = create(ti, file_id, store)
+    assert second != first
+    assert status(second) == "validating"
+
+
+@pytest.mark.parametrize("with_store", [True, False], ids=["task_state_store", "metadata_scan"])
+def test_a_retry_does_not_reuse_a_batch_that_failed_the_outcome_policy(live, with_store):
+    """10 % failed with max_failed_ratio=0.05: try 1 fails; try 2 makes a new batch instead of failing again."""
+    file_id = upload([request_line(i, **(TRANSIENT if i == 0 else {})) for i in range(10)])
+    ti, store = TI(f"r-{uuid.uuid4()}", retries=1), Store() if with_store else None
+    kwargs = {"wait_for_completion": True, "deferrable": False, "poll_interval": 0.01, "max_failed_ratio": 0.05}
+    with pytest.raises(BatchFailedError, match=r"more than max_failed_ratio=0\.05"):
+        create(ti, file_id, store, **kwargs)
+    assert len(ours(live)) == 1
+    ti.retry()
+    second = create(ti, file_id, store, **kwargs)
+    assert len(ours(live)) == 2
+    assert OpenAIBatchHook().get_batch(second).request_counts.failed == 0
+
+
+@pytest.mark.parametrize("with_store", [True, False], ids=["task_state_store", "metadata_scan"])
+def test_a_retry_reuses_a_completed_batch_that_passes_the_policy(fake, clock, with_store):
+    """The worker died after the batch completed: the retry pays nothing more."""
+    file_id = upload([request_line(i) for i in range(3)])
+    ti, store = TI(f"r-{uuid.uuid4()}", retries=2), Store() if with_store else None
+    first = create(ti, file_id, store)
+    clock.advance(3600)
+    assert status(first) == "completed"
+    ti.retry()
+    assert create(ti, file_id, store, wait_for_completion=True, deferrable=False) == first
+    assert ours(fake) == [first]
+
+
+# --- the create operator: clear means "run it again" unless asked for reuse ----------------------------
+
+
+@pytest.mark.parametrize("with_store", [True, False], ids=["task_state_store", "metadata_scan"])
+def test_clear_of_a_successful_create_runs_it_again(fake, clock, with_store):
+    file_id = upload([request_line(i) for i in range(3)])
+    ti, store = TI(f"r-{uuid.uuid4()}"), Store() if with_store else None
+    first = create(ti, file_id, store)
+    clock.advance(3600)
+    ti.clear()
+    second = create(ti, file_id, store)
+    assert second != first
+    assert ours(fake) == [first, second]
+
+
+@pytest.mark.parametrize("with_store", [True, False], ids=["task_state_store", "metadata_scan"])
+def test_clear_reuses_a_completed_batch_when_asked(fake, clock, with_store):
+    file_id = upload([request_line(i) for i in range(3)])
+    ti, store = TI(f"r-{uuid.uuid4()}"), Store() if with_store else None
+    first = create(ti, file_id, store, reuse="active_or_completed")
+    clock.advance(3600)
+    ti.clear()
+    assert create(ti, file_id, store, reuse="active_or_completed") == first
+    assert ours(fake) == [first]
+
+
+def test_clear_of_a_waiting_task_waits_for_the_same_batch(fake):
+    """The default: the batch is still working, so the re-run waits for it instead of paying twice."""
+    file_id = upload([request_line(i) for i in range(3)])
+    ti = TI(f"r-{uuid.uuid4()}")
+    first = create(ti, file_id)
+    ti.clear()
+    assert create(ti, file_id) == first
+    ti.clear()
+    third = create(ti, file_id, reuse="never")
+    assert third != first
+    assert status(first) == "validating"  # left alone: reuse='never' makes a new batch, it cancels nothing
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"metadata": {"team": "search"}},
+        {"completion_window": "48h"},
+        {"output_expires_after": 7 * 86400},
+        {"endpoint": "/v1/responses"},
+    ],
+    ids=["metadata", "completion_window", "output_expires_after", "endpoint"],
+)
+def test_a_changed_argument_is_a_new_batch(change, clock, monkeypatch):
+    with FakeOpenAIServer(timings=FAST, clock=clock, completion_windows=("24h", "48h"), allowed_endpoints=None) as srv:
+        monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(srv))
+        file_id = upload([request_line(i) for i in range(3)])
+        ti = TI(f"r-{uuid.uuid4()}", retries=2)
+        first = create(ti, file_id)
+        ti.retry()
+        second = create(ti, file_id, **change)
+        ti.retry()
+        assert create(ti, file_id, **change) == second  # the same arguments again: reused
+        assert second != first
+
+
+def test_two_deployments_never_share_a_batch(fake, monkeypatch):
+    """Same DAG, same scheduled run_id, same (reused) input file, two deployments: two batches."""
+    file_id = upload([request_line(i) for i in range(3)])
+    run_id = "scheduled__2026-01-01T00:00:00+00:00"
+    monkeypatch.setenv("AIRFLOW__OPENAI_BATCH__DEPLOYMENT_SALT", "deployment-a")
+    a = create(TI(run_id), file_id)
+    monkeypatch.setenv("AIRFLOW__OPENAI_BATCH__DEPLOYMENT_SALT", "deployment-b")
+    b = create(TI(run_id), file_id)
+    monkeypatch.delenv("AIRFLOW__OPENAI_BATCH__DEPLOYMENT_SALT")
+    monkeypatch.setenv("AIRFLOW__CORE__FERNET_KEY", "0" * 43 + "=")
+    c = create(TI(run_id), file_id)
+    assert len({a, b, c}) == 3
+    assert create(TI(run_id), file_id) == c  # the default salt is stable within a deployment
+
+
+def test_create_refuses_a_list_of_file_ids_with_what_to_do(fake):
+    before = fake.count("batches.create")
+    with pytest.raises(ValueError, match=r"Map over the list: .*expand\(input_file_id=upload.output\)"):
+        create(TI("r"), ["file-a", "file-b"])  # type: ignore[arg-type]
+    assert fake.count("batches.create") == before
+
+
+# --- download: only an ended batch ----------------------------------------------------------------------
+
+
+def test_download_refuses_a_batch_that_has_not_ended(fake, clock, tmp_path):
+    file_id = upload([request_line(i) for i in range(3)])
+    batch_id = create(TI("r"), file_id)
+    op = OpenAIBatchDownloadOperator(task_id="download", batch_id=batch_id, destination=str(tmp_path / "out"))
+    with pytest.raises(BatchNotEndedError, match=r"is 'validating', not ended.*Wait for it"):
+        op.execute({"ti": TI("r")})
+    assert not (tmp_path / "out").exists()
+    assert fake.count("files.content") == 0
+    clock.advance(3600)
+    assert op.execute({"ti": TI("r")})["output_lines"] == 3
