@@ -226,7 +226,9 @@ def test_two_deployments_never_share_a_batch(fake, monkeypatch):
     monkeypatch.setenv("AIRFLOW__CORE__FERNET_KEY", "0" * 43 + "=")
     c = create(TI(run_id), file_id)
     assert len({a, b, c}) == 3
-    assert create(TI(run_id), file_id) == c  # the default salt is stable within a deployment
+    retry = TI(run_id)
+    retry.retry()
+    assert create(retry, file_id) == c  # the default salt is stable within a deployment
 
 
 def test_create_refuses_a_list_of_file_ids_with_what_to_do(fake):
@@ -249,3 +251,44 @@ def test_download_refuses_a_batch_that_has_not_ended(fake, clock, tmp_path):
     assert fake.count("files.content") == 0
     clock.advance(3600)
     assert op.execute({"ti": TI("r")})["output_lines"] == 3
+
+
+def test_delete_remote_files_keeps_an_input_another_batch_still_reads(fake, clock, tmp_path):
+    """Uploads are reused by content, so two runs can share one input file: deleting it would break the other."""
+    file_id = upload([request_line(i) for i in range(3)])
+    mine = create(TI("run-a"), file_id)
+    clock.advance(3600)
+    other = create(TI("run-b"), file_id)  # created later: still validating on the frozen clock
+    op = OpenAIBatchDownloadOperator(
+        task_id="download", batch_id=mine, destination=str(tmp_path / "a"), delete_remote_files=True
+    )
+    result = op.execute({"ti": TI("run-a")})
+    assert result["output_lines"] == 3
+    assert file_id in fake.state.files  # kept: batch `other` reads it
+    assert result["output_file_id"] not in fake.state.files  # our own outputs are gone
+    clock.advance(3600)
+    OpenAIBatchDownloadOperator(
+        task_id="download", batch_id=other, destination=str(tmp_path / "b"), delete_remote_files=True
+    ).execute({"ti": TI("run-b")})
+    assert file_id not in fake.state.files  # the last reader deletes it
+
+
+def test_the_retry_lookup_reads_only_batches_since_the_dag_run_started(fake, clock):
+    """A shared account's older batches (here 300, 3 pages) are not read: the scan stops at the run's start."""
+    import types
+    from datetime import datetime, timezone
+
+    file_id = upload([request_line(i) for i in range(3)])
+    for _ in range(300):
+        fake.state.create_batch(file_id, ENDPOINT, "24h", {"team": "other"})
+    clock.advance(3600)
+    started = datetime.fromtimestamp(clock(), tz=timezone.utc)
+    ti = TI(f"r-{uuid.uuid4()}", retries=1)
+    ti.retry()  # try 2, whose try 1 died before sending: nothing to find
+    op = OpenAIBatchCreateOperator(task_id="create", input_file_id=file_id, endpoint=ENDPOINT)
+    fake.reset_counters()
+    op.execute({"ti": ti, "dag_run": types.SimpleNamespace(start_date=started)})
+    assert fake.count("batches.list") == 1
+    fake.reset_counters()
+    op.execute({"ti": TI(f"r-{uuid.uuid4()}")})  # a first try: nothing can exist yet, nothing is read
+    assert fake.count("batches.list") == 0

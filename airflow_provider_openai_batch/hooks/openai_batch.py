@@ -25,7 +25,14 @@ from airflow.providers.common.compat.sdk import BaseHook
 from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
 from openai.types import Batch, FileDeleted, FileObject
 
-from airflow_provider_openai_batch.batch_status import format_progress, is_terminal, poll_delay, progress_key, summarize
+from airflow_provider_openai_batch.batch_status import (
+    format_progress,
+    has_ended,
+    is_terminal,
+    poll_delay,
+    progress_key,
+    summarize,
+)
 from airflow_provider_openai_batch.exceptions import BatchTimeoutError, OpenAIBatchAPIError
 from airflow_provider_openai_batch.storage import (
     Destination,
@@ -397,6 +404,20 @@ class OpenAIBatchHook(BaseHook):
             if (batch.metadata or {}).get(metadata_key) == value:
                 return batch
         return None
+
+    def batches_reading(self, file_id: str, *, exclude: str | None = None) -> list[Batch]:
+        """
+        Batches other than ``exclude`` that read ``file_id`` as input and have not ended. The scan stops at the
+        file's own creation: no batch can have read it before it existed.
+        """
+        created_at = self.get_file(file_id).created_at
+        found = []
+        for batch in self.list_batches():
+            if batch.created_at < created_at:
+                break
+            if batch.input_file_id == file_id and batch.id != exclude and not has_ended(batch.status):
+                found.append(batch)
+        return found
 
     def wait_for_batch(
         self,

@@ -352,6 +352,10 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
                         raise
                 else:
                     return batch if self._may_reuse(batch, record.get("first_try"), first) else None
+        if getattr(context.get("ti"), "try_number", None) == 1:
+            # The task instance's very first try (try numbers grow across retries and clears): no earlier try
+            # can have made a batch, so there is nothing to scan for.
+            return None
         found = self.hook.find_batch(IDEMPOTENCY_METADATA_KEY, key, created_after=self._scan_start(context))
         if found is None:
             return None
@@ -576,8 +580,22 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
             if not file_id:
                 continue
             try:
+                if key == "input_file_id" and self._input_still_in_use(file_id, summary["batch_id"]):
+                    continue
                 self.hook.delete_file(file_id)
                 self.log.info("Deleted %s %s at OpenAI", key.replace("_id", ""), file_id)
             except OpenAIBatchAPIError as error:
-                if error.http_status != 404:
+                if not error.not_found:
                     raise
+
+    def _input_still_in_use(self, file_id: str, batch_id: str) -> bool:
+        """An input file is shared when uploads are reused by content: keep it while another batch reads it."""
+        others = self.hook.batches_reading(file_id, exclude=batch_id)
+        if others:
+            self.log.info(
+                "Kept input file %s at OpenAI: %d other batch(es) still read it (%s)",
+                file_id,
+                len(others),
+                ", ".join(b.id for b in others[:5]),
+            )
+        return bool(others)
