@@ -87,17 +87,10 @@ def summarize(batch: Any) -> BatchSummary:
 
 
 def poll_delay(poll_interval: float, max_poll_interval: float | None, batch_age: float) -> float:
-    """
-    Seconds until the next poll: ``poll_interval`` at first, then a tenth of the batch's age, capped at
-    ``max_poll_interval``.
+    """Seconds until the next poll; the cadence is ``polling.PollPolicy.delay``'s (kept here for callers)."""
+    from airflow_provider_openai_batch.polling import PollPolicy
 
-    A batch that has run for 5 hours will not finish in the next minute any more likely than in the next 10,
-    so later polls can be sparser while the delay in noticing the end stays under a tenth of the wait. A 1 h
-    batch takes about 29 polls instead of 60; a 24 h one about 60 instead of 1,440. ``None`` keeps the cadence fixed.
-    """
-    if max_poll_interval is None or max_poll_interval <= poll_interval:
-        return poll_interval
-    return min(max_poll_interval, max(poll_interval, batch_age / 10.0))
+    return PollPolicy(poll_interval, max_poll_interval).delay(batch_age)
 
 
 def format_progress(summary: BatchSummary) -> str:

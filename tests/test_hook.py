@@ -202,7 +202,10 @@ class TestBatches:
 class TestAsync:
     async def test_async_twins_share_one_client(self, conn_id, server, input_file):
         sync_hook = OpenAIBatchHook(conn_id)
-        batch = sync_hook.create_batch(sync_hook.upload_file(input_file).id, "/v1/chat/completions")
+        # "stall": still running when cancelled, however slow the machine is
+        batch = sync_hook.create_batch(
+            sync_hook.upload_file(input_file).id, "/v1/chat/completions", metadata={"fake_scenario": "stall"}
+        )
         first, second = OpenAIBatchHook(conn_id), OpenAIBatchHook(conn_id)
         assert await first.get_async_conn() is await second.get_async_conn()
         got = await first.aget_batch(batch.id)

@@ -9,6 +9,7 @@ current run of tries; a clear sets ``max_tries = try_number + retries``), so a n
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -292,3 +293,150 @@ def test_the_retry_lookup_reads_only_batches_since_the_dag_run_started(fake, clo
     fake.reset_counters()
     op.execute({"ti": TI(f"r-{uuid.uuid4()}")})  # a first try: nothing can exist yet, nothing is read
     assert fake.count("batches.list") == 0
+
+
+# --- one poll-failure policy and one kill policy for every way of waiting -------------------------------
+
+
+@pytest.fixture
+def no_sdk_retries(monkeypatch):
+    """A connection without the SDK's own retries, so each injected fault is one failed poll."""
+    with FakeOpenAIServer(timings=FAST) as srv:
+        monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(srv, max_retries=0))
+        yield srv
+
+
+def test_a_blocking_wait_survives_failed_polls(no_sdk_retries):
+    file_id = upload([request_line(i) for i in range(3)])
+    no_sdk_retries.faults.script("batches.retrieve", "500", "503", "429", "500")
+    batch_id = create(TI("r"), file_id, wait_for_completion=True, deferrable=False, poll_interval=0.01)
+    assert status(batch_id) == "completed"
+
+
+def test_a_blocking_wait_gives_up_after_max_poll_failures(no_sdk_retries):
+    from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
+
+    file_id = upload([request_line(i) for i in range(3)])
+    batch_id = OpenAIBatchHook().create_batch(file_id, ENDPOINT).id
+    no_sdk_retries.faults.script("batches.retrieve", *["500"] * 4)
+    with pytest.raises(OpenAIBatchAPIError, match="500"):
+        OpenAIBatchHook().wait_for_batch(batch_id, poll_interval=0.01, max_poll_failures=3)
+    assert no_sdk_retries.count("batches.retrieve") == 4
+
+
+def test_a_poking_sensor_tolerates_failed_polls(no_sdk_retries):
+    from airflow_provider_openai_batch.sensors.openai_batch import OpenAIBatchSensor
+
+    file_id = upload([request_line(i) for i in range(3)])
+    batch_id = OpenAIBatchHook().create_batch(file_id, ENDPOINT).id
+    sensor = OpenAIBatchSensor(task_id="wait", batch_id=batch_id, mode="poke", deferrable=False, max_poll_failures=2)
+    no_sdk_retries.faults.script("batches.retrieve", "500", "500", "500")
+    assert sensor.poke({"ti": TI("r")}) is False
+    assert sensor.poke({"ti": TI("r")}) is False
+    with pytest.raises(Exception, match="500"):
+        sensor.poke({"ti": TI("r")})
+
+
+def _trigger(batch_id: str, **kwargs: Any):
+    from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchTrigger
+
+    return OpenAIBatchTrigger(batch_id, "openai_default", 0.05, time.time() + 60, **kwargs)
+
+
+def _first_event(trigger) -> dict[str, Any]:
+    import asyncio
+
+    async def first() -> dict[str, Any]:
+        async for event in trigger.run():
+            return dict(event.payload)
+        raise AssertionError("no event")
+
+    return asyncio.run(first())
+
+
+@pytest.mark.parametrize(
+    ("state", "cancelled"),
+    [
+        ("failed", True),  # mark failed: Airflow 3's kill
+        (None, False),  # cleared: the re-run waits for the same batch
+        ("restarting", False),
+        ("success", False),  # marked successful: the batch runs on, a later download gets its results
+        ("<unknown>", False),  # the state could not be read: never guess in favour of throwing work away
+    ],
+)
+def test_trigger_on_kill_cancels_only_when_the_user_stopped_the_work(fake, state, cancelled, monkeypatch):
+    """Airflow 3.3 calls on_kill on clear, mark failed and mark success alike; the task's state tells them apart."""
+    import asyncio
+
+    file_id = upload([request_line(i) for i in range(3)])
+    batch_id = OpenAIBatchHook().create_batch(file_id, ENDPOINT).id
+    trigger = _trigger(batch_id)
+
+    async def state_now() -> str | None:
+        return state
+
+    monkeypatch.setattr(trigger, "task_state", state_now)
+    asyncio.run(trigger.on_kill())
+    assert fake.count("batches.cancel") == (1 if cancelled else 0)
+    assert status(batch_id) == ("cancelling" if cancelled else "validating")
+
+
+def test_a_clear_never_reuses_the_batch_it_cancelled(fake):
+    """Even if something cancels the batch while the task is cleared, the re-run does not wait for a dying batch."""
+    file_id = upload([request_line(i) for i in range(3)])
+    ti = TI(f"r-{uuid.uuid4()}")
+    first = create(ti, file_id)
+    OpenAIBatchHook().cancel_batch(first)
+    ti.clear()
+    assert create(ti, file_id) != first
+
+
+@pytest.mark.parametrize(("state", "cancelled"), [("failed", True), (None, False), ("success", False)])
+def test_poke_mode_sensor_on_kill_follows_the_same_policy(fake, state, cancelled, monkeypatch):
+    from airflow_provider_openai_batch.operators import base
+    from airflow_provider_openai_batch.sensors.openai_batch import OpenAIBatchSensor
+
+    file_id = upload([request_line(i) for i in range(3)])
+    batch_id = OpenAIBatchHook().create_batch(file_id, ENDPOINT).id
+    sensor = OpenAIBatchSensor(task_id="wait", batch_id=batch_id, mode="poke", deferrable=False)
+    assert sensor.poke({"ti": TI("r")}) is False
+    monkeypatch.setattr(base, "task_instance_state", lambda ti: state)
+    sensor.on_kill()
+    assert fake.count("batches.cancel") == (1 if cancelled else 0)
+
+
+def test_trigger_rereads_the_connection_once_after_a_401(live, monkeypatch):
+    """The key was rotated in the secrets backend while the task waited: the next poll uses the new one."""
+    import json
+
+    from airflow.sdk import BaseHook
+
+    file_id = upload([request_line(i) for i in range(3)])
+    batch_id = OpenAIBatchHook().create_batch(file_id, ENDPOINT).id
+    fresh = json.loads(connection_env(live))
+    monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", json.dumps({**fresh, "password": "sk-revoked"}))
+    real = BaseHook.aget_connection.__func__ if hasattr(BaseHook, "aget_connection") else None
+    reads: list[str] = []
+
+    async def rotating(cls, conn_id):  # the first read sees the old key; the key is rotated right after it
+        conn = await real(cls, conn_id) if real else BaseHook.get_connection(conn_id)
+        reads.append(conn.password)
+        monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", json.dumps(fresh))
+        return conn
+
+    monkeypatch.setattr(BaseHook, "aget_connection", classmethod(rotating))
+    event = _first_event(_trigger(batch_id, jitter_first_poll=False))
+    assert reads[:2] == ["sk-revoked", fresh["password"]]
+    assert event["status"] == "terminal"
+
+
+def test_trigger_fails_when_the_key_is_still_refused_after_a_reread(fake, monkeypatch):
+    import json
+
+    file_id = upload([request_line(i) for i in range(3)])
+    batch_id = OpenAIBatchHook().create_batch(file_id, ENDPOINT).id
+    monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", json.dumps({**json.loads(connection_env(fake)), "password": "x"}))
+    event = _first_event(_trigger(batch_id, jitter_first_poll=False))
+    assert event["status"] == "error"
+    assert "401" in event["message"]
+    assert fake.count("batches.retrieve") == 2  # the first try and the one after re-reading the connection
