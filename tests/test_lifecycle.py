@@ -9,8 +9,10 @@ current run of tries; a clear sets ``max_tries = try_number + retries``), so a n
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -440,3 +442,65 @@ def test_trigger_fails_when_the_key_is_still_refused_after_a_reread(fake, monkey
     assert event["status"] == "error"
     assert "401" in event["message"]
     assert fake.count("batches.retrieve") == 2  # the first try and the one after re-reading the connection
+
+
+# --- in real DAG runs (dag.test): mapping and the README's basic example ------------------------------
+
+
+@pytest.fixture
+def dag_server(airflow_db, monkeypatch):
+    from tests.conftest import DEFERRING
+
+    with FakeOpenAIServer(timings=DEFERRING) as srv:
+        monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(srv))
+        yield srv
+
+
+def test_mapped_downloads_to_one_destination_never_overwrite_each_other(dag_server, tmp_path):
+    from airflow_provider_openai_batch.operators.openai_batch import OpenAIBatchUploadOperator
+    from airflow_provider_openai_batch.sensors.openai_batch import OpenAIBatchSensor
+    from tests.conftest import run_dag, task_states, xcoms
+
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(jsonl([request_line(i) for i in range(6)]))
+    destination = tmp_path / "results"
+
+    def build():
+        up = OpenAIBatchUploadOperator(
+            task_id="upload", source=str(source), endpoint=ENDPOINT, sharding="always", max_requests_per_file=2
+        )
+        create = OpenAIBatchCreateOperator.partial(task_id="create", endpoint=ENDPOINT).expand(input_file_id=up.output)
+        wait = OpenAIBatchSensor.partial(task_id="wait", deferrable=True, poke_interval=0.1).expand(
+            batch_id=create.output
+        )
+        OpenAIBatchDownloadOperator.partial(task_id="download", destination=str(destination)).expand(
+            batch_id=wait.output
+        )
+
+    run = run_dag(build)
+    assert set(task_states(run).values()) == {"success"}
+    uris = {i: r["output_uri"] for i, r in xcoms(run, "download").items()}
+    assert sorted(uris) == [0, 1, 2]
+    assert len(set(uris.values())) == 3
+    seen = set()
+    for index, uri in uris.items():
+        assert uri == str(destination / str(index) / "output.jsonl")
+        seen |= {json.loads(line)["custom_id"] for line in Path(uri).read_text().splitlines()}
+    assert seen == {f"req-{i}" for i in range(6)}
+
+
+def test_the_readme_basic_example_with_50001_lines_says_what_to_do(dag_server, tmp_path):
+    """upload → create(input_file_id=upload.output): a sharded upload is refused by create with the fix, no batch."""
+    from airflow_provider_openai_batch.operators.openai_batch import OpenAIBatchUploadOperator
+    from tests.conftest import run_dag, task_states
+
+    source = tmp_path / "big.jsonl"
+    source.write_bytes(jsonl([request_line(i) for i in range(50_001)]))
+
+    def build():
+        up = OpenAIBatchUploadOperator(task_id="upload", source=str(source), endpoint=ENDPOINT)
+        OpenAIBatchCreateOperator(task_id="create", input_file_id=up.output, endpoint=ENDPOINT)
+
+    run = run_dag(build)
+    assert task_states(run) == {"upload": "success", "create": "failed"}
+    assert dag_server.count("batches.create") == 0

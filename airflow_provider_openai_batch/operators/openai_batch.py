@@ -447,7 +447,8 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
 
     :param batch_id: A batch id or the sensor's summary. Templated.
     :param destination: Folder (path, URI or ``ObjectStoragePath``). Templated. Default: a per-run folder under
-        ``$AIRFLOW_HOME/openai_batch_results/<dag_id>/<run_id>/<task_id>/``.
+        ``$AIRFLOW_HOME/openai_batch_results/<dag_id>/<run_id>/<task_id>/``. A mapped task instance writes to
+        ``<destination>/<map_index>/``, so mapped downloads never overwrite each other.
     :param delete_remote_files: After a verified download, delete the input, output and error files at
         OpenAI (data-retention rules).
     :param check_counts: Fail when the downloaded lines do not add up to the batch's request count.
@@ -490,11 +491,17 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
         self.price_table = price_table
 
     def _folder(self, context: Mapping[str, Any]) -> Any:
-        if self.destination:
-            return to_storage_path(self.destination)
+        """
+        Where the files go. A mapped task instance writes to a subfolder named after its map index, whether
+        ``destination`` is given or not: mapped downloads share one ``destination`` argument (``partial``), and
+        without it every shard would write the same ``output.jsonl`` over the others.
+        """
         ti = context["ti"]
-        home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
-        folder = Path(home) / "openai_batch_results" / ti.dag_id / ti.run_id.replace(":", "_") / ti.task_id
+        if self.destination:
+            folder = to_storage_path(self.destination)
+        else:
+            home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
+            folder = Path(home) / "openai_batch_results" / ti.dag_id / ti.run_id.replace(":", "_") / ti.task_id
         map_index = getattr(ti, "map_index", -1)
         return folder / str(map_index) if map_index not in (None, -1) else folder
 
