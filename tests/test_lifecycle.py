@@ -504,3 +504,26 @@ def test_the_readme_basic_example_with_50001_lines_says_what_to_do(dag_server, t
     run = run_dag(build)
     assert task_states(run) == {"upload": "success", "create": "failed"}
     assert dag_server.count("batches.create") == 0
+
+
+def test_request_dicts_in_source_are_not_templated(dag_server, caplog):
+    """Prompts holding Jinja syntax pass through untouched; a string source is still a template."""
+    from airflow_provider_openai_batch.operators.openai_batch import OpenAIBatchUploadOperator
+    from tests.conftest import run_dag, task_states, xcoms
+
+    prompts = ["{% if x %}keep{% endif %}", "Hello {{name}}, {{ ds }}", "{#"]
+    rows = [request_line(i) for i in range(3)]
+    for row, prompt in zip(rows, prompts, strict=True):
+        row["body"]["messages"][0]["content"] = prompt
+
+    def build():
+        OpenAIBatchUploadOperator(task_id="upload", source=rows, endpoint=ENDPOINT, filename="{{ ds }}.jsonl")
+
+    run = run_dag(build)
+    assert task_states(run) == {"upload": "success"}
+    file_id = xcoms(run, "upload")[-1]
+    stored = dag_server.state.files[file_id]
+    sent = [json.loads(line)["body"]["messages"][0]["content"] for line in stored.path.read_text().splitlines()]
+    assert sent == prompts
+    assert stored.filename.startswith(run.logical_date.strftime("%Y-%m-%d."))  # the other fields still render
+    assert not [r for r in caplog.records if r.levelname == "ERROR" and "{{name}}" in r.getMessage()]
