@@ -16,6 +16,10 @@ ACTIVE_STATUSES = frozenset({"validating", "in_progress", "finalizing", "cancell
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
 #: Ended without output: a new batch is the only way forward, so an idempotent create may make one.
 DEAD_STATUSES = frozenset({"failed", "expired", "cancelled"})
+#: Still working towards its results: an earlier try's batch in one of these can be waited for again.
+#: ``cancelling`` is not here: a dying batch ends ``cancelled`` whatever we do, so waiting for it again only
+#: turns the re-run into a failure (issue 11: a clear that cancelled the batch, then a re-run that reused it).
+WORKING_STATUSES = frozenset({"validating", "in_progress", "finalizing"})
 
 BatchSummary = dict[str, Any]
 
@@ -30,8 +34,12 @@ def is_terminal(status: str) -> bool:
 
 
 def is_reusable(status: str) -> bool:
-    """An earlier batch in this status can stand in for a new one (a retry must not pay twice)."""
-    return status not in DEAD_STATUSES
+    """
+    An earlier batch in this status may stand in for a new one (a retry must not pay twice), subject to
+    ``reuse_verdict``: working batches and ``completed`` ones, never ``cancelling`` or an ended-without-output one.
+    An unknown status is not reused either: we cannot tell whether it will ever produce results.
+    """
+    return status in WORKING_STATUSES or status == "completed"
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
@@ -107,17 +115,10 @@ def expected_result_lines(summary: BatchSummary) -> dict[str, LineRange] | None:
 
 
 def poll_delay(poll_interval: float, max_poll_interval: float | None, batch_age: float) -> float:
-    """
-    Seconds until the next poll: ``poll_interval`` at first, then a tenth of the batch's age, capped at
-    ``max_poll_interval``.
+    """Seconds until the next poll; the cadence is ``polling.PollPolicy.delay``'s (kept here for callers)."""
+    from airflow_provider_openai_batch.polling import PollPolicy
 
-    A batch that has run for 5 hours will not finish in the next minute any more likely than in the next 10,
-    so later polls can be sparser while the delay in noticing the end stays under a tenth of the wait. A 1 h
-    batch takes about 29 polls instead of 60; a 24 h one about 60 instead of 1,440. ``None`` keeps the cadence fixed.
-    """
-    if max_poll_interval is None or max_poll_interval <= poll_interval:
-        return poll_interval
-    return min(max_poll_interval, max(poll_interval, batch_age / 10.0))
+    return PollPolicy(poll_interval, max_poll_interval).delay(batch_age)
 
 
 def format_progress(summary: BatchSummary) -> str:
@@ -166,6 +167,36 @@ class Outcome:
     ok: bool
     message: str
     warning: bool = False
+
+
+@dataclass(frozen=True)
+class ReuseVerdict:
+    """Whether an earlier try's batch may stand in for a new one, and why (logged either way)."""
+
+    reuse: bool
+    reason: str
+
+
+def reuse_verdict(summary: BatchSummary, policy: OutcomePolicy, *, allow_completed: bool) -> ReuseVerdict:
+    """
+    May the batch an earlier try made be used instead of creating one?
+
+    A working batch: yes (creating another would pay twice for the same work). ``cancelling`` and the ended-
+    without-output statuses: no. ``completed``: only when ``allow_completed`` and the task's outcome policy
+    accepts it, so a retry of a task that failed on its batch's failed requests makes a new batch instead of
+    failing again on the same one forever.
+    """
+    status, batch_id = summary["status"], summary["batch_id"]
+    if status in WORKING_STATUSES:
+        return ReuseVerdict(True, f"batch {batch_id} is still {status}")
+    if status != "completed":
+        return ReuseVerdict(False, f"batch {batch_id} is {status} and will not produce (more) results")
+    if not allow_completed:
+        return ReuseVerdict(False, f"batch {batch_id} already completed and this task was cleared to run again")
+    outcome = evaluate(summary, policy)
+    if not outcome.ok:
+        return ReuseVerdict(False, f"batch {batch_id} completed but fails this task's outcome policy")
+    return ReuseVerdict(True, f"batch {batch_id} completed and passes this task's outcome policy")
 
 
 def _format_errors(errors: list[dict[str, Any]], limit: int = 10) -> str:

@@ -64,6 +64,11 @@ class OpenAIBatchAPIError(OpenAIBatchError):
         """
         return self.http_status in (400, 409)
 
+    @property
+    def unauthorized(self) -> bool:
+        """401: the key was refused (revoked, rotated, mistyped); a fresh read of the connection may help."""
+        return self.http_status == 401
+
     def __reduce__(self) -> tuple[Any, ...]:
         return (
             _rebuild_api_error,
@@ -128,3 +133,22 @@ class BatchTimeoutError(BatchFailedError, AirflowSensorTimeout):
 
 class DownloadMismatchError(OpenAIBatchError):
     """The downloaded result files do not hold as many lines as the batch says it processed."""
+
+
+class BatchNotEndedError(OpenAIBatchError):
+    """
+    A download was asked for a batch that has not ended: its files are not final (or do not exist yet).
+
+    Usually a wait upstream was marked successful, or a batch id was passed straight from create. The batch is
+    left alone; retry the download once the batch has ended (or wait for it with ``OpenAIBatchSensor``).
+    """
+
+    def __init__(self, batch_id: str, status: str) -> None:
+        self.batch_id, self.status = batch_id, status
+        super().__init__(
+            f"Batch {batch_id} is {status!r}, not ended: its result files are not final, so nothing was "
+            "downloaded. Wait for it (OpenAIBatchSensor) before downloading, or retry this task once it has ended."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.batch_id, self.status))

@@ -1,20 +1,24 @@
 """
 A retry never pays twice: the identity every batch carries, and how an attempt finds what an earlier one made.
 
-Every batch we create carries ``metadata[airflow_idempotency_key]``: a hash of the task instance (without the try
-number, so every try computes the same key) and of what is being run (input file and endpoint, so a changed
-input is a new batch). Before creating, an attempt looks for its batch in the Task SDK's ``task_state_store``
-(Airflow 3.3+) and then in the account's recent batches, which also covers a crash between the API call and
-any local record. Uploads do the same with a content hash in the file name.
+Every batch we create carries ``metadata[airflow_idempotency_key]``: a hash of a deployment salt, of the task
+instance (without the try number, so every try computes the same key) and of everything that changes what the batch
+does (input file, endpoint, completion window, metadata, output expiry), so a changed input or argument is a new
+batch. It also carries ``metadata[airflow_first_try]``: the first try number of the task's current run of tries,
+which is how a later try tells a retry (same number) from a re-run after a clear (a new number). Before creating, an
+attempt looks for its batch in the Task SDK's ``task_state_store`` (Airflow 3.3+) and then among the batches created
+since its DAG run started, which also covers a crash between the API call and any local record. Uploads do the same
+with a content hash in the file name.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from airflow_provider_openai_batch.exceptions import BatchInputError, InputIssue, OpenAIBatchAPIError
@@ -23,13 +27,22 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_METADATA_KEY = "airflow_idempotency_key"
+#: The first try number of the run of tries that created the batch (see ``first_try``).
+FIRST_TRY_METADATA_KEY = "airflow_first_try"
+RESERVED_METADATA_KEYS = (IDEMPOTENCY_METADATA_KEY, FIRST_TRY_METADATA_KEY)
 STATE_STORE_KEY = "openai_batch_create"
 MAX_METADATA_KEYS = 16
+#: ``[openai_batch] deployment_salt`` (env ``AIRFLOW__OPENAI_BATCH__DEPLOYMENT_SALT``) names this deployment in
+#: every idempotency key; see ``deployment_salt``.
+SALT_SECTION, SALT_OPTION = "openai_batch", "deployment_salt"
+#: Taken off the DAG run's start when scanning for an earlier try's batch: our clock and OpenAI's may disagree.
+CLOCK_SKEW = timedelta(minutes=10)
 MAX_METADATA_KEY_LENGTH = 64
 MAX_METADATA_VALUE_LENGTH = 512
 #: First back-off (seconds) before looking for what a failed send may have made; doubles per attempt.
 RETRY_BASE_DELAY = 0.5
-#: How far back an attempt scans the account's batches for one it made: a 24 h window plus retries.
+#: How far back an upload looks for an identical file to reuse; also the create's scan window when the DAG run's
+#: start is unknown (a context without ``dag_run``).
 DEFAULT_LOOKBACK = timedelta(hours=48)
 
 
@@ -40,27 +53,111 @@ def task_identity(context: Mapping[str, Any]) -> tuple[str, str, str, int]:
     return ti.dag_id, ti.task_id, ti.run_id, -1 if map_index is None else int(map_index)
 
 
-def idempotency_key(identity: tuple[str, str, str, int], *parts: str) -> str:
+def idempotency_key(identity: tuple[str, str, str, int], *parts: str, salt: str | None = None) -> str:
     """
     ``\\x00``-joined so that ``("etl", "load_data")`` and ``("etl_load", "data")`` cannot collide.
     32 hex characters (128 bits) fit comfortably in a metadata value and never collide in practice.
+    ``salt`` defaults to this deployment's (``deployment_salt``).
     """
-    material = "\x00".join([*map(str, identity), *parts])
+    material = "\x00".join([deployment_salt() if salt is None else salt, *map(str, identity), *parts])
     return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
-def build_metadata(user_metadata: Mapping[str, Any] | None, key: str) -> dict[str, str]:
+def work_parts(
+    input_file_id: str,
+    endpoint: str,
+    completion_window: str,
+    metadata: Mapping[str, Any] | None,
+    output_expires_after_seconds: int | None,
+) -> tuple[str, ...]:
+    """Everything that changes what a batch does, as key parts: change any of them and it is a new batch."""
+    return (
+        str(input_file_id),
+        str(endpoint),
+        str(completion_window),
+        json.dumps(dict(metadata or {}), sort_keys=True, default=str),
+        "" if output_expires_after_seconds is None else str(int(output_expires_after_seconds)),
+    )
+
+
+def deployment_salt() -> str:
     """
-    The user's metadata plus our key, checked against OpenAI's limits before anything is sent
-    (16 keys, 64-character keys, 512-character string values), with an error that names the field.
+    What tells this Airflow deployment's batches from another's on the same OpenAI project.
+
+    Two deployments run the same DAG with the same scheduled ``run_id`` and (uploads being reused by content) the
+    same input file id, so without a salt their keys match and one reuses, or deletes the input of, the other's
+    batch. ``[openai_batch] deployment_salt`` sets it explicitly (any string; the same on every component of
+    one deployment). The default is a hash of ``[core] fernet_key``: every component that decrypts connections
+    needs the same one, each deployment generates its own, and it is secret, so the salt cannot be guessed from
+    outside. Without a fernet key the salt is empty (the behaviour before salts existed). Rotating the fernet
+    key changes the salt: a task retried across a rotation creates a new batch (set the option to avoid that).
+    """
+    from airflow.providers.common.compat.sdk import conf
+
+    explicit = conf.get(SALT_SECTION, SALT_OPTION, fallback=None)
+    if explicit:
+        return str(explicit)
+    fernet = conf.get("core", "fernet_key", fallback="") or ""
+    if not fernet.strip():
+        return ""
+    return "fernet:" + hashlib.sha256(fernet.strip().encode()).hexdigest()[:16]
+
+
+def first_try(context: Mapping[str, Any], retries: int | None) -> int | None:
+    """
+    The first try number of the task instance's current run of tries: the same for every retry, new after a
+    clear. Airflow sets ``max_tries = try_number + retries`` when a task is cleared, and computes the first try
+    of the current run the same way (``RuntimeTaskInstance.get_first_reschedule_date``:
+    ``max_tries - retries + 1``). ``None`` when the task instance does not say (then every try counts as a retry).
+    """
+    max_tries = getattr(context.get("ti"), "max_tries", None)
+    if not isinstance(max_tries, int) or max_tries < 0:
+        return None
+    return max_tries - int(retries or 0) + 1
+
+
+def _epoch(value: Any) -> float | None:
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
+
+
+def scan_start(context: Mapping[str, Any], fallback: timedelta = DEFAULT_LOOKBACK) -> float:
+    """
+    Epoch seconds from which to scan the account's batches for one an earlier try made: when the DAG run
+    started (less ``CLOCK_SKEW``). No try of this run can have made a batch before that, so the scan costs
+    the batches created since, a page or two, not a fixed window of the account's history. A run cleared
+    after it finished starts again (Airflow resets its ``start_date``): batches of its earlier life are then
+    found through ``task_state_store`` (3.3+) only. Without a DAG run in the context: ``fallback`` back from now.
+    """
+    dag_run = context.get("dag_run")
+    started = _epoch(getattr(dag_run, "start_date", None)) if dag_run is not None else None
+    if started is None:
+        return time.time() - fallback.total_seconds()
+    return started - CLOCK_SKEW.total_seconds()
+
+
+def build_metadata(user_metadata: Mapping[str, Any] | None, key: str, first: int | None = None) -> dict[str, str]:
+    """
+    The user's metadata plus our key (and the first try number, when known), checked against OpenAI's limits
+    before anything is sent (16 keys, 64-character keys, 512-character string values), with an error that names
+    the field.
     """
     metadata = dict(user_metadata or {})
     issues: list[InputIssue] = []
-    if IDEMPOTENCY_METADATA_KEY in metadata:
-        issues.append(InputIssue(0, IDEMPOTENCY_METADATA_KEY, "is reserved for the provider's retry safety"))
-    if len(metadata) > MAX_METADATA_KEYS - 1:
+    reserved = len(RESERVED_METADATA_KEYS)
+    for name in RESERVED_METADATA_KEYS:
+        if name in metadata:
+            issues.append(InputIssue(0, name, "is reserved for the provider's retry safety"))
+    if len(metadata) > MAX_METADATA_KEYS - reserved:
         issues.append(
-            InputIssue(0, None, f"{len(metadata)} keys; at most {MAX_METADATA_KEYS - 1} (one is reserved for retries)")
+            InputIssue(
+                0,
+                None,
+                f"{len(metadata)} keys; at most {MAX_METADATA_KEYS - reserved} ({reserved} are reserved for retries)",
+            )
         )
     for name, value in metadata.items():
         if not isinstance(name, str) or len(name) > MAX_METADATA_KEY_LENGTH:
@@ -72,6 +169,8 @@ def build_metadata(user_metadata: Mapping[str, Any] | None, key: str) -> dict[st
     if issues:
         raise BatchInputError("metadata", issues)
     metadata[IDEMPOTENCY_METADATA_KEY] = key
+    if first is not None:
+        metadata[FIRST_TRY_METADATA_KEY] = str(first)
     return metadata
 
 

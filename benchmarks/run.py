@@ -253,6 +253,23 @@ def polls(rows: list[Row]) -> None:
     )
 
 
+def lookup(rows: list[Row]) -> None:
+    ours = run_child("benchmarks.lookup", "--window", "dag-run")
+    fixed = run_child("benchmarks.lookup", "--window", "fixed-48h")
+    worst = ours["retry_nothing_to_find_list_calls"]
+    rows.append(
+        Row(
+            f"List calls per create, account with {ours['account_batches']:,} batches from the last 48 h "
+            "(first try / retry / retry with nothing to find; run started 10 min ago)",
+            f"{ours['first_try_list_calls']} / {ours['retry_found_list_calls']} / {worst}",
+            "<= 2",
+            f"fixed 48 h window: {fixed['first_try_list_calls']} / {fixed['retry_found_list_calls']} / "
+            f"{fixed['retry_nothing_to_find_list_calls']}",
+            worst <= 2,
+        )
+    )
+
+
 def join(rows: list[Row], work: Path) -> None:
     from benchmarks.join import PER_SHARD, SHARDS, generate
 
@@ -287,7 +304,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="openai-batch-bench-") as folder:
         os.environ.setdefault("AIRFLOW_HOME", str(Path(folder) / "airflow"))
         work = Path(folder)
-        for step in (p1, polls):
+        for step in (p1, polls, lookup):
             step(rows)
         for step_with_files in (p2, p3, join):
             step_with_files(rows, work)

@@ -6,6 +6,7 @@ Embeddings: requests built in a task, a batch created and waited for in one defe
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pendulum
@@ -17,10 +18,9 @@ from airflow_provider_openai_batch.operators.openai_batch import (
     OpenAIBatchUploadOperator,
 )
 
-try:
-    from example_dags._settings import EMBEDDING_MODEL, POLL_SECONDS
-except ImportError:
-    from _settings import EMBEDDING_MODEL, POLL_SECONDS  # type: ignore[no-redef]
+EMBEDDING_MODEL = os.environ.get("OPENAI_BATCH_EXAMPLE_EMBEDDING_MODEL", "text-embedding-3-small")
+#: Seconds between status polls: one minute suits real batches; the offline demo and the tests use less.
+POLL_SECONDS = float(os.environ.get("OPENAI_BATCH_EXAMPLE_POLL_SECONDS", "60"))
 
 DOCUMENTS = [
     "Airflow schedules and monitors workflows.",

@@ -22,10 +22,9 @@ from airflow_provider_openai_batch.operators.openai_batch import (
 )
 from airflow_provider_openai_batch.sensors.openai_batch import OpenAIBatchSensor
 
-try:
-    from example_dags._settings import MODEL, POLL_SECONDS
-except ImportError:
-    from _settings import MODEL, POLL_SECONDS  # type: ignore[no-redef]
+MODEL = os.environ.get("OPENAI_BATCH_EXAMPLE_MODEL", "gpt-4o-mini")
+#: Seconds between status polls: one minute suits real batches; the offline demo and the tests use less.
+POLL_SECONDS = float(os.environ.get("OPENAI_BATCH_EXAMPLE_POLL_SECONDS", "60"))
 
 ENDPOINT = "/v1/chat/completions"
 

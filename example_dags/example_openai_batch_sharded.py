@@ -21,10 +21,9 @@ from airflow_provider_openai_batch.operators.openai_batch import (
 )
 from airflow_provider_openai_batch.sensors.openai_batch import OpenAIBatchSensor
 
-try:
-    from example_dags._settings import EMBEDDING_MODEL, POLL_SECONDS
-except ImportError:
-    from _settings import EMBEDDING_MODEL, POLL_SECONDS  # type: ignore[no-redef]
+EMBEDDING_MODEL = os.environ.get("OPENAI_BATCH_EXAMPLE_EMBEDDING_MODEL", "text-embedding-3-small")
+#: Seconds between status polls: one minute suits real batches; the offline demo and the tests use less.
+POLL_SECONDS = float(os.environ.get("OPENAI_BATCH_EXAMPLE_POLL_SECONDS", "60"))
 
 REQUESTS = int(os.environ.get("OPENAI_BATCH_EXAMPLE_SHARDED_REQUESTS", "120000"))
 

@@ -5,6 +5,7 @@ several input files (one per region) with dynamic task mapping.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pendulum
@@ -17,10 +18,9 @@ from airflow_provider_openai_batch.operators.openai_batch import (
 )
 from airflow_provider_openai_batch.sensors.openai_batch import OpenAIBatchSensor
 
-try:
-    from example_dags._settings import MODEL, POLL_SECONDS
-except ImportError:
-    from _settings import MODEL, POLL_SECONDS  # type: ignore[no-redef]
+MODEL = os.environ.get("OPENAI_BATCH_EXAMPLE_MODEL", "gpt-4o-mini")
+#: Seconds between status polls: one minute suits real batches; the offline demo and the tests use less.
+POLL_SECONDS = float(os.environ.get("OPENAI_BATCH_EXAMPLE_POLL_SECONDS", "60"))
 
 REVIEWS = {
     "emea": ["Fast delivery, great fit.", "The zip broke after a week.", "Colour as pictured."],

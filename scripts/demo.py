@@ -4,6 +4,10 @@
 A fresh ``AIRFLOW_HOME`` on SQLite, the fake server on a free port, ``airflow dags test example_openai_batch``,
 then where the results landed and a few results joined to their inputs. With ``DEMO_REAL=1`` and
 ``OPENAI_API_KEY`` set, the same DAG runs against the real API instead (and costs real money).
+
+The demo shows the sensor deferring, so it must not depend on how fast the machine is: the fake server's clock is
+held until the ``wait`` task has deferred (seen in the run's output), so the batch is still running whenever the
+sensor first looks, however slow the machine; then the clock runs and the batch finishes in about a second.
 """
 
 from __future__ import annotations
@@ -15,15 +19,39 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DAG_ID = "example_openai_batch"
+#: If the sensor has not deferred after this long, let the batch run anyway (the demo then reports it).
+HOLD_AT_MOST = 900.0
+
+
+class HeldClock:
+    """The fake server's clock: stands still until ``release()``, then runs at real speed from there."""
+
+    def __init__(self) -> None:
+        self._held_at = time.time()
+        self._released_at: float | None = None
+
+    def __call__(self) -> float:
+        released = self._released_at
+        return self._held_at if released is None else self._held_at + (time.time() - released)
+
+    def release(self) -> None:
+        if self._released_at is None:
+            self._released_at = time.time()
+
+
+def deferred(line: str) -> bool:
+    return "Pausing task as DEFERRED" in line and "task_id=wait" in line
 
 
 @contextlib.contextmanager
-def openai_endpoint() -> Iterator[dict[str, str]]:
+def openai_endpoint(clock: HeldClock) -> Iterator[dict[str, str]]:
     """The connection to use: the real API when asked for, else a fake server started here."""
     if os.environ.get("DEMO_REAL") == "1":
         key = os.environ.get("OPENAI_API_KEY")
@@ -33,7 +61,7 @@ def openai_endpoint() -> Iterator[dict[str, str]]:
         return
     from airflow_provider_openai_batch.testing import FakeOpenAIServer
 
-    with FakeOpenAIServer() as server:
+    with FakeOpenAIServer(clock=clock) as server:
         print(f"FakeOpenAIServer on {server.base_url}")
         yield {"conn_type": "openai_batch", "host": server.base_url, "password": server.api_key or ""}
 
@@ -49,21 +77,23 @@ def main() -> int:
         "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "True",
         "OPENAI_BATCH_EXAMPLE_POLL_SECONDS": "1" if os.environ.get("DEMO_REAL") != "1" else "30",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "PYTHONUNBUFFERED": "1",
     }
     airflow = [sys.executable, "-m", "airflow"]
     print(f"AIRFLOW_HOME={home}")
     subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True)
-    with openai_endpoint() as connection:
+    clock = HeldClock()
+    with openai_endpoint(clock) as connection:
         env["AIRFLOW_CONN_OPENAI_DEFAULT"] = json.dumps(connection)
-        run = subprocess.run([*airflow, "dags", "test", DAG_ID], env=env, capture_output=True, text=True)
-    log = run.stdout + run.stderr
+        returncode, lines = run_releasing(clock, [*airflow, "dags", "test", DAG_ID], env)
+    log = "".join(lines)
     (home / "dags-test.log").write_text(log)
-    if run.returncode != 0:
+    if returncode != 0:
         print(log[-6000:])
         print(f"\nairflow dags test failed (full log: {home / 'dags-test.log'})", file=sys.stderr)
-        return run.returncode
-    deferred = [line for line in log.splitlines() if "Pausing task as DEFERRED" in line and "task_id=wait" in line]
-    if deferred:
+        return returncode
+    did_defer = any(deferred(line) for line in lines)
+    if did_defer:
         print(f"airflow dags test {DAG_ID}: success; the sensor deferred and its trigger waited for the batch")
     else:
         print(f"airflow dags test {DAG_ID}: success, but the sensor did not defer", file=sys.stderr)
@@ -82,7 +112,23 @@ def main() -> int:
             question = row["request"]["messages"][-1]["content"]
             answer = (row["response"] or {}).get("choices", [{}])[0].get("message", {}).get("content")
             print(f"  {row['custom_id']} [{row['status']}] {question!r} -> {answer!r}")
-    return 0 if deferred else 1
+    return 0 if did_defer else 1
+
+
+def run_releasing(clock: HeldClock, command: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
+    """Run ``command``, keeping its output; release the clock once the sensor has deferred (or after a bound)."""
+    lines: list[str] = []
+    timer = threading.Timer(HOLD_AT_MOST, clock.release)
+    timer.daemon = True
+    timer.start()
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if deferred(line):
+                clock.release()
+    timer.cancel()
+    return proc.returncode, lines
 
 
 if __name__ == "__main__":

@@ -100,3 +100,21 @@ def test_example_resubmit(server, simulate):
         assert result["rounds"] == 1
         assert states["upload_round_2"] == "skipped"
         assert server.batches_created == 1
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(p.name for p in __import__("pathlib").Path("example_dags").glob("example_*.py")),
+)
+def test_each_example_is_one_self_contained_file(name, tmp_path):
+    """A user copies one file into their dags folder: it must parse there alone (no sibling imports)."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(f"example_dags/{name}", tmp_path / name)
+    code = "import runpy, sys; runpy.run_path(sys.argv[1])"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / name)], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -80,8 +80,9 @@ def _quick_backoff(monkeypatch):
     monkeypatch.setattr(idempotency, "RETRY_BASE_DELAY", 0.01)
 
 
-def batches_for(server: FakeOpenAIServer, ti: FakeTI, file_id: str) -> list[str]:
-    key = idempotency.idempotency_key((ti.dag_id, ti.task_id, ti.run_id, ti.map_index), file_id, "/v1/chat/completions")
+def batches_for(server: FakeOpenAIServer, ti: FakeTI, file_id: str, metadata: dict | None = None) -> list[str]:
+    work = idempotency.work_parts(file_id, "/v1/chat/completions", "24h", metadata, None)
+    key = idempotency.idempotency_key((ti.dag_id, ti.task_id, ti.run_id, ti.map_index), *work)
     return [b.id for b in server.state.batches.values() if (b.metadata or {}).get(IDEMPOTENCY_METADATA_KEY) == key]
 
 
@@ -135,8 +136,8 @@ def attempt(
         elif point == "after_record":
             real_remember = op._remember
 
-            def recorded_then_crash(ctx: Any, key: str, batch_id: str) -> None:
-                real_remember(ctx, key, batch_id)
+            def recorded_then_crash(*args: Any) -> None:
+                real_remember(*args)
                 raise Crash()
 
             patch.setattr(op, "_remember", recorded_then_crash)
@@ -218,7 +219,7 @@ def test_a_dead_batch_is_replaced(ending, shared_server, monkeypatch):
         time.sleep(0.05)
     second = op.execute({"ti": ti})
     assert second != first
-    assert len(batches_for(shared_server, ti, file_id)) == 2
+    assert len(batches_for(shared_server, ti, file_id, {"fake_scenario": scenario})) == 2
 
 
 def test_a_completed_batch_is_reused_without_waiting(shared_server, input_file_id, monkeypatch):
@@ -247,7 +248,7 @@ def test_metadata_limits_are_checked_before_sending(shared_server, input_file_id
         metadata={f"k{i}": "v" for i in range(16)},
     )
     before = shared_server.count("batches.create")
-    with pytest.raises(ValueError, match="16 keys; at most 15"):
+    with pytest.raises(ValueError, match="16 keys; at most 14"):
         op.execute({"ti": FakeTI("r")})
     op.metadata = {"note": "x" * 513}
     with pytest.raises(ValueError, match="field 'note': 513 characters"):

@@ -160,9 +160,14 @@ def test_trigger_serialize_round_trip():
     }
 
 
-def test_on_kill_cancels_the_batch(hook, conn_id, server):
+def test_on_kill_cancels_the_batch(hook, conn_id, server, monkeypatch):
     batch_id = make_batch(hook, fake_scenario="stall")
     trigger = OpenAIBatchTrigger(batch_id=batch_id, conn_id=conn_id, poll_interval=0.05, end_time=time.time() + 30)
+
+    async def marked_failed() -> str:
+        return "failed"
+
+    monkeypatch.setattr(trigger, "task_state", marked_failed)
     asyncio.run(trigger.on_kill())
     assert server.count("batches.cancel") == 1
     assert hook.get_batch(batch_id).status == "cancelling"

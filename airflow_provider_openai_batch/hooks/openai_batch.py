@@ -25,8 +25,14 @@ from airflow.providers.common.compat.sdk import BaseHook
 from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
 from openai.types import Batch, FileDeleted, FileObject
 
-from airflow_provider_openai_batch.batch_status import format_progress, is_terminal, poll_delay, progress_key, summarize
+from airflow_provider_openai_batch.batch_status import (
+    format_progress,
+    is_terminal,
+    progress_key,
+    summarize,
+)
 from airflow_provider_openai_batch.exceptions import BatchTimeoutError, OpenAIBatchAPIError
+from airflow_provider_openai_batch.polling import DEFAULT_MAX_POLL_FAILURES, PollFailures, PollPolicy
 from airflow_provider_openai_batch.storage import (
     Destination,
     Source,
@@ -420,6 +426,43 @@ class OpenAIBatchHook(BaseHook):
                 return batch
         return None
 
+    def batches_reading(self, file_id: str, *, exclude: str | None = None) -> list[Batch]:
+        """
+        Batches other than ``exclude`` that read ``file_id`` as input and have not ended. The scan stops at the
+        file's own creation: no batch can have read it before it existed.
+        """
+        created_at = self.get_file(file_id).created_at
+        found = []
+        for batch in self.list_batches():
+            if batch.created_at < created_at:
+                break
+            if batch.input_file_id == file_id and batch.id != exclude and not is_terminal(batch.status):
+                found.append(batch)
+        return found
+
+    def poll_batch(self, batch_id: str, failures: PollFailures, *, deadline: float | None = None) -> Batch:
+        """
+        One status read under the poll policy (``polling``): a failed read is retried ``poll_interval`` apart
+        until the policy gives up (then the last error is raised), a 401 after one fresh read of the connection.
+        """
+        while True:
+            try:
+                batch = self.get_batch(batch_id)
+            except OpenAIBatchAPIError as error:
+                step = failures.failed(error)
+                if step == "give_up" or (deadline is not None and time.time() >= deadline):
+                    raise
+                if step == "retry_now":
+                    self.log.warning("Polling batch %s was refused (%s); re-reading the connection", batch_id, error)
+                    self.__dict__.pop("_client", None)
+                    continue
+                self.log.warning("Polling batch %s failed (%s); attempt %d", batch_id, error, failures.count)
+                pause = failures.policy.poll_interval
+                time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.time())))
+                continue
+            failures.succeeded()
+            return batch
+
     def wait_for_batch(
         self,
         batch_id: str,
@@ -429,20 +472,25 @@ class OpenAIBatchHook(BaseHook):
         end_time: float | None = None,
         max_poll_interval: float | None = None,
         on_progress: Callable[[str], None] | None = None,
+        max_poll_failures: int = DEFAULT_MAX_POLL_FAILURES,
     ) -> Batch:
         """
         Block until the batch ends (the non-deferrable path), logging progress when counts change.
 
         ``timeout`` counts from now; ``end_time`` is an absolute epoch deadline (the operators count it from the
-        batch's creation). Past either, ``BatchTimeoutError`` carries the last summary. With
-        ``max_poll_interval`` the cadence relaxes as the batch ages, as in the trigger (``poll_delay``).
+        batch's creation). Past either, ``BatchTimeoutError`` carries the last summary. Cadence and failed polls
+        follow ``polling.PollPolicy``, as in the trigger: the cadence relaxes as the batch ages (with
+        ``max_poll_interval``), ``max_poll_failures`` transient failures in a row are tolerated, and a 401 is
+        followed by one fresh read of the connection.
         """
+        policy = PollPolicy(poll_interval, max_poll_interval, max_poll_failures, jitter_first_poll=False)
+        failures = PollFailures(policy)
         deadlines = [d for d in (end_time, None if timeout is None else time.time() + timeout) if d is not None]
         deadline = min(deadlines) if deadlines else None
         report = on_progress or self.log.info
         last: tuple[Any, ...] | None = None
         while True:
-            batch = self.get_batch(batch_id)
+            batch = self.poll_batch(batch_id, failures, deadline=deadline)
             summary = summarize(batch)
             if progress_key(summary) != last:
                 last = progress_key(summary)
@@ -452,7 +500,7 @@ class OpenAIBatchHook(BaseHook):
             now = time.time()
             if deadline is not None and now >= deadline:
                 raise BatchTimeoutError(f"Batch {batch_id} did not end before its deadline", summary)
-            delay = poll_delay(poll_interval, max_poll_interval, now - batch.created_at)
+            delay = policy.delay(now - batch.created_at)
             time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - now)))
 
     # --- async twins (what triggers use) --------------------------------------------------------

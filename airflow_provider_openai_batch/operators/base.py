@@ -26,7 +26,14 @@ from airflow_provider_openai_batch.batch_status import (
 from airflow_provider_openai_batch.exceptions import BatchFailedError, BatchTimeoutError, OpenAIBatchAPIError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.links.openai_batch import BATCH_ID_XCOM_KEY, OpenAIBatchLink
-from airflow_provider_openai_batch.triggers.openai_batch import DEFAULT_MAX_POLL_FAILURES, OpenAIBatchTrigger
+from airflow_provider_openai_batch.polling import (
+    DEFAULT_MAX_POLL_FAILURES,
+    PollFailures,
+    PollPolicy,
+    should_cancel_on_kill,
+    task_instance_state,
+)
+from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchTrigger
 
 #: Added to the completion window for the default deadline: OpenAI may take a little past it to finalize.
 DEADLINE_MARGIN = timedelta(hours=1)
@@ -106,7 +113,10 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
         do not extend it). Default: the completion window plus one hour.
     :param deferrable: Wait in the triggerer, freeing the worker slot. Default ``[operators] default_deferrable``.
     :param cancel_on_timeout: Cancel the batch when the deadline passes, keeping its partial output.
-    :param cancel_on_kill: Cancel the batch when a user kills the waiting task.
+    :param cancel_on_kill: Cancel the batch when the user stops the waiting task (mark failed), in every way
+        of waiting; a clear or mark success leaves it running (the kill policy in ``polling``).
+    :param max_poll_failures: Failed polls in a row tolerated before the wait fails, in every way of waiting
+        (``polling.PollPolicy``).
     :param max_failed_requests: Fail a completed batch with more failed requests than this.
     :param max_failed_ratio: Fail a completed batch with a higher share of failed requests (0..1).
         With neither set, a completed batch fails the task only when every request failed.
@@ -147,6 +157,12 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
             accept_cancelled=accept_cancelled,
         )
         self._waiting_on: str | None = None
+        self._waiting_ti: Any = None
+        self._poll_failures: PollFailures | None = None
+
+    @property
+    def poll_policy(self) -> PollPolicy:
+        return PollPolicy(self.poll_interval, self.max_poll_interval, self.max_poll_failures)
 
     # --- the deadline ---------------------------------------------------------------------------
 
@@ -160,7 +176,7 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
 
     def wait_for(self, context: Mapping[str, Any], batch_id: str) -> BatchSummary:
         """Finish now if the batch already ended, else defer (or block) until it does."""
-        batch = self.hook.get_batch(batch_id)
+        batch = self.hook.poll_batch(batch_id, PollFailures(self.poll_policy))
         summary = summarize(batch)
         self.log.info(format_progress(summary))
         if is_terminal(batch.status):
@@ -182,10 +198,14 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
                 # Airflow's own backstop in case the triggerer is down at the deadline.
                 timeout=timedelta(seconds=max(0.0, end_time - time.time()) + 2 * self.poll_interval + 900),
             )
-        self._waiting_on = batch_id
+        self._waiting_on, self._waiting_ti = batch_id, context.get("ti")
         try:
             done = self.hook.wait_for_batch(
-                batch_id, self.poll_interval, end_time=end_time, max_poll_interval=self.max_poll_interval
+                batch_id,
+                self.poll_interval,
+                end_time=end_time,
+                max_poll_interval=self.max_poll_interval,
+                max_poll_failures=self.max_poll_failures,
             )
         except BatchTimeoutError as timed_out:
             return self.on_deadline(timed_out.summary or summary)
@@ -224,13 +244,21 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
         return summary
 
     def on_kill(self) -> None:
-        """The blocking path's counterpart of the trigger's ``on_kill``: cancel what we were waiting for."""
-        if self._waiting_on and self.cancel_on_kill:
-            try:
-                self.hook.cancel_batch(self._waiting_on)
-                self.log.info("Cancelled batch %s because the task was killed", self._waiting_on)
-            except OpenAIBatchAPIError as error:
-                self.log.warning("Could not cancel batch %s on kill: %s", self._waiting_on, error)
+        """
+        The worker-side counterpart of the trigger's ``on_kill`` (blocking waits and poke-mode sensors), with
+        the same kill policy: cancel only when the task instance's state says the user stopped the work.
+        """
+        if not self._waiting_on or not self.cancel_on_kill:
+            return
+        cancel, reason = should_cancel_on_kill(self.cancel_on_kill, task_instance_state(self._waiting_ti))
+        if not cancel:
+            self.log.info("Not cancelling batch %s: %s", self._waiting_on, reason)
+            return
+        try:
+            self.hook.cancel_batch(self._waiting_on)
+            self.log.info("Cancelled batch %s because %s", self._waiting_on, reason)
+        except OpenAIBatchAPIError as error:
+            self.log.warning("Could not cancel batch %s on kill: %s", self._waiting_on, error)
 
 
 def batch_id_of(value: Any) -> str:

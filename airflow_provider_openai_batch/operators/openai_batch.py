@@ -31,19 +31,25 @@ from airflow_provider_openai_batch.batch_status import (
     expected_result_lines,
     is_reusable,
     is_terminal,
+    reuse_verdict,
     summarize,
 )
 from airflow_provider_openai_batch.endpoints import expiry_problem
-from airflow_provider_openai_batch.exceptions import DownloadMismatchError, OpenAIBatchAPIError
+from airflow_provider_openai_batch.exceptions import BatchNotEndedError, DownloadMismatchError, OpenAIBatchAPIError
 from airflow_provider_openai_batch.idempotency import (
+    CLOCK_SKEW,
     DEFAULT_LOOKBACK,
+    FIRST_TRY_METADATA_KEY,
     IDEMPOTENCY_METADATA_KEY,
     STATE_STORE_KEY,
     build_metadata,
     call_once,
     content_filename,
+    first_try,
     idempotency_key,
+    scan_start,
     task_identity,
+    work_parts,
 )
 from airflow_provider_openai_batch.links.openai_batch import OpenAIBatchLink
 from airflow_provider_openai_batch.operators.base import (
@@ -122,6 +128,24 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
         self.reuse_window = reuse_window
         self.sharding = sharding
         self.limits = ShardLimits(max_requests_per_file, max_bytes_per_file, max_tokens_per_file)
+
+    def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
+        """
+        Only a string ``source`` (a path or URI) and an ``ObjectStoragePath`` are templates; an XCom reference is
+        resolved. A literal list of request dicts is data: Airflow's rendering would recurse into it and run
+        every prompt through Jinja, so a prompt containing ``{% if`` or ``{{name}}`` would fail the task (and
+        Airflow would log each prompt at error level while reporting it). It is set aside while the other
+        fields render and put back untouched.
+        """
+        source = self.source
+        literal = not isinstance(source, (str, os.PathLike)) and getattr(source, "resolve", None) is None
+        if literal:
+            self.source = None
+        try:
+            super().render_template_fields(context, jinja_env)
+        finally:
+            if literal:
+                self.source = source
 
     def execute(self, context: Mapping[str, Any]) -> str | list[str]:
         with tempfile.TemporaryDirectory(prefix="openai-batch-upload-") as folder:
@@ -221,23 +245,49 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
         return None
 
 
+#: What a re-run after a clear may use instead of creating a batch (see ``OpenAIBatchCreateOperator``).
+ReuseMode = Literal["active", "active_or_completed", "never"]
+REUSE_MODES: tuple[str, ...] = ("active", "active_or_completed", "never")
+
+
 class OpenAIBatchCreateOperator(BatchWaitingOperator):
     """
     Create a batch, at most once per task instance however often it is retried; returns the batch id.
 
-    :param input_file_id: The uploaded input file (e.g. the upload task's XCom). Templated.
+    :param input_file_id: The uploaded input file (e.g. the upload task's XCom). Templated. A list (a sharded
+        upload's XCom) is refused with what to do instead: map over it.
     :param endpoint: ``/v1/chat/completions``, ``/v1/responses``, ``/v1/embeddings``, ... Templated.
-    :param completion_window: ``"24h"`` at OpenAI; compatible servers may offer others.
-    :param metadata: Up to 15 string pairs (one key is reserved for retry safety). Templated.
+    :param completion_window: ``"24h"`` at OpenAI; compatible servers may offer others. Templated.
+    :param metadata: Up to 14 string pairs (two keys are reserved for retry safety). Templated.
     :param output_expires_after: Let OpenAI delete the output and error files after this long.
     :param wait_for_completion: Also wait for the batch to end (deferrable like the sensor, same policy).
-    :param lookback: How far back a retry looks for the batch an earlier try created.
+    :param reuse: What a re-run after a *clear* (of the task or its DAG run) may use instead of a new batch:
+        ``"active"`` (default) a batch of the same task instance and work that is still running, so clearing a
+        waiting task waits for the same batch again instead of paying twice; a completed one is not reused,
+        because a clear means "run it again". ``"active_or_completed"``: also a completed batch that passes this
+        task's outcome policy (a cheap re-run of downstream tasks). ``"never"``: always a new batch (the running
+        one is left running: cancel it first if you do not want to pay for it). Templated.
+        *Retries* are not clears: a retry always reuses its own run of tries' batch while it is working, and a
+        completed one when it passes the outcome policy, whatever ``reuse`` says, so a retry never pays twice
+        and never fails again on the batch that failed it. A ``cancelling``, failed, expired or cancelled batch
+        is never reused.
+    :param lookback: The scan for an earlier try's batch goes back to when the DAG run started; this is the
+        window used only when the context has no DAG run (default 48 h).
 
-    The batch id is pushed to XCom (key ``batch_id``) right after the API call, before any wait, so the
-    extra link works while the task is deferred. See ``BatchWaitingOperator`` for the waiting options.
+    Everything that changes what the batch does (input, endpoint, completion window, metadata, output expiry)
+    is part of the idempotency key, so changing it makes a new batch. The batch id is pushed to XCom (key
+    ``batch_id``) right after the API call, before any wait, so the extra link works while the task is deferred.
+    See ``BatchWaitingOperator`` for the waiting options.
     """
 
-    template_fields: Sequence[str] = ("input_file_id", "endpoint", "completion_window", "metadata", "conn_id")
+    template_fields: Sequence[str] = (
+        "input_file_id",
+        "endpoint",
+        "completion_window",
+        "metadata",
+        "reuse",
+        "conn_id",
+    )
     template_fields_renderers = {"metadata": "json"}
 
     def __init__(
@@ -249,6 +299,7 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
         metadata: dict[str, str] | None = None,
         output_expires_after: timedelta | int | None = None,
         wait_for_completion: bool = False,
+        reuse: ReuseMode | str = "active",
         lookback: timedelta = DEFAULT_LOOKBACK,
         **kwargs: Any,
     ) -> None:
@@ -259,15 +310,18 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
         self.metadata = metadata
         self.output_expires_after = _expiry("output_expires_after", output_expires_after)
         self.wait_for_completion = wait_for_completion
+        self.reuse = reuse
         self.lookback = lookback
 
     def execute(self, context: Mapping[str, Any]) -> str:
-        key = idempotency_key(task_identity(context), self.input_file_id, self.endpoint)
-        metadata = build_metadata(self.metadata, key)
-        batch = self._existing_batch(context, key) or self._create(metadata, key)
+        self._check_arguments()
+        key = self._idempotency_key(context)
+        first = first_try(context, self.retries)
+        metadata = build_metadata(self.metadata, key, first)
+        batch = self._reusable_batch(context, key, first) or self._create(context, metadata, key)
         self.record_lineage([("files", self.input_file_id)], [("batches", batch.id)])
         self.push_batch_id(context, batch.id)
-        self._remember(context, key, batch.id)
+        self._remember(context, key, batch.id, first)
         if self.wait_for_completion:
             self.wait_for(context, batch.id)
         return batch.id
@@ -276,8 +330,51 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
         summary = super().execute_complete(context, event)
         return str(summary["batch_id"])
 
-    def _existing_batch(self, context: Mapping[str, Any], key: str) -> Batch | None:
-        """An earlier try's batch that can stand in for a new one: active or completed, never failed/expired."""
+    # --- arguments --------------------------------------------------------------------------------
+
+    def _check_arguments(self) -> None:
+        if isinstance(self.input_file_id, (list, tuple)):
+            raise ValueError(
+                f"input_file_id is a list of {len(self.input_file_id)} file ids (the upload was sharded); one "
+                "batch takes one file. Map over the list: OpenAIBatchCreateOperator.partial(task_id=..., "
+                "endpoint=...).expand(input_file_id=upload.output), or upload with sharding='never' to get "
+                "one id (and an error if the input is too big for one batch)."
+            )
+        if self.reuse not in REUSE_MODES:
+            raise ValueError(f"reuse must be one of {', '.join(REUSE_MODES)}; got {self.reuse!r}")
+
+    # --- idempotency: which batch is "ours", and may we use it again? ------------------------------
+
+    def _idempotency_key(self, context: Mapping[str, Any]) -> str:
+        """Task instance identity plus everything that changes what the batch does (never the try number)."""
+        work = work_parts(
+            self.input_file_id,
+            self.endpoint,
+            self.completion_window,
+            self.metadata,
+            _as_seconds(self.output_expires_after),
+        )
+        return idempotency_key(task_identity(context), *work)
+
+    def _may_reuse(self, batch: Batch, made_in: int | None, first: int | None) -> bool:
+        """
+        Whether ``batch`` (ours by key, made during the run of tries starting at ``made_in``) may stand in for
+        a new one now. A retry (same run of tries) follows the never-pay-twice rule; a re-run after a clear
+        follows ``reuse``. Each verdict is logged with its reason.
+        """
+        retry = made_in == first
+        verdict = reuse_verdict(
+            summarize(batch), self.policy, allow_completed=retry or self.reuse == "active_or_completed"
+        )
+        if verdict.reuse and not retry and self.reuse == "never":
+            self.log.info("Not reusing %s: the task was cleared and reuse='never'; creating a new batch", batch.id)
+            return False
+        what = "a retry" if retry else "a re-run after a clear"
+        self.log.info("%s %s for %s: %s", "Reusing" if verdict.reuse else "Not reusing", batch.id, what, verdict.reason)
+        return verdict.reuse
+
+    def _reusable_batch(self, context: Mapping[str, Any], key: str, first: int | None) -> Batch | None:
+        """An earlier try's batch that may stand in for a new one: the state store's record, then a bounded scan."""
         store = context.get("task_state_store")
         if store is not None:
             record = store.get(STATE_STORE_KEY)
@@ -285,24 +382,25 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
                 try:
                     batch = self.hook.get_batch(str(record["batch_id"]))
                 except OpenAIBatchAPIError as error:
-                    if error.http_status != 404:
+                    if not error.not_found:
                         raise
                 else:
-                    if is_reusable(batch.status):
-                        self.log.info("Reusing batch %s (%s) from an earlier try", batch.id, batch.status)
-                        return batch
-        found = self.hook.find_batch(IDEMPOTENCY_METADATA_KEY, key, created_after=self._cutoff())
-        if found is not None and is_reusable(found.status):
-            self.log.info("Reusing batch %s (%s) that an earlier try created", found.id, found.status)
-            return found
-        if found is not None:
-            self.log.info("The earlier try's batch %s ended %s; creating a new one", found.id, found.status)
-        return None
+                    return batch if self._may_reuse(batch, record.get("first_try"), first) else None
+        if getattr(context.get("ti"), "try_number", None) == 1:
+            # The task instance's very first try (try numbers grow across retries and clears): no earlier try
+            # can have made a batch, so there is nothing to scan for.
+            return None
+        found = self.hook.find_batch(IDEMPOTENCY_METADATA_KEY, key, created_after=self._scan_start(context))
+        if found is None:
+            return None
+        return found if self._may_reuse(found, _first_try_of(found), first) else None
 
-    def _cutoff(self) -> float:
-        return time.time() - self.lookback.total_seconds()
+    def _scan_start(self, context: Mapping[str, Any]) -> float:
+        return scan_start(context, self.lookback)
 
-    def _create(self, metadata: dict[str, str], key: str) -> Batch:
+    def _create(self, context: Mapping[str, Any], metadata: dict[str, str], key: str) -> Batch:
+        created_after = time.time() - CLOCK_SKEW.total_seconds()
+
         def send() -> Batch:
             batch = self.hook.create_batch(
                 self.input_file_id,
@@ -316,16 +414,28 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
             return batch
 
         def find() -> Batch | None:
-            found = self.hook.find_batch(IDEMPOTENCY_METADATA_KEY, key, created_after=self._cutoff())
+            # Only a batch this very attempt may have made (its answer lost): created since it started sending.
+            found = self.hook.find_batch(IDEMPOTENCY_METADATA_KEY, key, created_after=created_after)
             return found if found is not None and is_reusable(found.status) else None
 
         return call_once("batches.create", send, find)
 
     @staticmethod
-    def _remember(context: Mapping[str, Any], key: str, batch_id: str) -> None:
+    def _remember(context: Mapping[str, Any], key: str, batch_id: str, first: int | None = None) -> None:
         store = context.get("task_state_store")
         if store is not None:
-            store.set(STATE_STORE_KEY, {"key": key, "batch_id": batch_id})
+            store.set(STATE_STORE_KEY, {"key": key, "batch_id": batch_id, "first_try": first})
+
+
+def _first_try(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _first_try_of(batch: Batch) -> int | None:
+    return _first_try((batch.metadata or {}).get(FIRST_TRY_METADATA_KEY))
 
 
 class OpenAIBatchCancelOperator(BatchWaitingOperator):
@@ -373,7 +483,8 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
 
     :param batch_id: A batch id or the sensor's summary. Templated.
     :param destination: Folder (path, URI or ``ObjectStoragePath``). Templated. Default: a per-run folder under
-        ``$AIRFLOW_HOME/openai_batch_results/<dag_id>/<run_id>/<task_id>/``.
+        ``$AIRFLOW_HOME/openai_batch_results/<dag_id>/<run_id>/<task_id>/``. A mapped task instance writes to
+        ``<destination>/<map_index>/``, so mapped downloads never overwrite each other.
     :param delete_remote_files: After a verified download, delete the input, output and error files at
         OpenAI (data-retention rules).
     :param check_counts: Fail when the downloaded lines do not add up to the batch's request count.
@@ -416,11 +527,17 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
         self.price_table = price_table
 
     def _folder(self, context: Mapping[str, Any]) -> Any:
-        if self.destination:
-            return to_storage_path(self.destination)
+        """
+        Where the files go. A mapped task instance writes to a subfolder named after its map index, whether
+        ``destination`` is given or not: mapped downloads share one ``destination`` argument (``partial``), and
+        without it every shard would write the same ``output.jsonl`` over the others.
+        """
         ti = context["ti"]
-        home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
-        folder = Path(home) / "openai_batch_results" / ti.dag_id / ti.run_id.replace(":", "_") / ti.task_id
+        if self.destination:
+            folder = to_storage_path(self.destination)
+        else:
+            home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
+            folder = Path(home) / "openai_batch_results" / ti.dag_id / ti.run_id.replace(":", "_") / ti.task_id
         map_index = getattr(ti, "map_index", -1)
         return folder / str(map_index) if map_index not in (None, -1) else folder
 
@@ -428,6 +545,9 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
         batch_id = batch_id_of(self.batch_id)
         self.push_batch_id(context, batch_id)
         summary = summarize(self.hook.get_batch(batch_id))
+        if not is_terminal(summary["status"]):
+            # A wait marked successful, or an id straight from create: the files are not final yet.
+            raise BatchNotEndedError(batch_id, summary["status"])
         folder = self._folder(context)
         result: dict[str, Any] = dict(summary)
         for kind, file_id in (("output", summary["output_file_id"]), ("error", summary["error_file_id"])):
@@ -513,8 +633,22 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
             if not file_id:
                 continue
             try:
+                if key == "input_file_id" and self._input_still_in_use(file_id, summary["batch_id"]):
+                    continue
                 self.hook.delete_file(file_id)
                 self.log.info("Deleted %s %s at OpenAI", key.replace("_id", ""), file_id)
             except OpenAIBatchAPIError as error:
                 if not error.not_found:
                     raise
+
+    def _input_still_in_use(self, file_id: str, batch_id: str) -> bool:
+        """An input file is shared when uploads are reused by content: keep it while another batch reads it."""
+        others = self.hook.batches_reading(file_id, exclude=batch_id)
+        if others:
+            self.log.info(
+                "Kept input file %s at OpenAI: %d other batch(es) still read it (%s)",
+                file_id,
+                len(others),
+                ", ".join(b.id for b in others[:5]),
+            )
+        return bool(others)

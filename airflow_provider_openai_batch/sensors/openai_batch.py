@@ -15,11 +15,13 @@ from typing import Any
 from airflow.providers.common.compat.sdk import BaseSensorOperator, PokeReturnValue
 
 from airflow_provider_openai_batch.batch_status import BatchSummary, format_progress, is_terminal, summarize
+from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
 from airflow_provider_openai_batch.operators.base import (
     DEFAULT_POLL_INTERVAL,
     BatchWaitingOperator,
     batch_id_of,
 )
+from airflow_provider_openai_batch.polling import PollFailures
 
 
 class OpenAIBatchSensor(BatchWaitingOperator, BaseSensorOperator):
@@ -31,8 +33,10 @@ class OpenAIBatchSensor(BatchWaitingOperator, BaseSensorOperator):
 
     Outcome and deadline options are those of ``BatchWaitingOperator``: ``max_failed_requests``,
     ``max_failed_ratio``, ``accept_expired``, ``accept_cancelled``, ``deadline`` (from the batch's creation,
-    default completion window + 1 h), ``cancel_on_timeout``, ``cancel_on_kill``, ``deferrable``. In ``poke`` and
-    ``reschedule`` modes Airflow's own ``timeout`` applies too.
+    default completion window + 1 h), ``cancel_on_timeout``, ``cancel_on_kill``, ``max_poll_failures``,
+    ``deferrable``. In ``poke`` and ``reschedule`` modes Airflow's own ``timeout`` applies too. Failed polls and
+    kills follow ``polling`` in every mode; a ``reschedule``-mode sensor has no process between pokes, so a
+    mark failed then cannot cancel anything (only during a poke).
     """
 
     template_fields: Sequence[str] = ("batch_id", "conn_id")
@@ -50,7 +54,24 @@ class OpenAIBatchSensor(BatchWaitingOperator, BaseSensorOperator):
         return BaseSensorOperator.execute(self, context)  # type: ignore[arg-type]
 
     def poke(self, context: Mapping[str, Any]) -> PokeReturnValue | bool:
-        batch = self.hook.get_batch(batch_id_of(self.batch_id))
+        batch_id = batch_id_of(self.batch_id)
+        # on_kill (the kill policy) knows what a poke in progress waits for, as with a blocking wait.
+        self._waiting_on, self._waiting_ti = batch_id, context.get("ti")
+        if self._poll_failures is None:
+            self._poll_failures = PollFailures(self.poll_policy)
+        try:
+            batch = self.hook.get_batch(batch_id)
+        except OpenAIBatchAPIError as error:
+            # The same tolerance as the trigger's and the blocking wait's (counted within one worker process:
+            # a reschedule-mode sensor starts each poke afresh, and its deadline still bounds the wait).
+            step = self._poll_failures.failed(error)
+            if step == "give_up":
+                raise
+            if step == "retry_now":
+                self.hook.__dict__.pop("_client", None)
+            self.log.warning("Polling batch %s failed (%s); will poll again", batch_id, error)
+            return False
+        self._poll_failures.succeeded()
         summary = summarize(batch)
         self.log.info(format_progress(summary))
         if is_terminal(batch.status):

@@ -9,19 +9,24 @@ resume in another triggerer process, where a monotonic clock means nothing.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_openai_batch.batch_status import format_progress, is_terminal, poll_delay, progress_key, summarize
+from airflow_provider_openai_batch.batch_status import format_progress, is_terminal, progress_key, summarize
 from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+from airflow_provider_openai_batch.polling import (
+    DEFAULT_MAX_POLL_FAILURES,
+    PollFailures,
+    PollPolicy,
+    should_cancel_on_kill,
+    task_instance_state,
+)
 
-#: Consecutive failed polls (after the SDK's own retries) before the wait gives up with an error event.
-DEFAULT_MAX_POLL_FAILURES = 10
+__all__ = ["DEFAULT_MAX_POLL_FAILURES", "OpenAIBatchTrigger"]
 
 
 class OpenAIBatchTrigger(BaseTrigger):
@@ -32,14 +37,14 @@ class OpenAIBatchTrigger(BaseTrigger):
     :param conn_id: Airflow connection id.
     :param poll_interval: Seconds between polls.
     :param end_time: Absolute deadline (``time.time()`` epoch seconds); a ``timeout`` event after it.
-    :param cancel_on_kill: Cancel the batch when a user kills the deferred task (Airflow 3.3+ calls
-        ``on_kill``; older versions never do).
-    :param max_poll_failures: Transient failures in a row (429, 5xx, connection, timeouts) tolerated before an
-        ``error`` event; 401/403/404 end the wait at once.
-    :param jitter_first_poll: Start at a random offset within the interval, so a triggerer restart that
-        loads 1,000 waits at once does not make them poll in lockstep.
+    :param cancel_on_kill: Cancel the batch when the user stops the deferred task (mark failed). Airflow 3.3+
+        calls ``on_kill`` also on clear and mark success; the kill policy (``polling``) cancels only when the
+        task instance's state says the work is to stop. Airflow 3.0 to 3.2 never call ``on_kill``.
+    :param max_poll_failures: Transient failures in a row tolerated before an ``error`` event (``polling``);
+        403/404 end the wait at once, a 401 after one fresh read of the connection.
+    :param jitter_first_poll: Start at a random offset within the interval (``PollPolicy``).
     :param created_at: When the batch was created (epoch seconds); with ``max_poll_interval`` it lets the
-        cadence relax as the batch ages (see ``poll_delay``).
+        cadence relax as the batch ages (``PollPolicy.delay``).
     :param max_poll_interval: Upper bound of the relaxed cadence; ``None`` polls every ``poll_interval``.
 
     Events (exactly one): ``{"status": "terminal" | "timeout" | "error", "batch_id", "summary", "message"}``.
@@ -91,24 +96,34 @@ class OpenAIBatchTrigger(BaseTrigger):
     def _event(self, status: str, message: str, summary: dict[str, Any] | None = None) -> TriggerEvent:
         return TriggerEvent({"status": status, "batch_id": self.batch_id, "summary": summary, "message": message})
 
+    @property
+    def policy(self) -> PollPolicy:
+        return PollPolicy(self.poll_interval, self.max_poll_interval, self.max_poll_failures, self.jitter_first_poll)
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = self.hook
-        if self.jitter_first_poll:
-            await asyncio.sleep(random.uniform(0, min(self.poll_interval, max(0.0, self.end_time - time.time()))))
-        failures = 0
+        policy = self.policy
+        await asyncio.sleep(policy.first_delay(self.end_time - time.time()))
+        failures = PollFailures(policy)
         last_progress: tuple[Any, ...] | None = None
         while True:
             summary: dict[str, Any] | None = None
             try:
                 summary = summarize(await hook.aget_batch(self.batch_id))
             except OpenAIBatchAPIError as error:
-                failures += 1
-                if not error.retryable or failures > self.max_poll_failures:
+                step = failures.failed(error)
+                if step == "give_up":
                     yield self._event("error", f"Polling batch {self.batch_id} failed: {error}")
                     return
-                self.log.warning("Polling batch %s failed (%s); attempt %d", self.batch_id, error, failures)
+                if step == "retry_now":
+                    # The hook dropped the client that holds the refused key: the next poll reads the connection.
+                    self.log.warning(
+                        "Polling batch %s was refused (%s); re-reading the connection", self.batch_id, error
+                    )
+                    continue
+                self.log.warning("Polling batch %s failed (%s); attempt %d", self.batch_id, error, failures.count)
             else:
-                failures = 0
+                failures.succeeded()
                 if progress_key(summary) != last_progress:
                     last_progress = progress_key(summary)
                     self.log.info(format_progress(summary))
@@ -124,14 +139,26 @@ class OpenAIBatchTrigger(BaseTrigger):
             # long-lived objects until Python runs a full garbage collection, a pause every trigger feels.
             del summary
             age = now - self.created_at if self.created_at is not None else 0.0
-            await asyncio.sleep(min(poll_delay(self.poll_interval, self.max_poll_interval, age), remaining))
+            await asyncio.sleep(min(policy.delay(age), remaining))
+
+    async def task_state(self) -> str | None:
+        """The deferred task instance's state now (``polling.task_instance_state``), read off the event loop."""
+        return await asyncio.to_thread(task_instance_state, self.task_instance)
 
     async def on_kill(self) -> None:
-        """A user killed the waiting task: stop paying for a batch nobody will collect (if configured)."""
+        """
+        Airflow 3.3 calls this when the user clears, marks failed or marks successful the deferred task: cancel
+        only when the user stopped the work (``polling.should_cancel_on_kill``), never for a clear whose re-run
+        will wait for this same batch.
+        """
         if not self.cancel_on_kill:
+            return
+        cancel, reason = should_cancel_on_kill(self.cancel_on_kill, await self.task_state())
+        if not cancel:
+            self.log.info("Not cancelling batch %s: %s", self.batch_id, reason)
             return
         try:
             await self.hook.acancel_batch(self.batch_id)
-            self.log.info("Cancelled batch %s because its task was killed", self.batch_id)
+            self.log.info("Cancelled batch %s because %s", self.batch_id, reason)
         except OpenAIBatchAPIError as error:
             self.log.warning("Could not cancel batch %s on kill: %s", self.batch_id, error)
