@@ -6,6 +6,11 @@ number, so every try computes the same key) and of what is being run (input file
 input is a new batch). Before creating, an attempt looks for its batch in the Task SDK's ``task_state_store``
 (Airflow 3.3+) and then in the account's recent batches, which also covers a crash between the API call and
 any local record. Uploads do the same with a content hash in the file name.
+
+Two tries of one task instance can also run at the same time (Celery's pool process dies, Airflow fails the
+try and starts the next one while the orphaned task process keeps running): both may look, find nothing and
+create. ``surviving_batch`` is the rule every try applies right after creating, so that all of them agree on
+the one batch that keeps running and the others cancel their own duplicate.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
+from airflow_provider_openai_batch.batch_status import can_survive_a_race
 from airflow_provider_openai_batch.exceptions import BatchInputError, InputIssue, OpenAIBatchAPIError
 
 T = TypeVar("T")
@@ -31,6 +37,9 @@ MAX_METADATA_VALUE_LENGTH = 512
 RETRY_BASE_DELAY = 0.5
 #: How far back an attempt scans the account's batches for one it made: a 24 h window plus retries.
 DEFAULT_LOOKBACK = timedelta(hours=48)
+#: How far OpenAI's ``created_at`` clock and a worker's clock may disagree when deciding which batches were
+#: created by tries racing this one (see ``surviving_batch``).
+CLOCK_SKEW = timedelta(seconds=60)
 
 
 def task_identity(context: Mapping[str, Any]) -> tuple[str, str, str, int]:
@@ -111,3 +120,41 @@ def call_once(
                 log.info("%s had taken effect before its answer was lost; using that result", operation)
                 return found
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+class BatchLike(Protocol):
+    """What ``surviving_batch`` reads of a batch (``openai.types.Batch`` has these)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def created_at(self) -> int: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def metadata(self) -> Mapping[str, str] | None: ...
+
+
+B = TypeVar("B", bound=BatchLike)
+
+
+def surviving_batch(own: B, batches: Iterable[B], key: str, since: float) -> B:
+    """
+    The one batch that keeps running when tries of one task instance raced and each created a batch.
+
+    ``own`` is the batch this try just created; ``batches`` what a listing after that returned; ``since`` when
+    this try started looking for an earlier batch (epoch seconds). Contenders are ``own`` and the batches with
+    the same idempotency key that were created after ``since`` (less ``CLOCK_SKEW``) and are not dead or being
+    cancelled. The oldest wins (``created_at``, ties broken by id), so every try computes the same winner:
+    a race needs each try's lookup to run before the other's create, so each try's listing holds every older
+    racer. Batches of tries that ended before this one started are not contenders: whether those are reused
+    is the lookup's decision, made before creating.
+    """
+    cutoff = since - CLOCK_SKEW.total_seconds()
+    contenders = [own]
+    for batch in batches:
+        if batch.id == own.id or (batch.metadata or {}).get(IDEMPOTENCY_METADATA_KEY) != key:
+            continue
+        if batch.created_at >= cutoff and can_survive_a_race(batch.status):
+            contenders.append(batch)
+    return min(contenders, key=lambda batch: (batch.created_at, batch.id))

@@ -29,6 +29,7 @@ from airflow_provider_openai_batch.batch_file import (
 from airflow_provider_openai_batch.batch_status import BatchSummary, is_reusable, summarize
 from airflow_provider_openai_batch.exceptions import DownloadMismatchError, OpenAIBatchAPIError
 from airflow_provider_openai_batch.idempotency import (
+    CLOCK_SKEW,
     DEFAULT_LOOKBACK,
     IDEMPOTENCY_METADATA_KEY,
     STATE_STORE_KEY,
@@ -36,6 +37,7 @@ from airflow_provider_openai_batch.idempotency import (
     call_once,
     content_filename,
     idempotency_key,
+    surviving_batch,
     task_identity,
 )
 from airflow_provider_openai_batch.links.openai_batch import OpenAIBatchLink
@@ -243,7 +245,8 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
     def execute(self, context: Mapping[str, Any]) -> str:
         key = idempotency_key(task_identity(context), self.input_file_id, self.endpoint)
         metadata = build_metadata(self.metadata, key)
-        batch = self._existing_batch(context, key) or self._create(metadata, key)
+        started = time.time()
+        batch = self._existing_batch(context, key) or self._settle_duplicates(self._create(metadata, key), key, started)
         self.record_lineage([("files", self.input_file_id)], [("batches", batch.id)])
         self.push_batch_id(context, batch.id)
         self._remember(context, key, batch.id)
@@ -299,6 +302,35 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
             return found if found is not None and is_reusable(found.status) else None
 
         return call_once("batches.create", send, find)
+
+    def _settle_duplicates(self, batch: Batch, key: str, since: float) -> Batch:
+        """
+        Another try of this task instance may be running at the same time and have created a batch too (an
+        orphaned try whose Celery pool process died keeps running while Airflow starts the next try). Right after
+        creating, list the batches made since this try started looking; by ``surviving_batch``, the rule every
+        try applies, cancel our own batch when it is a duplicate and adopt the survivor.
+        """
+        cutoff = since - CLOCK_SKEW.total_seconds()
+        recent: list[Batch] = []
+        for other in self.hook.list_batches():
+            if other.created_at < cutoff:
+                break
+            recent.append(other)
+        survivor = surviving_batch(batch, recent, key, since)
+        if survivor.id == batch.id:
+            return batch
+        self.log.warning(
+            "Another try of this task created batch %s first; cancelling our duplicate %s and using %s",
+            survivor.id,
+            batch.id,
+            survivor.id,
+        )
+        try:
+            self.hook.cancel_batch(batch.id)
+        except OpenAIBatchAPIError as error:
+            if error.http_status != 409:  # 409: it had already ended; nothing left to stop
+                raise
+        return survivor
 
     @staticmethod
     def _remember(context: Mapping[str, Any], key: str, batch_id: str) -> None:
