@@ -294,7 +294,8 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
                 output_expires_after_seconds=_as_seconds(self.output_expires_after),
                 max_retries=0,
             )
-            self.log.info("Created batch %s for %s", batch.id, self.input_file_id)
+            # Nothing is logged until _settle_duplicates has run: an orphaned try (its supervisor killed) dies
+            # at its first log line, and must have cancelled its duplicate by then.
             return batch
 
         def find() -> Batch | None:
@@ -308,7 +309,9 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
         Another try of this task instance may be running at the same time and have created a batch too (an
         orphaned try whose Celery pool process died keeps running while Airflow starts the next try). Right after
         creating, list the batches made since this try started looking; by ``surviving_batch``, the rule every
-        try applies, cancel our own batch when it is a duplicate and adopt the survivor.
+        try applies, cancel our own batch when it is a duplicate and adopt the survivor. The orphan cannot log (its
+        log socket went with its supervisor: the first log line raises BrokenPipeError), so nothing is logged
+        between the create call and the cancel.
         """
         cutoff = since - CLOCK_SKEW.total_seconds()
         recent: list[Batch] = []
@@ -318,18 +321,19 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
             recent.append(other)
         survivor = surviving_batch(batch, recent, key, since)
         if survivor.id == batch.id:
+            self.log.info("Created batch %s for %s", batch.id, self.input_file_id)
             return batch
-        self.log.warning(
-            "Another try of this task created batch %s first; cancelling our duplicate %s and using %s",
-            survivor.id,
-            batch.id,
-            survivor.id,
-        )
         try:
             self.hook.cancel_batch(batch.id)
         except OpenAIBatchAPIError as error:
             if error.http_status != 409:  # 409: it had already ended; nothing left to stop
                 raise
+        self.log.warning(
+            "Another try of this task created batch %s first; cancelled our duplicate %s and using %s",
+            survivor.id,
+            batch.id,
+            survivor.id,
+        )
         return survivor
 
     @staticmethod
