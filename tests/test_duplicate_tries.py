@@ -118,3 +118,42 @@ def test_two_tries_racing_end_with_one_batch_running(server, conn_id):
     survivor = next(batch_id for batch_id, status in statuses.items() if status == "in_progress")
     assert returned == {1: survivor, 2: survivor}
     assert ti.xcom["batch_id"] == survivor
+
+
+class LogSocketGone:
+    """The logger of an orphaned task process: its supervisor died with the log socket, so every line raises."""
+
+    def __getattr__(self, name: str) -> Any:
+        def write(*args: Any, **kwargs: Any) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        return write
+
+
+def test_an_orphaned_try_that_cannot_log_still_cancels_its_duplicate(server, conn_id):
+    """
+    On Celery, killing the pool process that supervises a task leaves the task process running with a dead log
+    socket: its first log line raises BrokenPipeError. It must have cancelled its duplicate before that.
+    """
+    file_id = OpenAIBatchHook().upload_file(jsonl([request_line(i) for i in range(3)])).id
+    ti = FakeTI(run_id=f"scheduled__{uuid.uuid4()}")
+
+    def create_op() -> OpenAIBatchCreateOperator:
+        return OpenAIBatchCreateOperator(
+            task_id="create",
+            input_file_id=file_id,
+            endpoint="/v1/chat/completions",
+            metadata={"fake_scenario": "stall"},
+        )
+
+    survivor = create_op().execute({"ti": ti})  # the next try, started by Airflow while the orphan hung in create
+    orphan = create_op()
+    orphan._cached_logger = LogSocketGone()  # type: ignore[assignment]
+    orphan.hook.find_batch = lambda *args, **kwargs: None  # type: ignore[method-assign]  # it looked before try 2
+    with pytest.raises(BrokenPipeError):
+        orphan.execute({"ti": FakeTI(ti.run_id)})
+
+    statuses = {b.id: server.state.status(b) for b in server.state.batches.values()}
+    assert len(statuses) == 2, "the orphan created its batch"
+    assert statuses.pop(survivor) == "in_progress"
+    assert next(iter(statuses.values())) in ("cancelling", "cancelled")
