@@ -40,6 +40,10 @@ DEFAULT_LOOKBACK = timedelta(hours=48)
 #: How far OpenAI's ``created_at`` clock and a worker's clock may disagree when deciding which batches were
 #: created by tries racing this one (see ``surviving_batch``).
 CLOCK_SKEW = timedelta(seconds=60)
+#: Seconds a try waits after its create call returned before it lists its siblings. ``created_at`` is in whole
+#: seconds, so a racer created in the same second as ours can win the tie (by id) after we listed: listing once
+#: the second of our own ``created_at`` has surely passed shows every batch that can still beat ours.
+SETTLE_PAUSE = 1.5
 
 
 def task_identity(context: Mapping[str, Any]) -> tuple[str, str, str, int]:
@@ -147,8 +151,9 @@ def surviving_batch(own: B, batches: Iterable[B], key: str, since: float) -> B:
     the same idempotency key that were created after ``since`` (less ``CLOCK_SKEW``) and are not dead or being
     cancelled. The oldest wins (``created_at``, ties broken by id), so every try computes the same winner:
     a race needs each try's lookup to run before the other's create, so each try's listing holds every older
-    racer. Batches of tries that ended before this one started are not contenders: whether those are reused
-    is the lookup's decision, made before creating.
+    racer, provided it lists after the second of its own ``created_at`` has passed (``SETTLE_PAUSE``), which also
+    shows it every racer created in the same second. Batches of tries that ended before this one started are
+    not contenders: whether those are reused is the lookup's decision, made before creating.
     """
     cutoff = since - CLOCK_SKEW.total_seconds()
     contenders = [own]

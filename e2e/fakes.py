@@ -109,7 +109,7 @@ class ScenarioServer:
                 "id": batch.id,
                 "key": (batch.metadata or {}).get(IDEMPOTENCY_METADATA_KEY),
                 "status": state.status(batch),
-                "created_at": batch.created_at,
+                "created_at": int(batch.created_at),  # as the API shows it: whole seconds
                 "cancel_requested_at": batch.cancel_requested_at,
             }
             for batch in list(state.batches.values())

@@ -387,6 +387,8 @@ def s5_scheduler_restarted(h: Harness, out: Outcome) -> None:
     run_id = d.trigger(dag_id)
     out.runs = [f"{dag_id}/{run_id}"]
     wait_until("50 batches in flight at the fake", lambda: len(fake.batches()) >= 50, LONG, 0.5)
+    # Some waits deferred, the others queued or running: the new scheduler has to pick up every kind.
+    h.wait_deferred(dag_id, run_id, 10)
     states = sorted(str(ti["state"]) for ti in h.tis(dag_id, run_id, "wait"))
     pids = d.kill("scheduler")
     out.killed = f"kill -9 scheduler (pids {pids}), then a new scheduler; waits were {_tally(states)}"

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_openai_batch import idempotency
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.idempotency import (
     CLOCK_SKEW,
@@ -28,6 +29,13 @@ from tests.conftest import jsonl, request_line
 from tests.test_idempotency import FakeTI
 
 KEY = "k" * 32
+SETTLE_PAUSE = idempotency.SETTLE_PAUSE
+
+
+@pytest.fixture(autouse=True)
+def _settle_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real pause here (conftest turns it off for the rest of the suite)."""
+    monkeypatch.setattr(idempotency, "SETTLE_PAUSE", SETTLE_PAUSE)
 
 
 def batch(batch_id: str, created_at: int, status: str = "validating", key: str = KEY) -> SimpleNamespace:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from openai.types import Batch
 
+from airflow_provider_openai_batch import idempotency
 from airflow_provider_openai_batch.batch_file import (
     MAX_BYTES_PER_FILE,
     MAX_REQUESTS_PER_FILE,
@@ -313,6 +314,7 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
         log socket went with its supervisor: the first log line raises BrokenPipeError), so nothing is logged
         between the create call and the cancel.
         """
+        time.sleep(idempotency.SETTLE_PAUSE)  # until a racer created in the same second as ours is listed too
         cutoff = since - CLOCK_SKEW.total_seconds()
         recent: list[Batch] = []
         for other in self.hook.list_batches():
