@@ -10,7 +10,10 @@ PIP_ARGS ?= -c constraints/test.txt
 BENCH_VENV ?= .bench-venv
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: install test lint typecheck pytest demo bench chaos clean
+E2E_VENV ?= .venv-e2e
+E2E_STAMP := $(E2E_VENV)/.installed
+
+.PHONY: install test lint typecheck pytest demo bench chaos e2e e2e-system clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,5 +52,21 @@ $(BENCH_STAMP): pyproject.toml
 bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python -m benchmarks.run
 
+# make e2e: a real distributed Airflow (CeleryExecutor on Redis, PostgreSQL, two triggerers, two workers) on loopback,
+# the provider's scenarios under kill -9, then everything stopped by recorded pid. Its own venv; PostgreSQL and Redis
+# from Debian packages (installed when missing: needs root, as CI has). Logs and evidence: .e2e-runs/<time>/.
+$(E2E_STAMP): pyproject.toml constraints/e2e.txt
+	test -x $(E2E_VENV)/bin/python || $(PYTHON) -m venv $(E2E_VENV)
+	$(E2E_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(E2E_VENV)/bin/python -m pip install --quiet -c constraints/e2e.txt -e '.[e2e]'
+	touch $(E2E_STAMP)
+
+e2e-system:
+	@if ! command -v redis-server >/dev/null || ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server; fi
+
+e2e: e2e-system $(E2E_STAMP)
+	$(E2E_VENV)/bin/python -m e2e $(E2E_ARGS)
+
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .venv-airflow-3.0 .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(E2E_VENV) .venv-airflow-3.0 .mypy_cache .ruff_cache .pytest_cache

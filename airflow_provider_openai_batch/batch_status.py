@@ -42,6 +42,14 @@ def is_reusable(status: str) -> bool:
     return status in WORKING_STATUSES or status == "completed"
 
 
+def can_survive_a_race(status: str) -> bool:
+    """
+    When two tries of one task instance each created a batch, a batch in this status may be the one that keeps
+    running: not dead, and not already being cancelled (by its own try settling the race, or by a user).
+    """
+    return status not in DEAD_STATUSES and status != "cancelling"
+
+
 def _get(obj: Any, name: str, default: Any = None) -> Any:
     if isinstance(obj, dict):
         return obj.get(name, default)

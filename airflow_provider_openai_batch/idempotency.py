@@ -9,6 +9,11 @@ which is how a later try tells a retry (same number) from a re-run after a clear
 attempt looks for its batch in the Task SDK's ``task_state_store`` (Airflow 3.3+) and then among the batches created
 since its DAG run started, which also covers a crash between the API call and any local record. Uploads do the same
 with a content hash in the file name.
+
+Two tries of one task instance can also run at the same time (Celery's pool process dies, Airflow fails the
+try and starts the next one while the orphaned task process keeps running): both may look, find nothing and
+create. ``surviving_batch`` is the rule every try applies right after creating, so that all of them agree on
+the one batch that keeps running and the others cancel their own duplicate.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
+from airflow_provider_openai_batch.batch_status import can_survive_a_race
 from airflow_provider_openai_batch.exceptions import BatchInputError, InputIssue, OpenAIBatchAPIError
 
 T = TypeVar("T")
@@ -44,6 +50,13 @@ RETRY_BASE_DELAY = 0.5
 #: How far back an upload looks for an identical file to reuse; also the create's scan window when the DAG run's
 #: start is unknown (a context without ``dag_run``).
 DEFAULT_LOOKBACK = timedelta(hours=48)
+#: How far OpenAI's ``created_at`` clock and a worker's clock may disagree when deciding which batches were
+#: created by tries racing this one (see ``surviving_batch``): short, so a batch an earlier try left is no racer.
+RACE_SKEW = timedelta(seconds=60)
+#: Seconds a try waits after its create call returned before it lists its siblings. ``created_at`` is in whole
+#: seconds, so a racer created in the same second as ours can win the tie (by id) after we listed: listing once
+#: the second of our own ``created_at`` has surely passed shows every batch that can still beat ours.
+SETTLE_PAUSE = 1.5
 
 
 def task_identity(context: Mapping[str, Any]) -> tuple[str, str, str, int]:
@@ -210,3 +223,46 @@ def call_once(
                 log.info("%s had taken effect before its answer was lost; using that result", operation)
                 return found
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+class BatchLike(Protocol):
+    """What ``surviving_batch`` reads of a batch (``openai.types.Batch`` has these)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def created_at(self) -> int: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def metadata(self) -> Mapping[str, str] | None: ...
+
+
+B = TypeVar("B", bound=BatchLike)
+
+
+def surviving_batch(own: B, batches: Iterable[B], key: str, since: float, first: int | None = None) -> B:
+    """
+    The one batch that keeps running when tries of one task instance raced and each created a batch.
+
+    ``own`` is the batch this try just created; ``batches`` what a listing after that returned; ``since`` when
+    this try started looking for an earlier batch (epoch seconds). Contenders are ``own`` and the batches with
+    the same idempotency key (and, when known, the same first try: a re-run after a clear races nobody) that were
+    created after ``since`` (less ``RACE_SKEW``) and are not dead or being
+    cancelled. The oldest wins (``created_at``, ties broken by id), so every try computes the same winner:
+    a race needs each try's lookup to run before the other's create, so each try's listing holds every older
+    racer, provided it lists after the second of its own ``created_at`` has passed (``SETTLE_PAUSE``), which also
+    shows it every racer created in the same second. Batches of tries that ended before this one started are
+    not contenders: whether those are reused is the lookup's decision, made before creating.
+    """
+    cutoff = since - RACE_SKEW.total_seconds()
+    contenders = [own]
+    for batch in batches:
+        metadata = batch.metadata or {}
+        if batch.id == own.id or metadata.get(IDEMPOTENCY_METADATA_KEY) != key:
+            continue
+        if first is not None and metadata.get(FIRST_TRY_METADATA_KEY) not in (None, str(first)):
+            continue
+        if batch.created_at >= cutoff and can_survive_a_race(batch.status):
+            contenders.append(batch)
+    return min(contenders, key=lambda batch: (batch.created_at, batch.id))

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 Source = Union[str, os.PathLike, "ObjectStoragePath", bytes, bytearray, memoryview, IO[bytes]]
 #: Anything a file can be written to: a local path, a URI, or an ``ObjectStoragePath``.
 Destination = Union[str, os.PathLike, "ObjectStoragePath"]
+log = logging.getLogger(__name__)
 
 
 def _is_uri(value: str) -> bool:
@@ -165,10 +168,13 @@ def atomic_writer(destination: Destination, *, overwrite: bool = False) -> Itera
     """
     Write to a hidden temporary name beside ``destination`` and move it into place only on success.
 
-    A crash, a dropped stream or a failed check inside the ``with`` block leaves nothing at the
-    destination and no temporary file behind, so a retry starts clean and a downstream reader never
-    picks up half a result file. On object stores the move is a server-side copy, still never partial.
+    A dropped stream or a failed check inside the ``with`` block leaves nothing at the destination and no
+    temporary file behind, so a retry starts clean and a downstream reader never picks up half a result file.
+    A writer killed outright (kill -9, OOM) cannot clean up: the next successful write removes the temporary
+    files it left (see ``_remove_stale_partials``). On object stores the move is a server-side copy, still
+    never partial.
     """
+    started = time.time()
     target = to_storage_path(destination)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
@@ -188,10 +194,32 @@ def atomic_writer(destination: Destination, *, overwrite: bool = False) -> Itera
         else:  # the filesystem's own move: a rename locally, a server-side copy on object stores
             storage = cast(Any, target)
             storage.fs.mv(cast(Any, temp).path, storage.path)
+        _remove_stale_partials(target, started)
     finally:
         with contextlib.suppress(FileNotFoundError, OSError):
             if temp.exists():
                 temp.unlink()
+
+
+def _remove_stale_partials(target: Any, started: float) -> None:
+    """
+    Temporary files of ``target`` last written before this write started: left by a writer that was killed
+    (an earlier try on a worker that died). A writer still running keeps its file's modification time current,
+    so it is left alone.
+    """
+    for partial in target.parent.glob(f".{target.name}.*.partial"):
+        with contextlib.suppress(FileNotFoundError, OSError, KeyError, TypeError):
+            if _modified(partial) < started:
+                partial.unlink()
+                log.info("Removed %s, left by a writer that was killed", partial)
+
+
+def _modified(path: Any) -> float:
+    if not _is_object_storage_path(path):
+        return float(path.stat().st_mtime)
+    info = path.fs.info(path.path)
+    value = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    return float(value.timestamp() if hasattr(value, "timestamp") else value)
 
 
 class _Writer(threading.Thread):

@@ -65,6 +65,14 @@ def connection_env(server: FakeOpenAIServer, **extra: object) -> str:
     )
 
 
+@pytest.fixture(autouse=True)
+def _no_settle_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Creates skip the pause that lets a same-second racer show up (tests/test_duplicate_tries.py keeps it)."""
+    from airflow_provider_openai_batch import idempotency
+
+    monkeypatch.setattr(idempotency, "SETTLE_PAUSE", 0.0)
+
+
 @pytest.fixture
 def server() -> Iterator[FakeOpenAIServer]:
     with FakeOpenAIServer(timings=FAST) as srv:

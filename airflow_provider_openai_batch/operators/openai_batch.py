@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from openai.types import Batch
 
+from airflow_provider_openai_batch import idempotency
 from airflow_provider_openai_batch.batch_file import (
     MAX_BYTES_PER_FILE,
     MAX_REQUESTS_PER_FILE,
@@ -41,6 +42,7 @@ from airflow_provider_openai_batch.idempotency import (
     DEFAULT_LOOKBACK,
     FIRST_TRY_METADATA_KEY,
     IDEMPOTENCY_METADATA_KEY,
+    RACE_SKEW,
     STATE_STORE_KEY,
     build_metadata,
     call_once,
@@ -48,6 +50,7 @@ from airflow_provider_openai_batch.idempotency import (
     first_try,
     idempotency_key,
     scan_start,
+    surviving_batch,
     task_identity,
     work_parts,
 )
@@ -318,7 +321,10 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
         key = self._idempotency_key(context)
         first = first_try(context, self.retries)
         metadata = build_metadata(self.metadata, key, first)
-        batch = self._reusable_batch(context, key, first) or self._create(context, metadata, key)
+        started = time.time()
+        batch = self._reusable_batch(context, key, first) or self._settle_duplicates(
+            self._create(context, metadata, key), key, first, started
+        )
         self.record_lineage([("files", self.input_file_id)], [("batches", batch.id)])
         self.push_batch_id(context, batch.id)
         self._remember(context, key, batch.id, first)
@@ -410,7 +416,8 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
                 output_expires_after_seconds=_as_seconds(self.output_expires_after),
                 max_retries=0,
             )
-            self.log.info("Created batch %s for %s", batch.id, self.input_file_id)
+            # Nothing is logged until _settle_duplicates has run: an orphaned try (its supervisor killed) dies
+            # at its first log line, and must have cancelled its duplicate by then.
             return batch
 
         def find() -> Batch | None:
@@ -419,6 +426,39 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
             return found if found is not None and is_reusable(found.status) else None
 
         return call_once("batches.create", send, find)
+
+    def _settle_duplicates(self, batch: Batch, key: str, first: int | None, since: float) -> Batch:
+        """
+        Another try of this task instance may be running at the same time and have created a batch too (an
+        orphaned try whose Celery pool process died keeps running while Airflow starts the next try). Right after
+        creating, list the batches made since this try started looking; by ``surviving_batch``, the rule every
+        try applies, cancel our own batch when it is a duplicate and adopt the survivor. The orphan cannot log (its
+        log socket went with its supervisor: the first log line raises BrokenPipeError), so nothing is logged
+        between the create call and the cancel.
+        """
+        time.sleep(idempotency.SETTLE_PAUSE)  # until a racer created in the same second as ours is listed too
+        cutoff = since - RACE_SKEW.total_seconds()
+        recent: list[Batch] = []
+        for other in self.hook.list_batches():
+            if other.created_at < cutoff:
+                break
+            recent.append(other)
+        survivor = surviving_batch(batch, recent, key, since, first)
+        if survivor.id == batch.id:
+            self.log.info("Created batch %s for %s", batch.id, self.input_file_id)
+            return batch
+        try:
+            self.hook.cancel_batch(batch.id)
+        except OpenAIBatchAPIError as error:
+            if not error.refused_for_state:  # it had already ended: nothing left to stop
+                raise
+        self.log.warning(
+            "Another try of this task created batch %s first; cancelled our duplicate %s and using %s",
+            survivor.id,
+            batch.id,
+            survivor.id,
+        )
+        return survivor
 
     @staticmethod
     def _remember(context: Mapping[str, Any], key: str, batch_id: str, first: int | None = None) -> None:
