@@ -1,6 +1,9 @@
 """
 The whole batch workflow: validate and upload a JSONL file, create the batch, wait for it in a deferrable
 sensor, download the output and error files, then join the results to the inputs by ``custom_id``.
+
+The download updates the Asset ``example_openai_batch_results``: the Assets view lists each run's results, and
+the event's ``extra`` holds where they landed (``output_uri``, ``error_uri``) for DAGs scheduled on it.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pendulum
-from airflow.sdk import DAG, task
+from airflow.sdk import DAG, Asset, task
 
 from airflow_provider_openai_batch.operators.openai_batch import (
     OpenAIBatchCreateOperator,
@@ -24,6 +27,7 @@ except ImportError:  # the DAG processor puts the dags folder itself on sys.path
     from _settings import POLL_SECONDS  # type: ignore[no-redef]
 
 INPUT = str(Path(__file__).parent / "data" / "landmarks.jsonl")
+RESULTS = Asset("example_openai_batch_results")
 
 with DAG(
     dag_id="example_openai_batch",
@@ -47,7 +51,7 @@ with DAG(
         poke_interval=POLL_SECONDS,
         max_failed_ratio=0.1,
     )
-    download = OpenAIBatchDownloadOperator(task_id="download", batch_id=wait.output)
+    download = OpenAIBatchDownloadOperator(task_id="download", batch_id=wait.output, asset=RESULTS)
 
     @task
     def join_results(downloaded: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -27,6 +28,7 @@ from openai.types import Batch, FileDeleted, FileObject
 
 from airflow_provider_openai_batch.batch_status import format_progress, is_terminal, poll_delay, progress_key, summarize
 from airflow_provider_openai_batch.exceptions import BatchTimeoutError, OpenAIBatchAPIError
+from airflow_provider_openai_batch.get_provider_info import DEFAULT_BASE_URL
 from airflow_provider_openai_batch.storage import (
     Destination,
     Source,
@@ -41,7 +43,12 @@ from airflow_provider_openai_batch.storage import (
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Connection
 
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+#: The SDK's transport (openai 3.x sends through httpx2) logs one INFO line per request,
+#: ``HTTP Request: GET …/v1/batches/… "HTTP/1.1 200 OK"``: a poll every minute for a day buries a task log.
+#: (Airflow itself already holds the older ``httpx`` at WARNING.)
+REQUEST_LOGGERS = ("httpx2",)
+_quieted_loggers: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,28 @@ def _mask(secret: str | None) -> None:
     except ImportError:  # pragma: no cover - exercised on older Airflow 3
         from airflow.sdk.execution_time.secrets_masker import mask_secret  # type: ignore[no-redef]
     mask_secret(secret)
+
+
+def quiet_request_logs() -> None:
+    """
+    Keep the transport's per-request lines out of task logs unless debug logging is on.
+
+    Called whenever a client is built, so it follows the level of the process it runs in (a worker, the
+    triggerer, ``dag.test``): with ``[logging] logging_level = DEBUG`` the lines come back. A logger someone
+    configured (its level set, not by us) is left as they set it. The SDK's own ``openai`` logger is not
+    touched: at INFO it says only "Retrying request in …", which a person wants to see.
+    """
+    debug = logging.getLogger().isEnabledFor(logging.DEBUG)
+    for name in REQUEST_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level != logging.NOTSET and name not in _quieted_loggers:
+            continue
+        if debug:
+            logger.setLevel(logging.NOTSET)
+            _quieted_loggers.discard(name)
+        else:
+            logger.setLevel(logging.WARNING)
+            _quieted_loggers.add(name)
 
 
 def _extras(conn: Connection) -> dict[str, Any]:
@@ -220,6 +249,7 @@ class OpenAIBatchHook(BaseHook):
     def _build_kwargs(self, conn: Connection) -> tuple[bool, dict[str, Any]]:
         azure, kwargs = client_kwargs(conn)
         _mask(kwargs.get("api_key"))
+        quiet_request_logs()
         if self.max_retries is not None:
             kwargs["max_retries"] = self.max_retries
         if self.strict_response_validation:
@@ -234,6 +264,16 @@ class OpenAIBatchHook(BaseHook):
     def get_conn(self) -> OpenAI:
         """The sync SDK client for this connection (cached on the hook)."""
         return self._client
+
+    @property
+    def base_url(self) -> str:
+        """Where this connection's requests go (OpenAI, an Azure resource or a compatible server)."""
+        return str(self.get_conn().base_url)
+
+    @property
+    def is_azure(self) -> bool:
+        """Whether the connection speaks Azure OpenAI's classic API (``api_type=azure``)."""
+        return isinstance(self.get_conn(), AzureOpenAI)
 
     def _with_retries(self, max_retries: int | None) -> OpenAI:
         return self.get_conn() if max_retries is None else self.get_conn().with_options(max_retries=max_retries)

@@ -20,6 +20,26 @@ from airflow_provider_openai_batch.batch_status import format_progress, is_termi
 from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 
+
+class BatchTriggerEvent(TriggerEvent):
+    """
+    The trigger's one event, with a one-line ``repr``.
+
+    Airflow's triggerer logs every event it fires (``Trigger fired event … result=<repr>``) into the task's log;
+    the payload carries the whole batch summary for ``execute_complete``, which as a repr is one very long line.
+    Only the repr is shortened: the payload Airflow stores and hands back is unchanged.
+    """
+
+    def __init__(self, payload: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(payload, **kwargs)
+
+    def __repr__(self) -> str:
+        payload = self.payload if isinstance(self.payload, dict) else {}
+        return f"TriggerEvent<{payload.get('status')}: {payload.get('message')}>"
+
+    __str__ = __repr__
+
+
 #: Consecutive failed polls (after the SDK's own retries) before the wait gives up with an error event.
 DEFAULT_MAX_POLL_FAILURES = 10
 
@@ -89,7 +109,7 @@ class OpenAIBatchTrigger(BaseTrigger):
         return OpenAIBatchHook(self.conn_id)
 
     def _event(self, status: str, message: str, summary: dict[str, Any] | None = None) -> TriggerEvent:
-        return TriggerEvent({"status": status, "batch_id": self.batch_id, "summary": summary, "message": message})
+        return BatchTriggerEvent({"status": status, "batch_id": self.batch_id, "summary": summary, "message": message})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = self.hook
