@@ -84,6 +84,12 @@ def get_provider_info() -> dict[str, Any]:
                         "description": "Retries of 429, 5xx and dropped connections per call (SDK default 2)",
                         "schema": {"type": ["integer", "null"], "minimum": 0},
                     },
+                    "batch_link": {
+                        "label": "Batch page link",
+                        "description": "auto: OpenAI's batch page for api.openai.com, no link elsewhere. "
+                        "openai: a gateway that forwards to OpenAI. none: no link",
+                        "schema": {"type": ["string", "null"], "default": "auto", "enum": ["auto", "openai", "none"]},
+                    },
                     "default_headers": {
                         "label": "Default headers (JSON)",
                         "description": 'Sent with every call, e.g. {"X-Team": "etl"}',

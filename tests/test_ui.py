@@ -24,7 +24,7 @@ from airflow_provider_openai_batch.operators.openai_batch import (
 from airflow_provider_openai_batch.sensors.openai_batch import OpenAIBatchSensor
 from airflow_provider_openai_batch.testing import FakeOpenAIServer
 from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchTrigger
-from tests.conftest import DEFERRING, jsonl, request_line, run_dag, task_states, xcoms
+from tests.conftest import DEFERRING, connection_env, jsonl, request_line, run_dag, task_states, xcoms
 
 REQUEST_LINE = "HTTP Request:"
 #: Wider than this, a placeholder is cut off in the connection form's inputs (measured by make ui-check).
@@ -106,6 +106,7 @@ async def test_the_triggers_event_logs_as_one_short_line(conn_id, server, hook):
     ],
 )
 def test_the_link_follows_the_connection(base_url, azure, console):
+    assert console_of(base_url, azure=azure, batch_link="auto") == console
     assert console_of(base_url, azure=azure) == console
     url = batch_page_url("batch_abc", console)
     assert url == ("https://platform.openai.com/batches/batch_abc" if console == "openai" else None)
@@ -126,12 +127,14 @@ def test_the_link_follows_the_connection(base_url, azure, console):
         ),
         ({"password": "k", "host": "https://res.openai.azure.com/openai/v1/"}, "azure"),
         ({"password": "k", "host": "http://vllm.internal:8000/v1"}, None),
+        ({"password": "k", "host": "https://gateway.example/openai/v1", "extra": {"batch_link": "openai"}}, "openai"),
+        ({"password": "sk-1", "extra": {"batch_link": "none"}}, None),
     ],
 )
 def test_the_hook_tells_the_link_where_requests_go(monkeypatch, conn, console):
     monkeypatch.setenv("AIRFLOW_CONN_LINKED", json.dumps({"conn_type": "openai_batch", **conn}))
     hook = OpenAIBatchHook("linked")
-    assert console_of(hook.base_url, azure=hook.is_azure) == console
+    assert console_of(hook.base_url, azure=hook.is_azure, batch_link=hook.batch_link) == console
 
 
 def test_the_link_persists_nothing_without_xcom_push():
@@ -166,14 +169,10 @@ def _links_as_the_api_serves_them(run, task_id: str) -> dict[str, str | None]:
         return {name: task.get_extra_links(ti, name) or None for name in task.extra_links}
 
 
-def test_openai_connection_links_the_deferred_sensor_to_its_batch_page(airflow_db, monkeypatch, input_file, tmp_path):
-    """The connection says OpenAI (the requests still go to the fake): the link names the batch's page."""
+def test_a_gateway_to_openai_links_the_deferred_sensor_to_its_batch_page(airflow_db, monkeypatch, input_file, tmp_path):
+    """A connection to a gateway that forwards to OpenAI (``batch_link=openai``): the link names the batch's page."""
     with FakeOpenAIServer(timings=DEFERRING) as server:
-        monkeypatch.setenv(
-            "AIRFLOW_CONN_OPENAI_DEFAULT",
-            json.dumps({"conn_type": "openai_batch", "host": server.base_url, "password": server.api_key}),
-        )
-        monkeypatch.setattr(OpenAIBatchHook, "base_url", property(lambda self: "https://api.openai.com/v1"))
+        monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(server, batch_link="openai"))
 
         def build():
             up = OpenAIBatchUploadOperator(task_id="upload", source=str(input_file), endpoint="/v1/chat/completions")
@@ -239,6 +238,7 @@ def test_the_connection_form_as_the_ui_receives_it():
         "api_version",
         "timeout",
         "max_retries",
+        "batch_link",
         "default_headers",
     ]
     assert "OpenAI-Organization header" in extra["organization"]["description"]

@@ -29,6 +29,7 @@ from openai.types import Batch, FileDeleted, FileObject
 from airflow_provider_openai_batch.batch_status import format_progress, is_terminal, poll_delay, progress_key, summarize
 from airflow_provider_openai_batch.exceptions import BatchTimeoutError, OpenAIBatchAPIError
 from airflow_provider_openai_batch.get_provider_info import DEFAULT_BASE_URL
+from airflow_provider_openai_batch.links.openai_batch import BATCH_LINK_CHOICES
 from airflow_provider_openai_batch.storage import (
     Destination,
     Source,
@@ -121,6 +122,8 @@ def client_kwargs(conn: Connection) -> tuple[bool, dict[str, Any]]:
     api_type = str(extra.get("api_type") or "openai").lower()
     if api_type not in ("openai", "azure"):
         raise ValueError(f"connection extra 'api_type' must be 'openai' or 'azure', got {api_type!r}")
+    if str(extra.get("batch_link") or "auto").lower() not in BATCH_LINK_CHOICES:
+        raise ValueError(f"connection extra 'batch_link' must be one of {', '.join(BATCH_LINK_CHOICES)}")
     base_url = passthrough.pop("base_url", None) or conn.host or None
     kwargs: dict[str, Any] = {"api_key": conn.password or passthrough.pop("api_key", None)}
     for name in ("organization", "project"):
@@ -257,8 +260,12 @@ class OpenAIBatchHook(BaseHook):
         return azure, kwargs
 
     @cached_property
+    def _connection(self) -> Connection:
+        return self.get_connection(self.conn_id)
+
+    @cached_property
     def _client(self) -> OpenAI:
-        azure, kwargs = self._build_kwargs(self.get_connection(self.conn_id))
+        azure, kwargs = self._build_kwargs(self._connection)
         return AzureOpenAI(**kwargs) if azure else OpenAI(**kwargs)
 
     def get_conn(self) -> OpenAI:
@@ -274,6 +281,12 @@ class OpenAIBatchHook(BaseHook):
     def is_azure(self) -> bool:
         """Whether the connection speaks Azure OpenAI's classic API (``api_type=azure``)."""
         return isinstance(self.get_conn(), AzureOpenAI)
+
+    @property
+    def batch_link(self) -> str | None:
+        """The connection's ``batch_link`` extra: ``openai`` / ``none`` override the extra link's choice."""
+        value = _extras(self._connection).get("batch_link")
+        return str(value).lower() if value else None
 
     def _with_retries(self, max_retries: int | None) -> OpenAI:
         return self.get_conn() if max_retries is None else self.get_conn().with_options(max_retries=max_retries)

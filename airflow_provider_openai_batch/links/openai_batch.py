@@ -11,7 +11,9 @@ the worker after every run, deferrals included, so the link is there during a 24
 - Azure OpenAI (``api_type=azure``, or a ``*.azure.com`` host): no link. The Azure AI Foundry / portal page of a
   batch job is addressed by subscription, resource group and resource, and a connection holds only the
   endpoint; a guessed URL would lead nowhere.
-- Any other OpenAI-compatible server (a gateway, vLLM, a local fake): no link, it has no batch page.
+- Any other OpenAI-compatible server (vLLM, a local fake, a gateway): no link, it has no batch page.
+- The connection's ``batch_link`` extra overrides the guess: ``openai`` for a gateway that forwards to OpenAI
+  (the batch ids are OpenAI's, so is the page), ``none`` for no link at all; ``auto`` (default) guesses as above.
 """
 
 from __future__ import annotations
@@ -42,8 +44,16 @@ class LinkInfo(TypedDict):
     console: Console | None
 
 
-def console_of(base_url: str | None, *, azure: bool = False) -> Console | None:
+#: Values of the connection's ``batch_link`` extra.
+BATCH_LINK_CHOICES = ("auto", "openai", "none")
+
+
+def console_of(base_url: str | None, *, azure: bool = False, batch_link: str | None = None) -> Console | None:
     """Whose console the connection's requests go to: OpenAI's, Azure's, or nobody's (a compatible server)."""
+    if batch_link == "openai":
+        return "openai"
+    if batch_link == "none":
+        return None
     host = (urlsplit(base_url or "").hostname or "").lower()
     if azure or host.endswith(AZURE_HOST_SUFFIXES):
         return "azure"
@@ -75,10 +85,18 @@ class OpenAIBatchLink(BaseOperatorLink):
 
     @classmethod
     def persist(
-        cls, context: Mapping[str, Any], operator: Any, *, batch_id: str, base_url: str | None, azure: bool
+        cls,
+        context: Mapping[str, Any],
+        operator: Any,
+        *,
+        batch_id: str,
+        base_url: str | None,
+        azure: bool,
+        batch_link: str | None = None,
     ) -> None:
         """Store what the link needs, from the connection the task used (as ``BaseAwsLink.persist``)."""
         if not getattr(operator, "do_xcom_push", True):
             return
-        info: LinkInfo = {"batch_id": batch_id, "console": console_of(base_url, azure=azure)}
+        console = console_of(base_url, azure=azure, batch_link=batch_link)
+        info: LinkInfo = {"batch_id": batch_id, "console": console}
         context["ti"].xcom_push(key=cls.key, value=dict(info))

@@ -95,7 +95,10 @@ class OpenAIBatchBaseOperator(BaseOperator):
         for this connection (OpenAI's dashboard, or none), so the link works while the task is deferred.
         """
         context["ti"].xcom_push(key=BATCH_ID_XCOM_KEY, value=batch_id)
-        OpenAIBatchLink.persist(context, self, batch_id=batch_id, base_url=self.hook.base_url, azure=self.hook.is_azure)
+        hook = self.hook
+        OpenAIBatchLink.persist(
+            context, self, batch_id=batch_id, base_url=hook.base_url, azure=hook.is_azure, batch_link=hook.batch_link
+        )
 
 
 class BatchWaitingOperator(OpenAIBatchBaseOperator):
