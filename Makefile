@@ -10,7 +10,7 @@ PIP_ARGS ?= -c constraints/test.txt
 BENCH_VENV ?= .bench-venv
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: install test lint typecheck pytest demo bench chaos clean
+.PHONY: install test lint typecheck pytest demo bench chaos clean ui-check chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,20 @@ chaos: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+# Not part of `make test`: real Airflow services on 127.0.0.1 and Debian's Chromium driven by Playwright;
+# screenshots land in build/ui-check/. Needs root (apt-get) the first time, when chromium is missing.
+UI_STAMP := $(VENV)/.ui-installed
+
+$(UI_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e '.[$(EXTRAS),ui]'
+	touch $(UI_STAMP)
+
+chromium:
+	@command -v chromium >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+ui-check: $(UI_STAMP) chromium
+	$(BIN)/python scripts/ui_check.py
 
 # The bench has its own venv: it also installs the official OpenAI provider as the anchor (never a dependency).
 $(BENCH_STAMP): pyproject.toml
