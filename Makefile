@@ -13,7 +13,7 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 E2E_VENV ?= .venv-e2e
 E2E_STAMP := $(E2E_VENV)/.installed
 
-.PHONY: install test lint typecheck pytest demo bench chaos e2e e2e-system clean
+.PHONY: install test lint typecheck pytest demo bench chaos e2e e2e-system clean ui-check chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,20 @@ chaos: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+# Not part of `make test`: real Airflow services on 127.0.0.1 and Debian's Chromium driven by Playwright;
+# screenshots land in build/ui-check/. Needs root (apt-get) the first time, when chromium is missing.
+UI_STAMP := $(VENV)/.ui-installed
+
+$(UI_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e '.[$(EXTRAS),ui]'
+	touch $(UI_STAMP)
+
+chromium:
+	@command -v chromium >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+ui-check: $(UI_STAMP) chromium
+	$(BIN)/python scripts/ui_check.py
 
 # The bench has its own venv: it also installs the official OpenAI provider as the anchor (never a dependency).
 $(BENCH_STAMP): pyproject.toml

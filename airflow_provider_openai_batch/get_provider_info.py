@@ -7,6 +7,8 @@ from typing import Any
 from airflow_provider_openai_batch import __version__
 
 _INTEGRATION = "OpenAI Batch"
+#: OpenAI's API; the hook's default too (kept here so reading provider info imports nothing heavy).
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _PKG = "airflow_provider_openai_batch"
 
 
@@ -40,17 +42,27 @@ def get_provider_info() -> dict[str, Any]:
                 "ui-field-behaviour": {
                     "hidden-fields": ["schema", "port", "login"],
                     "relabeling": {"password": "API key", "host": "Base URL"},
-                    "placeholders": {
-                        "host": "https://api.openai.com/v1 (or https://RESOURCE.openai.azure.com for api_type=azure)",
-                        "password": "sk-...",
-                    },
+                    # A placeholder is one unwrapped line inside the input: it must fit the form's width.
+                    # Longer guidance goes into the descriptions of the extra fields, which wrap.
+                    "placeholders": {"host": DEFAULT_BASE_URL, "password": "sk-..."},
                 },
                 "conn-fields": {
-                    "organization": {"label": "Organization", "schema": {"type": ["string", "null"]}},
-                    "project": {"label": "Project", "schema": {"type": ["string", "null"]}},
+                    "organization": {
+                        "label": "Organization",
+                        "description": "Optional org-... id, sent as the OpenAI-Organization header "
+                        "(default: the key's own organization)",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "project": {
+                        "label": "Project",
+                        "description": "Optional proj_... id, sent as the OpenAI-Project header "
+                        "(default: the key's own project)",
+                        "schema": {"type": ["string", "null"]},
+                    },
                     "api_type": {
                         "label": "API type",
-                        "description": "openai (also Azure's /openai/v1/ endpoint and compatible servers) or azure",
+                        "description": "openai: OpenAI, Azure's /openai/v1/ endpoint, compatible servers. "
+                        "azure: Azure's classic API (Base URL https://RESOURCE.openai.azure.com + API version)",
                         "schema": {
                             "type": ["string", "null"],
                             "default": "openai",
@@ -64,6 +76,7 @@ def get_provider_info() -> dict[str, Any]:
                     },
                     "timeout": {
                         "label": "Timeout (seconds)",
+                        "description": "Per API call (SDK default 600)",
                         "schema": {"type": ["number", "null"], "minimum": 1},
                     },
                     "max_retries": {
@@ -71,8 +84,15 @@ def get_provider_info() -> dict[str, Any]:
                         "description": "Retries of 429, 5xx and dropped connections per call (SDK default 2)",
                         "schema": {"type": ["integer", "null"], "minimum": 0},
                     },
+                    "batch_link": {
+                        "label": "Batch page link",
+                        "description": "auto: OpenAI's batch page for api.openai.com, no link elsewhere. "
+                        "openai: a gateway that forwards to OpenAI. none: no link",
+                        "schema": {"type": ["string", "null"], "default": "auto", "enum": ["auto", "openai", "none"]},
+                    },
                     "default_headers": {
                         "label": "Default headers (JSON)",
+                        "description": 'Sent with every call, e.g. {"X-Team": "etl"}',
                         "schema": {"type": ["object", "null"]},
                     },
                 },

@@ -1,6 +1,9 @@
 """
 The whole batch workflow: validate and upload a JSONL file, create the batch, wait for it in a deferrable
 sensor, download the output and error files, then join the results to the inputs by ``custom_id``.
+
+The download updates the Asset ``example_openai_batch_results``: the Assets view lists each run's results, and
+the event's ``extra`` holds where they landed (``output_uri``, ``error_uri``) for DAGs scheduled on it.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pendulum
-from airflow.sdk import DAG, task
+from airflow.sdk import DAG, Asset, task
 
 from airflow_provider_openai_batch.operators.openai_batch import (
     OpenAIBatchCreateOperator,
@@ -23,6 +26,7 @@ from airflow_provider_openai_batch.sensors.openai_batch import OpenAIBatchSensor
 POLL_SECONDS = float(os.environ.get("OPENAI_BATCH_EXAMPLE_POLL_SECONDS", "60"))
 
 INPUT = str(Path(__file__).parent / "data" / "landmarks.jsonl")
+RESULTS = Asset("example_openai_batch_results")
 
 with DAG(
     dag_id="example_openai_batch",
@@ -46,7 +50,7 @@ with DAG(
         poke_interval=POLL_SECONDS,
         max_failed_ratio=0.1,
     )
-    download = OpenAIBatchDownloadOperator(task_id="download", batch_id=wait.output)
+    download = OpenAIBatchDownloadOperator(task_id="download", batch_id=wait.output, asset=RESULTS)
 
     @task
     def join_results(downloaded: dict[str, Any]) -> dict[str, Any]:

@@ -81,6 +81,7 @@ def test_azure_classic():
         ({"api_type": "azure"}, "api_version"),
         ({"api_type": "bedrock"}, "api_type"),
         ({"default_headers": "[1]"}, "default_headers"),
+        ({"batch_link": "azure"}, "batch_link"),
     ],
 )
 def test_bad_extras_are_named(extra, message):

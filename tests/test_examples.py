@@ -28,9 +28,11 @@ def _load(module: str):
     return importlib.reload(imported).dag
 
 
-def test_example_openai_batch(server):
+def test_example_openai_batch(server, capfd, caplog):
     dag = _load("example_openai_batch")
     run = dag.test()
+    out, err = capfd.readouterr()
+    logs = out + err + "\n".join(record.getMessage() for record in caplog.records)
     assert set(task_states(run).values()) == {"success"}
     assert server.count_from("batches.retrieve", "AsyncOpenAI") >= 1  # the trigger polled: the sensor deferred
     assert server.batches_created == 1
@@ -42,8 +44,34 @@ def test_example_openai_batch(server):
     with open(joined["joined_uri"]) as rows:
         ids = [json.loads(line)["custom_id"] for line in rows]
     assert ids == [f"landmark-{i:03d}" for i in range(20)]
-    assert xcoms(run, "create", key="_link_OpenAIBatchLink")[-1].endswith(summary["batch_id"])
-    assert xcoms(run, "wait", key="_link_OpenAIBatchLink")[-1].endswith(summary["batch_id"])
+    # The task logs say what happened, without a line per HTTP request (issue 14).
+    assert f"batch {summary['batch_id']} in_progress" in logs  # the trigger's progress lines are there
+    assert "HTTP Request:" not in logs
+    # The fake is an OpenAI-compatible server, not OpenAI: it has no batch page, so there is no link.
+    for task_id in ("create", "wait", "download"):
+        assert xcoms(run, task_id, key="openai_batch_link")[-1] == {"batch_id": summary["batch_id"], "console": None}
+        assert not xcoms(run, task_id, key="_link_OpenAIBatchLink")[-1]
+    # Where the results landed: their own XCom keys, and an Asset event the Assets view lists.
+    downloaded = xcoms(run, "download")[-1]
+    assert xcoms(run, "download", key="output_uri")[-1] == downloaded["output_uri"]
+    assert xcoms(run, "download", key="error_uri")[-1] is None
+    assert _asset_events("example_openai_batch_results", run) == [
+        {"output_uri": downloaded["output_uri"], "output_lines": 20, "batch_id": summary["batch_id"]}
+    ]
+
+
+def _asset_events(name: str, run) -> list[dict]:
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        events = session.scalars(
+            select(AssetEvent)
+            .join(AssetModel, AssetModel.id == AssetEvent.asset_id)
+            .where(AssetModel.name == name, AssetEvent.source_run_id == run.run_id)
+        ).all()
+        return [{k: e.extra[k] for k in ("output_uri", "output_lines", "batch_id")} for e in events]
 
 
 def test_example_taskflow_maps_over_files(server):

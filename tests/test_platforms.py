@@ -58,6 +58,10 @@ def test_azure(form, monkeypatch, tmp_path):
     assert (downloaded["output_lines"], downloaded["error_lines"]) == (8, 0)
     assert downloaded["error_file_id"]  # Azure names a zero-byte error file when nothing failed ...
     assert downloaded["error_uri"] is None  # ... which is not worth a location: nothing failed
+    # No batch page can be named from an Azure connection (nor for the v1 endpoint's host): no link.
+    console = "azure" if form == "classic" else None  # the fake's v1 endpoint is on 127.0.0.1, not *.azure.com
+    assert xcoms(run, "wait", key="openai_batch_link")[-1]["console"] == console
+    assert not xcoms(run, "wait", key="_link_OpenAIBatchLink")[-1]
 
 
 def test_azure_quirks_parse_strictly(monkeypatch):
@@ -108,3 +112,4 @@ def test_compatible_server_with_its_own_endpoint_and_window(monkeypatch, tmp_pat
     assert set(task_states(run).values()) == {"success"}
     assert batch.completion_window == "48h" and batch.endpoint == "/v1/rerank"
     assert xcoms(run, "download")[-1]["output_lines"] == 5
+    assert not xcoms(run, "wait", key="_link_OpenAIBatchLink")[-1]  # a compatible server has no batch page

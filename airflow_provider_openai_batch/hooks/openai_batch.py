@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -32,6 +33,8 @@ from airflow_provider_openai_batch.batch_status import (
     summarize,
 )
 from airflow_provider_openai_batch.exceptions import BatchTimeoutError, OpenAIBatchAPIError
+from airflow_provider_openai_batch.get_provider_info import DEFAULT_BASE_URL
+from airflow_provider_openai_batch.links.openai_batch import BATCH_LINK_CHOICES
 from airflow_provider_openai_batch.polling import DEFAULT_MAX_POLL_FAILURES, PollFailures, PollPolicy
 from airflow_provider_openai_batch.storage import (
     Destination,
@@ -47,7 +50,12 @@ from airflow_provider_openai_batch.storage import (
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Connection
 
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+#: The SDK's transport (openai 3.x sends through httpx2) logs one INFO line per request,
+#: ``HTTP Request: GET …/v1/batches/… "HTTP/1.1 200 OK"``: a poll every minute for a day buries a task log.
+#: (Airflow itself already holds the older ``httpx`` at WARNING.)
+REQUEST_LOGGERS = ("httpx2",)
+_quieted_loggers: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,28 @@ def _mask(secret: str | None) -> None:
     except ImportError:  # pragma: no cover - exercised on older Airflow 3
         from airflow.sdk.execution_time.secrets_masker import mask_secret  # type: ignore[no-redef]
     mask_secret(secret)
+
+
+def quiet_request_logs() -> None:
+    """
+    Keep the transport's per-request lines out of task logs unless debug logging is on.
+
+    Called whenever a client is built, so it follows the level of the process it runs in (a worker, the
+    triggerer, ``dag.test``): with ``[logging] logging_level = DEBUG`` the lines come back. A logger someone
+    configured (its level set, not by us) is left as they set it. The SDK's own ``openai`` logger is not
+    touched: at INFO it says only "Retrying request in …", which a person wants to see.
+    """
+    debug = logging.getLogger().isEnabledFor(logging.DEBUG)
+    for name in REQUEST_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level != logging.NOTSET and name not in _quieted_loggers:
+            continue
+        if debug:
+            logger.setLevel(logging.NOTSET)
+            _quieted_loggers.discard(name)
+        else:
+            logger.setLevel(logging.WARNING)
+            _quieted_loggers.add(name)
 
 
 def _extras(conn: Connection) -> dict[str, Any]:
@@ -102,6 +132,8 @@ def client_kwargs(conn: Connection) -> tuple[bool, dict[str, Any]]:
     api_type = str(extra.get("api_type") or "openai").lower()
     if api_type not in ("openai", "azure"):
         raise ValueError(f"connection extra 'api_type' must be 'openai' or 'azure', got {api_type!r}")
+    if str(extra.get("batch_link") or "auto").lower() not in BATCH_LINK_CHOICES:
+        raise ValueError(f"connection extra 'batch_link' must be one of {', '.join(BATCH_LINK_CHOICES)}")
     base_url = passthrough.pop("base_url", None) or conn.host or None
     kwargs: dict[str, Any] = {"api_key": conn.password or passthrough.pop("api_key", None)}
     for name in ("organization", "project"):
@@ -230,6 +262,7 @@ class OpenAIBatchHook(BaseHook):
     def _build_kwargs(self, conn: Connection) -> tuple[bool, dict[str, Any]]:
         azure, kwargs = client_kwargs(conn)
         _mask(kwargs.get("api_key"))
+        quiet_request_logs()
         if self.max_retries is not None:
             kwargs["max_retries"] = self.max_retries
         if self.strict_response_validation:
@@ -237,13 +270,33 @@ class OpenAIBatchHook(BaseHook):
         return azure, kwargs
 
     @cached_property
+    def _connection(self) -> Connection:
+        return self.get_connection(self.conn_id)
+
+    @cached_property
     def _client(self) -> OpenAI:
-        azure, kwargs = self._build_kwargs(self.get_connection(self.conn_id))
+        azure, kwargs = self._build_kwargs(self._connection)
         return AzureOpenAI(**kwargs) if azure else OpenAI(**kwargs)
 
     def get_conn(self) -> OpenAI:
         """The sync SDK client for this connection (cached on the hook)."""
         return self._client
+
+    @property
+    def base_url(self) -> str:
+        """Where this connection's requests go (OpenAI, an Azure resource or a compatible server)."""
+        return str(self.get_conn().base_url)
+
+    @property
+    def is_azure(self) -> bool:
+        """Whether the connection speaks Azure OpenAI's classic API (``api_type=azure``)."""
+        return isinstance(self.get_conn(), AzureOpenAI)
+
+    @property
+    def batch_link(self) -> str | None:
+        """The connection's ``batch_link`` extra: ``openai`` / ``none`` override the extra link's choice."""
+        value = _extras(self._connection).get("batch_link")
+        return str(value).lower() if value else None
 
     def _with_retries(self, max_retries: int | None) -> OpenAI:
         return self.get_conn() if max_retries is None else self.get_conn().with_options(max_retries=max_retries)

@@ -96,10 +96,16 @@ class OpenAIBatchBaseOperator(BaseOperator):
         inputs, outputs = self._lineage
         return lineage.operator_lineage(datasets(inputs), datasets(outputs))
 
-    @staticmethod
-    def push_batch_id(context: Mapping[str, Any], batch_id: str) -> None:
-        """First thing once a batch id is known: the extra link reads it, even while the task is deferred."""
+    def push_batch_id(self, context: Mapping[str, Any], batch_id: str) -> None:
+        """
+        First thing once a batch id is known: the id, and what the extra link needs to name the batch's page
+        for this connection (OpenAI's dashboard, or none), so the link works while the task is deferred.
+        """
         context["ti"].xcom_push(key=BATCH_ID_XCOM_KEY, value=batch_id)
+        hook = self.hook
+        OpenAIBatchLink.persist(
+            context, self, batch_id=batch_id, base_url=hook.base_url, azure=hook.is_azure, batch_link=hook.batch_link
+        )
 
 
 class BatchWaitingOperator(OpenAIBatchBaseOperator):

@@ -63,6 +63,9 @@ from airflow_provider_openai_batch.operators.base import (
 from airflow_provider_openai_batch.results import estimate_cost, normalize_usage, sum_usage
 from airflow_provider_openai_batch.storage import Source, source_name, source_size, to_storage_path
 
+#: The download operator pushes each result file's location under its own key, besides the summary.
+RESULT_LOCATION_KEYS = ("output_uri", "error_uri")
+
 
 def _as_seconds(value: timedelta | int | None) -> int | None:
     if value is None:
@@ -520,6 +523,7 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
     """
     Stream a batch's output and error files to local or object storage; returns the batch summary plus
     ``output_uri``, ``error_uri``, ``output_lines`` and ``error_lines`` (``None`` / 0 when a file is absent).
+    ``output_uri`` and ``error_uri`` are also pushed under their own XCom keys, and logged one line per file.
 
     :param batch_id: A batch id or the sensor's summary. Templated.
     :param destination: Folder (path, URI or ``ObjectStoragePath``). Templated. Default: a per-run folder under
@@ -602,7 +606,8 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
                 continue
             result[f"{kind}_uri"] = str(target)
             result[f"{kind}_lines"] = downloaded.lines
-            self.log.info("Downloaded %s file %s to %s (%s lines)", kind, file_id, target, f"{downloaded.lines:,}")
+            self.log.info("%s: %s lines → %s", kind.capitalize(), f"{downloaded.lines:,}", target)
+        self._push_locations(context, result)
         if self.check_counts:
             self._check_counts(result)
         self._add_usage(result)
@@ -614,6 +619,13 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
         if self.delete_remote_files:
             self._delete_remote(summary)
         return result
+
+    def _push_locations(self, context: Mapping[str, Any], result: dict[str, Any]) -> None:
+        """The result files under their own XCom keys, so the XCom tab shows them at a glance (``None``: no file)."""
+        if not self.do_xcom_push:
+            return
+        for key in RESULT_LOCATION_KEYS:
+            context["ti"].xcom_push(key=key, value=result[key])
 
     def _describe_asset_events(self, context: Mapping[str, Any], result: dict[str, Any]) -> None:
         """Downstream DAGs scheduled on our Assets find where the results are in the triggering event."""

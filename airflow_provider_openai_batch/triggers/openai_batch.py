@@ -29,6 +29,25 @@ from airflow_provider_openai_batch.polling import (
 __all__ = ["DEFAULT_MAX_POLL_FAILURES", "OpenAIBatchTrigger"]
 
 
+class BatchTriggerEvent(TriggerEvent):
+    """
+    The trigger's one event, with a one-line ``repr``.
+
+    Airflow's triggerer logs every event it fires (``Trigger fired event … result=<repr>``) into the task's log;
+    the payload carries the whole batch summary for ``execute_complete``, which as a repr is one very long line.
+    Only the repr is shortened: the payload Airflow stores and hands back is unchanged.
+    """
+
+    def __init__(self, payload: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(payload, **kwargs)
+
+    def __repr__(self) -> str:
+        payload = self.payload if isinstance(self.payload, dict) else {}
+        return f"TriggerEvent<{payload.get('status')}: {payload.get('message')}>"
+
+    __str__ = __repr__
+
+
 class OpenAIBatchTrigger(BaseTrigger):
     """
     Poll a batch until it ends or ``end_time`` passes.
@@ -94,7 +113,7 @@ class OpenAIBatchTrigger(BaseTrigger):
         return OpenAIBatchHook(self.conn_id)
 
     def _event(self, status: str, message: str, summary: dict[str, Any] | None = None) -> TriggerEvent:
-        return TriggerEvent({"status": status, "batch_id": self.batch_id, "summary": summary, "message": message})
+        return BatchTriggerEvent({"status": status, "batch_id": self.batch_id, "summary": summary, "message": message})
 
     @property
     def policy(self) -> PollPolicy:
