@@ -170,7 +170,7 @@ def test_on_kill_cancels_the_batch(hook, conn_id, server, monkeypatch):
     monkeypatch.setattr(trigger, "task_state", marked_failed)
     asyncio.run(trigger.on_kill())
     assert server.count("batches.cancel") == 1
-    assert hook.get_batch(batch_id).status == "cancelling"
+    assert hook.get_batch(batch_id).status in ("cancelling", "cancelled")  # how far it got depends on the machine
 
 
 def test_on_kill_can_be_switched_off(hook, conn_id, server):
