@@ -226,7 +226,7 @@ def test_two_deployments_never_share_a_batch(fake, monkeypatch):
     monkeypatch.setenv("AIRFLOW__OPENAI_BATCH__DEPLOYMENT_SALT", "deployment-b")
     b = create(TI(run_id), file_id)
     monkeypatch.delenv("AIRFLOW__OPENAI_BATCH__DEPLOYMENT_SALT")
-    monkeypatch.setenv("AIRFLOW__CORE__FERNET_KEY", "0" * 43 + "=")
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", "https://airflow-c.example/execution/")
     c = create(TI(run_id), file_id)
     assert len({a, b, c}) == 3
     retry = TI(run_id)
