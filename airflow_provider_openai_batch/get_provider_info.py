@@ -98,4 +98,22 @@ def get_provider_info() -> dict[str, Any]:
                 },
             }
         ],
+        "config": {
+            "openai_batch": {
+                "description": "The OpenAI Batch provider.",
+                "options": {
+                    "deployment_salt": {
+                        "description": (
+                            "Names this deployment in every batch's idempotency key, so two Airflow deployments "
+                            "on one OpenAI project never reuse (or delete the input of) each other's batches. "
+                            "The same on every worker of one deployment. Default: [core] execution_api_server_url."
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "prod-eu-1",
+                        "default": None,
+                    }
+                },
+            }
+        },
     }

@@ -99,21 +99,20 @@ def deployment_salt() -> str:
 
     Two deployments run the same DAG with the same scheduled ``run_id`` and (uploads being reused by content) the
     same input file id, so without a salt their keys match and one reuses, or deletes the input of, the other's
-    batch. ``[openai_batch] deployment_salt`` sets it explicitly (any string; the same on every component of
-    one deployment). The default is a hash of ``[core] fernet_key``: every component that decrypts connections
-    needs the same one, each deployment generates its own, and it is secret, so the salt cannot be guessed from
-    outside. Without a fernet key the salt is empty (the behaviour before salts existed). Rotating the fernet
-    key changes the salt: a task retried across a rotation creates a new batch (set the option to avoid that).
+    batch. ``[openai_batch] deployment_salt`` sets it explicitly (any string; the same on every worker of one
+    deployment). The default is ``[core] execution_api_server_url``: the address every worker of a deployment
+    uses to reach its own API server, so it is the same on all of them (a deployment does not work otherwise) and
+    differs between deployments. Not the fernet key: Airflow 3 workers do not need it, and a worker host without
+    one generates its own at random, which would give each worker a different salt and let a retry on another
+    worker pay twice. Two deployments that both use the default ``http://localhost:8080/execution/`` (e.g. two
+    laptops on one project) should set the option.
     """
     from airflow.providers.common.compat.sdk import conf
 
     explicit = conf.get(SALT_SECTION, SALT_OPTION, fallback=None)
     if explicit:
         return str(explicit)
-    fernet = conf.get("core", "fernet_key", fallback="") or ""
-    if not fernet.strip():
-        return ""
-    return "fernet:" + hashlib.sha256(fernet.strip().encode()).hexdigest()[:16]
+    return "api:" + str(conf.get("core", "execution_api_server_url", fallback="") or "").rstrip("/")
 
 
 def first_try(context: Mapping[str, Any], retries: int | None) -> int | None:

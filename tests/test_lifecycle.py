@@ -226,7 +226,7 @@ def test_two_deployments_never_share_a_batch(fake, monkeypatch):
     monkeypatch.setenv("AIRFLOW__OPENAI_BATCH__DEPLOYMENT_SALT", "deployment-b")
     b = create(TI(run_id), file_id)
     monkeypatch.delenv("AIRFLOW__OPENAI_BATCH__DEPLOYMENT_SALT")
-    monkeypatch.setenv("AIRFLOW__CORE__FERNET_KEY", "0" * 43 + "=")
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", "https://airflow-c.example/execution/")
     c = create(TI(run_id), file_id)
     assert len({a, b, c}) == 3
     retry = TI(run_id)
@@ -491,7 +491,7 @@ def test_mapped_downloads_to_one_destination_never_overwrite_each_other(dag_serv
     assert seen == {f"req-{i}" for i in range(6)}
 
 
-def test_the_readme_basic_example_with_50001_lines_says_what_to_do(dag_server, tmp_path):
+def test_the_readme_basic_example_with_50001_lines_says_what_to_do(dag_server, tmp_path, caplog):
     """upload → create(input_file_id=upload.output): a sharded upload is refused by create with the fix, no batch."""
     from airflow_provider_openai_batch.operators.openai_batch import OpenAIBatchUploadOperator
     from tests.conftest import run_dag, task_states
@@ -506,6 +506,7 @@ def test_the_readme_basic_example_with_50001_lines_says_what_to_do(dag_server, t
     run = run_dag(build)
     assert task_states(run) == {"upload": "success", "create": "failed"}
     assert dag_server.count("batches.create") == 0
+    assert "Map over the list" in caplog.text  # not "TypeError: sequence item 4: expected str instance, list found"
 
 
 def test_request_dicts_in_source_are_not_templated(dag_server, caplog):

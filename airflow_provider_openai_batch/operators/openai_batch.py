@@ -394,7 +394,9 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
                     if not error.not_found:
                         raise
                 else:
-                    return batch if self._may_reuse(batch, record.get("first_try"), first) else None
+                    if self._may_reuse(batch, record.get("first_try"), first):
+                        return batch
+                    # Not usable; a later try may still have made one and died before recording it: scan.
         if getattr(context.get("ti"), "try_number", None) == 1:
             # The task instance's very first try (try numbers grow across retries and clears): no earlier try
             # can have made a batch, so there is nothing to scan for.
