@@ -470,7 +470,8 @@ def s6_two_tries(h: Harness, out: Outcome) -> None:
         {
             "batches": batches,
             "duplicate_cancelled_after_seconds": round(cancel_delay, 1),
-            "worker_log": h.log_excerpt(worker, "WorkerLostError", "signal 9", "Killed", limit=10),
+            # The orphan's last words (its stderr went to the worker's log): it dies at its first log line.
+            "worker_log": h.log_excerpt(worker, "WorkerLostError", "BrokenPipeError", "openai_batch.py", limit=20),
             "scheduler_log": h.log_excerpt("scheduler", "e2e_two_tries", limit=20),
         }
     )

@@ -175,3 +175,14 @@ def test_an_orphaned_try_that_cannot_log_still_cancels_its_duplicate(server, con
     assert len(statuses) == 2, "the orphan created its batch"
     assert statuses.pop(survivor) == "in_progress"
     assert next(iter(statuses.values())) in ("cancelling", "cancelled")
+
+
+def test_a_failed_duplicate_check_keeps_the_batch_and_the_try(server, conn_id):
+    """The listing after create failing (after the SDK's retries) must not fail a try whose batch exists."""
+    file_id = OpenAIBatchHook().upload_file(jsonl([request_line(i) for i in range(3)])).id
+    op = OpenAIBatchCreateOperator(task_id="create", input_file_id=file_id, endpoint="/v1/chat/completions")
+    op.hook.find_batch = lambda *args, **kwargs: None  # type: ignore[method-assign]  # the lookup found nothing
+    server.faults.script("batches.list", *["500"] * 4)  # the connection allows 3 retries
+    batch_id = op.execute({"ti": FakeTI(run_id=f"scheduled__{uuid.uuid4()}")})
+    assert list(server.state.batches) == [batch_id]
+    assert server.state.status(server.state.batches[batch_id]) != "cancelling"

@@ -444,10 +444,14 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
         time.sleep(idempotency.SETTLE_PAUSE)  # until a racer created in the same second as ours is listed too
         cutoff = since - RACE_SKEW.total_seconds()
         recent: list[Batch] = []
-        for other in self.hook.list_batches():
-            if other.created_at < cutoff:
-                break
-            recent.append(other)
+        try:
+            for other in self.hook.list_batches():
+                if other.created_at < cutoff:
+                    break
+                recent.append(other)
+        except OpenAIBatchAPIError as error:  # after the SDK's retries: keep the batch we have, do not fail the try
+            self.log.warning("Could not list batches to look for a duplicate of %s (%s)", batch.id, error)
+            return batch
         survivor = surviving_batch(batch, recent, key, since, first)
         if survivor.id == batch.id:
             self.log.info("Created batch %s for %s", batch.id, self.input_file_id)
