@@ -244,3 +244,17 @@ def test_the_connection_form_as_the_ui_receives_it():
     assert "OpenAI-Organization header" in extra["organization"]["description"]
     assert "OpenAI-Project header" in extra["project"]["description"]
     assert all(field["description"] for field in extra.values())
+
+
+def test_a_dag_run_at_debug_level_shows_request_lines(airflow_db, conn_id, hook, server, tmp_path, caplog):
+    """A user who sets ``[logging] logging_level = DEBUG`` gets the per-request lines back in the task log."""
+    batch = hook.create_batch(hook.upload_file(jsonl([request_line(0)])).id, "/v1/chat/completions")
+    hook.wait_for_batch(batch.id, poll_interval=0.05, timeout=10)
+    caplog.set_level(logging.DEBUG)  # what [logging] logging_level = DEBUG sets in a task process
+
+    def build():
+        OpenAIBatchDownloadOperator(task_id="download", batch_id=batch.id, destination=str(tmp_path))
+
+    run = run_dag(build)
+    assert task_states(run) == {"download": "success"}
+    assert f"HTTP Request: GET {server.base_url}/batches/{batch.id}" in "\n".join(_request_lines(caplog))
