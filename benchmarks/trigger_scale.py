@@ -1,8 +1,10 @@
 """
 P1: N trigger waits in one asyncio loop, as a triggerer runs them, against the fake server in another process.
 
-Prints polls made vs ideal, the loop's lag (a 10 ms ticker: how late it wakes), and the extra RSS per wait.
-``--impl official`` runs apache-airflow-providers-openai's trigger instead (installed in the bench venv only).
+Prints polls made vs ideal, CPU milliseconds per poll, the loop's lag (a 10 ms ticker: how late it wakes) and the
+extra RSS per wait. ``--impl official`` runs apache-airflow-providers-openai's trigger instead (installed in the bench
+venv only); ``--impl floor`` runs the least a poll can cost on this HTTP stack: a bare async GET of the same batch
+through the SDK's own HTTP client (``openai.DefaultAsyncHttpxClient``, httpx2), JSON decoded, at the same cadence.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import asyncio
 import gc
 import json
 import logging
+import random
 import statistics
 import threading
 import time
 import urllib.request
 from typing import Any
 
-from benchmarks.common import emit, rss_bytes
+from benchmarks.common import API_KEY, emit, rss_bytes
 
 TICK = 0.010
 
@@ -28,9 +31,37 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def build(impl: str, batch_ids: list[str], n: int, interval: float, duration: float) -> list[Any]:
+class FloorWait:
+    """
+    The floor: one wait as a bare loop (jittered start, GET, ``json.loads``, sleep) on a shared HTTP client.
+
+    No SDK, no model, no retries, no error handling: what any trigger polling this API over httpx2 must pay
+    at least, so ``ours / floor`` says how much the provider adds.
+    """
+
+    def __init__(self, client: Any, url: str, interval: float) -> None:
+        self.client, self.url, self.interval = client, url, interval
+
+    async def run(self) -> Any:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        await asyncio.sleep(random.uniform(0, self.interval))
+        while True:
+            response = await self.client.get(self.url, headers=headers)
+            response.raise_for_status()
+            if json.loads(response.content)["status"] in ("completed", "failed", "expired", "cancelled"):
+                yield None
+                return
+            await asyncio.sleep(self.interval)
+
+
+def build(impl: str, batch_ids: list[str], n: int, interval: float, duration: float, base_url: str) -> list[Any]:
     # The deadline lies past the measured window, so every trigger is still waiting when the window closes.
     end_time = time.time() + duration + 60
+    if impl == "floor":
+        import openai
+
+        client = openai.DefaultAsyncHttpxClient()
+        return [FloorWait(client, f"{base_url}/batches/{batch_ids[i % len(batch_ids)]}", interval) for i in range(n)]
     if impl == "ours":
         from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchTrigger
 
@@ -61,9 +92,11 @@ def polls_so_far(stats_url: str) -> int:
         return int(json.load(answer)["calls"].get("batches.retrieve", 0))
 
 
-async def warm_up(impl: str, batch_id: str) -> None:
+async def warm_up(impl: str, triggers: list[Any], batch_id: str) -> None:
     """One poll before the baseline: imports, the connection lookup and the shared client are not per wait."""
-    if impl == "ours":
+    if impl == "floor":
+        (await triggers[0].client.get(triggers[0].url, headers={"Authorization": f"Bearer {API_KEY}"})).read()
+    elif impl == "ours":
         from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 
         await OpenAIBatchHook("openai_default").aget_batch(batch_id)
@@ -77,14 +110,14 @@ async def measure(
     impl: str, triggers: list[Any], batch_id: str, duration: float, stats_url: str, freeze: bool
 ) -> dict[str, Any]:
     """Run the waits for ``duration`` seconds of wall time; a thread closes the window, whatever the loop does."""
-    await warm_up(impl, batch_id)
+    await warm_up(impl, triggers, batch_id)
     gc.collect()
     if freeze:
         gc.freeze()  # what a long-running service can do after start-up: full collections skip the imports
     baseline = rss_bytes()
     lags: list[tuple[float, float, bool]] = []
     peak = [baseline]
-    window = {"start": polls_so_far(stats_url), "end": 0}
+    window: dict[str, float] = {"start": polls_so_far(stats_url), "end": 0, "cpu_start": time.process_time()}
     closed = threading.Event()
 
     def watch() -> None:
@@ -92,6 +125,7 @@ async def measure(
         while time.monotonic() < deadline:
             peak[0] = max(peak[0], rss_bytes())
             time.sleep(0.05)
+        window["cpu_end"] = time.process_time()  # the whole process: every poll's HTTP, parsing and loop work
         window["end"] = polls_so_far(stats_url)
         closed.set()
 
@@ -132,8 +166,10 @@ async def measure(
     gc.callbacks.remove(on_gc)
     worst = max(lags) if lags else (0.0, 0.0, False)
     values = sorted(lag for lag, _, _ in lags)
+    polls = int(window["end"] - window["start"])
     return {
-        "polls": window["end"] - window["start"],
+        "polls": polls,
+        "cpu_ms_per_poll": 1000 * (window["cpu_end"] - window["cpu_start"]) / max(polls, 1),
         "max_lag_ms": 1000 * worst[0],
         "max_lag_at_s": worst[1],
         "max_lag_outside_gc_ms": 1000 * max((lag for lag, _, in_gc in lags if not in_gc), default=0.0),
@@ -147,7 +183,7 @@ async def measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--impl", choices=["ours", "official"], default="ours")
+    parser.add_argument("--impl", choices=["ours", "official", "floor"], default="ours")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--interval", type=float, default=5.0)
     parser.add_argument("--duration", type=float, default=30.0)
@@ -157,7 +193,8 @@ def main() -> None:
     args = parser.parse_args()
     _quiet()
     batch_ids = args.batches.split(",")
-    triggers = build(args.impl, batch_ids, args.n, args.interval, args.duration)
+    base_url = args.stats_url.split("/_fake/", 1)[0] + "/v1"
+    triggers = build(args.impl, batch_ids, args.n, args.interval, args.duration, base_url)
     result = asyncio.run(measure(args.impl, triggers, batch_ids[0], args.duration, args.stats_url, args.gc_freeze))
     result["heap_objects"] = len(gc.get_objects())
     result.update(

@@ -16,7 +16,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_openai_batch.batch_status import format_progress, is_terminal, poll_delay, progress_key, summarize
+from airflow_provider_openai_batch.batch_status import format_progress, is_terminal, poll_delay, progress_key
 from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 
@@ -100,7 +100,7 @@ class OpenAIBatchTrigger(BaseTrigger):
         while True:
             summary: dict[str, Any] | None = None
             try:
-                summary = summarize(await hook.aget_batch(self.batch_id))
+                summary = await hook.aget_batch_summary(self.batch_id)
             except OpenAIBatchAPIError as error:
                 failures += 1
                 if not error.retryable or failures > self.max_poll_failures:
