@@ -14,6 +14,7 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import random
 import statistics
 import threading
@@ -99,7 +100,7 @@ async def warm_up(impl: str, triggers: list[Any], batch_id: str) -> None:
     elif impl == "ours":
         from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 
-        await OpenAIBatchHook("openai_default").aget_batch(batch_id)
+        await OpenAIBatchHook("openai_default").aget_batch_summary(batch_id)
     else:
         from airflow.providers.openai.hooks.openai import OpenAIHook
 
@@ -107,9 +108,15 @@ async def warm_up(impl: str, triggers: list[Any], batch_id: str) -> None:
 
 
 async def measure(
-    impl: str, triggers: list[Any], batch_id: str, duration: float, stats_url: str, freeze: bool
+    impl: str, triggers: list[Any], batch_id: str, duration: float, stats_url: str, freeze: bool, finish: Any
 ) -> dict[str, Any]:
-    """Run the waits for ``duration`` seconds of wall time; a thread closes the window, whatever the loop does."""
+    """
+    Run the waits for ``duration`` seconds of wall time; a thread closes the window, whatever the loop does.
+
+    A loop that blocks (the official trigger calls the blocking SDK in ``run()``) may not come back for minutes
+    after the window: then the thread reports the figures so far, the stall in progress counted as one lag, and
+    ends the process through ``finish``.
+    """
     await warm_up(impl, triggers, batch_id)
     gc.collect()
     if freeze:
@@ -118,7 +125,31 @@ async def measure(
     lags: list[tuple[float, float, bool]] = []
     peak = [baseline]
     window: dict[str, float] = {"start": polls_so_far(stats_url), "end": 0, "cpu_start": time.process_time()}
-    closed = threading.Event()
+    closed, done = threading.Event(), threading.Event()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    next_tick = [started + TICK]  # when the ticker should wake next, in loop time (time.monotonic)
+    pauses: list[tuple[float, float]] = []  # full collections, in loop time
+    gc_started = [0.0]
+
+    def figures(stalled: float = 0.0) -> dict[str, Any]:
+        samples = [*lags, (stalled, next_tick[0] - started, False)] if stalled else list(lags)
+        worst = max(samples) if samples else (0.0, 0.0, False)
+        values = sorted(lag for lag, _, _ in samples)
+        polls = int(window["end"] - window["start"])
+        return {
+            "polls": polls,
+            "cpu_ms_per_poll": 1000 * (window["cpu_end"] - window["cpu_start"]) / max(polls, 1),
+            "max_lag_ms": 1000 * worst[0],
+            "max_lag_at_s": worst[1],
+            "max_lag_outside_gc_ms": 1000 * max((lag for lag, _, in_gc in samples if not in_gc), default=0.0),
+            "p99_lag_ms": 1000 * values[int(0.99 * (len(values) - 1))] if values else 0.0,
+            "median_lag_ms": 1000 * statistics.median(values) if values else 0.0,
+            "extra_rss": peak[0] - baseline,
+            "full_gc_runs": len(pauses),
+            "full_gc_max_ms": 1000 * max((end - start for start, end in pauses), default=0.0),
+            "stalled_at_end": bool(stalled),
+        }
 
     def watch() -> None:
         deadline = time.monotonic() + duration
@@ -128,11 +159,8 @@ async def measure(
         window["cpu_end"] = time.process_time()  # the whole process: every poll's HTTP, parsing and loop work
         window["end"] = polls_so_far(stats_url)
         closed.set()
-
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    pauses: list[tuple[float, float]] = []  # full collections, in loop time
-    gc_started = [0.0]
+        if not done.wait(10.0):
+            finish(figures(stalled=max(0.0, time.monotonic() - next_tick[0])))
 
     def on_gc(phase: str, info: dict[str, int]) -> None:
         if info.get("generation") == 2:
@@ -145,7 +173,7 @@ async def measure(
 
     async def ticker() -> None:
         while not closed.is_set():
-            expected = loop.time() + TICK
+            expected = next_tick[0] = loop.time() + TICK
             await asyncio.sleep(TICK)
             woke = loop.time()
             in_gc = any(start < woke and end > expected for start, end in pauses)
@@ -162,23 +190,10 @@ async def measure(
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    done.set()
     watcher.join()
     gc.callbacks.remove(on_gc)
-    worst = max(lags) if lags else (0.0, 0.0, False)
-    values = sorted(lag for lag, _, _ in lags)
-    polls = int(window["end"] - window["start"])
-    return {
-        "polls": polls,
-        "cpu_ms_per_poll": 1000 * (window["cpu_end"] - window["cpu_start"]) / max(polls, 1),
-        "max_lag_ms": 1000 * worst[0],
-        "max_lag_at_s": worst[1],
-        "max_lag_outside_gc_ms": 1000 * max((lag for lag, _, in_gc in lags if not in_gc), default=0.0),
-        "p99_lag_ms": 1000 * values[int(0.99 * (len(values) - 1))] if values else 0.0,
-        "median_lag_ms": 1000 * statistics.median(values) if values else 0.0,
-        "extra_rss": peak[0] - baseline,
-        "full_gc_runs": len(pauses),
-        "full_gc_max_ms": 1000 * max((end - start for start, end in pauses), default=0.0),
-    }
+    return figures()
 
 
 def main() -> None:
@@ -195,15 +210,22 @@ def main() -> None:
     batch_ids = args.batches.split(",")
     base_url = args.stats_url.split("/_fake/", 1)[0] + "/v1"
     triggers = build(args.impl, batch_ids, args.n, args.interval, args.duration, base_url)
-    result = asyncio.run(measure(args.impl, triggers, batch_ids[0], args.duration, args.stats_url, args.gc_freeze))
-    result["heap_objects"] = len(gc.get_objects())
-    result.update(
-        impl=args.impl,
-        n=args.n,
-        ideal_polls=args.n * args.duration / args.interval,
-        extra_rss_per_wait=result["extra_rss"] / args.n,
+
+    def finish(result: dict[str, Any]) -> None:
+        result["heap_objects"] = len(gc.get_objects())
+        result.update(
+            impl=args.impl,
+            n=args.n,
+            ideal_polls=args.n * args.duration / args.interval,
+            extra_rss_per_wait=result["extra_rss"] / args.n,
+        )
+        emit(result)
+        if result["stalled_at_end"]:
+            os._exit(0)  # the loop is still inside a blocking call: nothing to wait for
+
+    finish(
+        asyncio.run(measure(args.impl, triggers, batch_ids[0], args.duration, args.stats_url, args.gc_freeze, finish))
     )
-    emit(result)
 
 
 if __name__ == "__main__":
