@@ -10,7 +10,10 @@ treating it as success is how failed nightly jobs go unnoticed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
+
+import msgspec
+from openai.types import BatchError, BatchUsage
 
 ACTIVE_STATUSES = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -87,6 +90,98 @@ def summarize(batch: Any) -> BatchSummary:
         "usage": _plain(_get(batch, "usage")),
         "errors": [_plain(item) for item in (error_data or [])],
     }
+
+
+# --- the same summary, read straight from a Batch answer's JSON (what the trigger does on every poll) -------------
+
+
+class _Counts(msgspec.Struct, gc=False):
+    total: int | None = None
+    completed: int | None = None
+    failed: int | None = None
+
+
+class _Errors(msgspec.Struct):
+    data: list[dict[str, Any]] | None = None
+
+
+class _BatchAnswer(msgspec.Struct):
+    """The fields of OpenAI's Batch object a summary needs; msgspec skips the rest of the answer without building it."""
+
+    id: str
+    status: str
+    endpoint: str | None = None
+    model: str | None = None
+    input_file_id: str | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    request_counts: _Counts | None = None
+    usage: dict[str, Any] | None = None
+    errors: _Errors | None = None
+
+
+_answer_decoder = msgspec.json.Decoder(_BatchAnswer)
+
+
+def _dump_fields(model: Any) -> dict[str, Any]:
+    """A pydantic model's declared fields, each with its own nested fields when it holds another model."""
+    tree: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        nested = [t for t in (info.annotation, *get_args(info.annotation)) if hasattr(t, "model_fields")]
+        tree[name] = _dump_fields(nested[0]) if nested else None
+    return tree
+
+
+#: Read from the SDK's own types, so the summary keeps matching ``model_dump`` when an SDK release adds a field.
+_USAGE_FIELDS = _dump_fields(BatchUsage)
+_ERROR_FIELDS = _dump_fields(BatchError)
+
+
+def _as_dumped(value: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """A JSON object as the SDK's ``model_dump`` returns it: declared fields (``None`` when absent), then extras."""
+    out: dict[str, Any] = {}
+    for name, nested in fields.items():
+        item = value.get(name)
+        out[name] = _as_dumped(item, nested) if nested is not None and isinstance(item, dict) else item
+    for name, item in value.items():
+        if name not in fields:
+            out[name] = item
+    return out
+
+
+def summarize_json(content: bytes) -> BatchSummary | None:
+    """
+    ``summarize(batch)`` from the raw JSON of a Batch answer, without building the SDK's model.
+
+    A waiting trigger needs status, counts and file ids on every poll; building and dumping the SDK's full
+    pydantic ``Batch`` for that cost as much CPU as the HTTP request itself. ``None`` when the answer does not
+    have the documented shape (a field of another type, not JSON at all): the caller then lets the SDK's model
+    read it, so odd answers from compatible servers are summarized exactly as before.
+    """
+    try:
+        answer = _answer_decoder.decode(content)
+    except msgspec.DecodeError:  # also msgspec.ValidationError
+        return None
+    counts = answer.request_counts or _NO_COUNTS
+    return {
+        "batch_id": answer.id,
+        "status": answer.status,
+        "endpoint": answer.endpoint,
+        "model": answer.model,
+        "input_file_id": answer.input_file_id or None,
+        "output_file_id": answer.output_file_id or None,
+        "error_file_id": answer.error_file_id or None,
+        "request_counts": {
+            "total": counts.total or 0,
+            "completed": counts.completed or 0,
+            "failed": counts.failed or 0,
+        },
+        "usage": None if answer.usage is None else _as_dumped(answer.usage, _USAGE_FIELDS),
+        "errors": [_as_dumped(item, _ERROR_FIELDS) for item in (answer.errors.data or [])] if answer.errors else [],
+    }
+
+
+_NO_COUNTS = _Counts()
 
 
 class LineRange(NamedTuple):

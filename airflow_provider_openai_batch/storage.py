@@ -244,8 +244,8 @@ def copy_chunks(chunks: Iterable[bytes], out: IO[bytes], *, block: int = 1 << 20
     """
     Write ``chunks`` to ``out`` on a background thread and yield each one to the caller (to count or hash).
 
-    Network reads arrive in 64 KB pieces; they are written in ``block``-sized writes, because some file
-    objects pay per call (Airflow's ``ObjectStoragePath`` records lineage on every ``write``). At most
+    Small pieces are gathered into ``block``-sized writes (a piece that is a block already goes as it is), because
+    some file objects pay per call (Airflow's ``ObjectStoragePath`` records lineage on every ``write``). At most
     ``depth`` blocks wait in memory, so a slow disk slows the download instead of filling RAM.
     """
     writer = _Writer(out, depth)
@@ -255,10 +255,13 @@ def copy_chunks(chunks: Iterable[bytes], out: IO[bytes], *, block: int = 1 << 20
         for chunk in chunks:
             if writer.error is not None:
                 raise writer.error
-            pending += chunk
-            if len(pending) >= block:
-                writer.queue.put(bytes(pending))
-                pending.clear()
+            if not pending and len(chunk) >= block and isinstance(chunk, bytes):
+                writer.queue.put(chunk)  # already a block, and immutable: written as it is, without a copy
+            else:
+                pending += chunk
+                if len(pending) >= block:
+                    writer.queue.put(bytes(pending))
+                    pending.clear()
             yield chunk
         if pending:
             writer.queue.put(bytes(pending))

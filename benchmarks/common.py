@@ -7,6 +7,7 @@ import json
 import os
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -121,6 +122,15 @@ class Row:
     @property
     def verdict(self) -> str:
         return "-" if self.met is None else ("met" if self.met else "MISSED")
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """``median (lowest-highest)`` of a few runs, e.g. ``1.9 (1.8-2.1)``; one run is shown alone."""
+    ordered = sorted(values)
+    middle = fmt.format(statistics.median(ordered))
+    if len(ordered) < 2:
+        return middle
+    return f"{middle} ({fmt.format(ordered[0])}-{fmt.format(ordered[-1])})"
 
 
 def table(rows: list[Row]) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_openai_batch.batch_status import format_progress, is_terminal, progress_key, summarize
+from airflow_provider_openai_batch.batch_status import format_progress, is_terminal, progress_key
 from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.polling import (
@@ -128,7 +128,7 @@ class OpenAIBatchTrigger(BaseTrigger):
         while True:
             summary: dict[str, Any] | None = None
             try:
-                summary = summarize(await hook.aget_batch(self.batch_id))
+                summary = await hook.aget_batch_summary(self.batch_id)
             except OpenAIBatchAPIError as error:
                 step = failures.failed(error)
                 if step == "give_up":
