@@ -324,9 +324,9 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
         key = self._idempotency_key(context)
         first = first_try(context, self.retries)
         metadata = build_metadata(self.metadata, key, first)
-        started = time.time()
+        self._passed_over: set[str] = set()
         batch = self._reusable_batch(context, key, first) or self._settle_duplicates(
-            self._create(context, metadata, key), key, first, started
+            self._create(context, metadata, key), key, first
         )
         self.record_lineage([("files", self.input_file_id)], [("batches", batch.id)])
         self.push_batch_id(context, batch.id)
@@ -383,7 +383,11 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
         return verdict.reuse
 
     def _reusable_batch(self, context: Mapping[str, Any], key: str, first: int | None) -> Batch | None:
-        """An earlier try's batch that may stand in for a new one: the state store's record, then a bounded scan."""
+        """
+        An earlier try's batch that may stand in for a new one: the state store's record, then a bounded scan.
+        Batches seen here and not reused are remembered: they existed before this try created, so they are no
+        racer of it (``_settle_duplicates``), however close in time they were made.
+        """
         store = context.get("task_state_store")
         if store is not None:
             record = store.get(STATE_STORE_KEY)
@@ -396,6 +400,7 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
                 else:
                     if self._may_reuse(batch, record.get("first_try"), first):
                         return batch
+                    self._passed_over.add(batch.id)
                     # Not usable; a later try may still have made one and died before recording it: scan.
         if getattr(context.get("ti"), "try_number", None) == 1:
             # The task instance's very first try (try numbers grow across retries and clears): no earlier try
@@ -404,7 +409,10 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
         found = self.hook.find_batch(IDEMPOTENCY_METADATA_KEY, key, created_after=self._scan_start(context))
         if found is None:
             return None
-        return found if self._may_reuse(found, _first_try_of(found), first) else None
+        if self._may_reuse(found, _first_try_of(found), first):
+            return found
+        self._passed_over.add(found.id)
+        return None
 
     def _scan_start(self, context: Mapping[str, Any]) -> float:
         return scan_start(context, self.lookback)
@@ -432,16 +440,18 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
 
         return call_once("batches.create", send, find)
 
-    def _settle_duplicates(self, batch: Batch, key: str, first: int | None, since: float) -> Batch:
+    def _settle_duplicates(self, batch: Batch, key: str, first: int | None) -> Batch:
         """
         Another try of this task instance may be running at the same time and have created a batch too (an
         orphaned try whose Celery pool process died keeps running while Airflow starts the next try). Right after
-        creating, list the batches made since this try started looking; by ``surviving_batch``, the rule every
-        try applies, cancel our own batch when it is a duplicate and adopt the survivor. The orphan cannot log (its
-        log socket went with its supervisor: the first log line raises BrokenPipeError), so nothing is logged
-        between the create call and the cancel.
+        creating, list the batches made shortly before ours (``RACE_SKEW`` on OpenAI's clock) that this try's lookup
+        did not already pass over; by ``surviving_batch``, the rule every try applies, cancel our own batch when it
+        is a duplicate and adopt the survivor. The orphan cannot log (its log socket went with its supervisor: the
+        first log line raises BrokenPipeError), so nothing is logged between the create call and the cancel.
         """
         time.sleep(idempotency.SETTLE_PAUSE)  # until a racer created in the same second as ours is listed too
+        # Racers are counted on OpenAI's clock (created_at), so a worker whose clock is off cannot widen the window.
+        since = float(batch.created_at)
         cutoff = since - RACE_SKEW.total_seconds()
         recent: list[Batch] = []
         try:
@@ -452,7 +462,8 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
         except OpenAIBatchAPIError as error:  # after the SDK's retries: keep the batch we have, do not fail the try
             self.log.warning("Could not list batches to look for a duplicate of %s (%s)", batch.id, error)
             return batch
-        survivor = surviving_batch(batch, recent, key, since, first)
+        racers = [other for other in recent if other.id not in self._passed_over]
+        survivor = surviving_batch(batch, racers, key, since, first)
         if survivor.id == batch.id:
             self.log.info("Created batch %s for %s", batch.id, self.input_file_id)
             return batch
