@@ -491,7 +491,7 @@ def test_mapped_downloads_to_one_destination_never_overwrite_each_other(dag_serv
     assert seen == {f"req-{i}" for i in range(6)}
 
 
-def test_the_readme_basic_example_with_50001_lines_says_what_to_do(dag_server, tmp_path, caplog):
+def test_the_readme_basic_example_with_50001_lines_says_what_to_do(dag_server, tmp_path, caplog, capfd):
     """upload → create(input_file_id=upload.output): a sharded upload is refused by create with the fix, no batch."""
     from airflow_provider_openai_batch.operators.openai_batch import OpenAIBatchUploadOperator
     from tests.conftest import run_dag, task_states
@@ -506,7 +506,8 @@ def test_the_readme_basic_example_with_50001_lines_says_what_to_do(dag_server, t
     run = run_dag(build)
     assert task_states(run) == {"upload": "success", "create": "failed"}
     assert dag_server.count("batches.create") == 0
-    assert "Map over the list" in caplog.text  # not "TypeError: sequence item 4: expected str instance, list found"
+    logged = caplog.text + capfd.readouterr().out  # the task's log goes through structlog to stdout
+    assert "Map over the list" in logged  # not "TypeError: sequence item 4: expected str instance, list found"
 
 
 def test_request_dicts_in_source_are_not_templated(dag_server, caplog):
