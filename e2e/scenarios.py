@@ -20,7 +20,7 @@ from e2e.deployment import TRIGGERERS, WORKERS, Deployment, iter_log_lines, pare
 from e2e.fakes import ScenarioServer
 
 #: Bound on any one wait: far above what a slow, shared machine needs, far below CI's limit.
-LONG = 600.0
+LONG = 1500.0
 #: Requests in the sharded example's input (its default is 120,000; this keeps two shards and the run short).
 SHARDED_REQUESTS = 60_000
 #: Requests in the download scenario's input: an output file of tens of MB, streamed slowly.
