@@ -246,15 +246,18 @@ def test_the_connection_form_as_the_ui_receives_it():
     assert all(field["description"] for field in extra.values())
 
 
-def test_a_dag_run_at_debug_level_shows_request_lines(airflow_db, conn_id, hook, server, tmp_path, caplog):
+def test_a_dag_run_at_debug_level_shows_request_lines(airflow_db, conn_id, hook, server, tmp_path, monkeypatch, caplog):
     """A user who sets ``[logging] logging_level = DEBUG`` gets the per-request lines back in the task log."""
     batch = hook.create_batch(hook.upload_file(jsonl([request_line(0)])).id, "/v1/chat/completions")
     hook.wait_for_batch(batch.id, poll_interval=0.05, timeout=10)
-    caplog.set_level(logging.DEBUG)  # what [logging] logging_level = DEBUG sets in a task process
+    monkeypatch.setenv("AIRFLOW__LOGGING__LOGGING_LEVEL", "DEBUG")  # for whatever configures logging in the run
+    caplog.set_level(logging.DEBUG)  # what that setting does to the root logger of a task process
 
     def build():
         OpenAIBatchDownloadOperator(task_id="download", batch_id=batch.id, destination=str(tmp_path))
 
     run = run_dag(build)
     assert task_states(run) == {"download": "success"}
-    assert f"HTTP Request: GET {server.base_url}/batches/{batch.id}" in "\n".join(_request_lines(caplog))
+    httpx2 = logging.getLogger("httpx2")
+    state = (httpx2.level, httpx2.disabled, httpx2.propagate, logging.root.manager.disable, logging.root.level)
+    assert f"HTTP Request: GET {server.base_url}/batches/{batch.id}" in "\n".join(_request_lines(caplog)), state

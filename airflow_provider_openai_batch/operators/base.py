@@ -102,10 +102,18 @@ class OpenAIBatchBaseOperator(BaseOperator):
         for this connection (OpenAI's dashboard, or none), so the link works while the task is deferred.
         """
         context["ti"].xcom_push(key=BATCH_ID_XCOM_KEY, value=batch_id)
-        hook = self.hook
-        OpenAIBatchLink.persist(
-            context, self, batch_id=batch_id, base_url=hook.base_url, azure=hook.is_azure, batch_link=hook.batch_link
-        )
+        try:
+            hook = self.hook
+            OpenAIBatchLink.persist(
+                context,
+                self,
+                batch_id=batch_id,
+                base_url=hook.base_url,
+                azure=hook.is_azure,
+                batch_link=hook.batch_link,
+            )
+        except Exception as error:  # a link is a convenience: it never fails the task (as BaseAwsLink.persist)
+            self.log.warning("Could not record the extra link for batch %s: %s", batch_id, error)
 
 
 class BatchWaitingOperator(OpenAIBatchBaseOperator):
