@@ -77,9 +77,12 @@ def p1(rows: list[Row]) -> None:
     def of(results: list[dict[str, Any]], key: str, scale: float = 1.0) -> list[float]:
         return [scale * r[key] for r in results]
 
-    def anchors(key: str, fmt: str, scale: float = 1.0) -> str:
-        parts = [f"floor: {spread(of(floor, key, scale), fmt)}"]
-        parts.append(f"official: {spread(of(official, key, scale), fmt)}" if official else "official: not installed")
+    def anchors(key: str, fmt: str, unit: str, scale: float = 1.0) -> str:
+        parts = [f"floor: {spread(of(floor, key, scale), fmt)}{unit}"]
+        if official:
+            parts.append(f"official: {spread(of(official, key, scale), fmt)}{unit}")
+        else:
+            parts.append("official: not installed")
         return "; ".join(parts)
 
     cpu_ratio = [o["cpu_ms_per_poll"] / f["cpu_ms_per_poll"] for o, f in zip(ours, floor, strict=True)]
@@ -88,7 +91,7 @@ def p1(rows: list[Row]) -> None:
             f"P1 CPU per poll (N={P1_N}, {P1_INTERVAL:.0f} s poll, 50 ms latency, {P1_DURATION:.0f} s)",
             f"{spread(of(ours, 'cpu_ms_per_poll'), '{:.2f}')} ms = {spread(cpu_ratio, '{:.2f}')}x floor",
             "<= 1.2x floor",
-            anchors("cpu_ms_per_poll", "{:.2f} ms"),
+            anchors("cpu_ms_per_poll", "{:.2f}", " ms"),
             median(cpu_ratio) <= 1.2,
         )
     )
@@ -107,7 +110,7 @@ def p1(rows: list[Row]) -> None:
             "P1 p99 event-loop lag (10 ms ticker)",
             f"{spread(of(ours, 'p99_lag_ms'), '{:.1f}')} ms",
             "<= 50 ms",
-            anchors("p99_lag_ms", "{:,.0f} ms"),
+            anchors("p99_lag_ms", "{:,.0f}", " ms"),
             median(of(ours, "p99_lag_ms")) <= 50,
         )
     )
@@ -116,7 +119,7 @@ def p1(rows: list[Row]) -> None:
             "P1 max event-loop lag outside full-GC pauses",
             f"{spread(of(ours, 'max_lag_outside_gc_ms'), '{:.1f}')} ms",
             "<= 100 ms",
-            anchors("max_lag_outside_gc_ms", "{:,.0f} ms"),
+            anchors("max_lag_outside_gc_ms", "{:,.0f}", " ms"),
             median(of(ours, "max_lag_outside_gc_ms")) <= 100,
         )
     )
@@ -127,7 +130,7 @@ def p1(rows: list[Row]) -> None:
             "P1 max event-loop lag, full GCs included",
             f"{spread(of(ours, 'max_lag_ms'), '{:.1f}')} ms (longest full GC {gc_pause} ms, heap {heap:,.0f} objects)",
             "-",
-            anchors("max_lag_ms", "{:,.0f} ms"),
+            anchors("max_lag_ms", "{:,.0f}", " ms"),
             None,
         )
     )
@@ -145,7 +148,7 @@ def p1(rows: list[Row]) -> None:
             "P1 extra RSS per waiting trigger",
             f"{spread(of(ours, 'extra_rss_per_wait', 1 / 1024), '{:.1f}')} KB",
             "<= 50 KB",
-            anchors("extra_rss_per_wait", "{:,.0f} KB", 1 / 1024),
+            anchors("extra_rss_per_wait", "{:,.0f}", " KB", 1 / 1024),
             median(of(ours, "extra_rss_per_wait")) <= 50 * 1024,
         )
     )
