@@ -29,6 +29,11 @@ def _load(module: str):
     return importlib.reload(imported).dag
 
 
+@pytest.mark.skipif(
+    __import__("tests.conftest", fromlist=["AIRFLOW_VERSION"]).AIRFLOW_VERSION < (3, 1),
+    reason="the example's download updates an Asset, which Airflow 3.0's dag.test() cannot register (its DAG "
+    "processor does, in a deployment); the other examples cover the operators on 3.0",
+)
 def test_example_openai_batch(server, capfd, caplog):
     dag = _load("example_openai_batch")
     run = dag.test()
