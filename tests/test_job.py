@@ -26,15 +26,19 @@ from airflow.providers.common.compat.sdk import TaskDeferred
 from airflow_provider_openai_batch import idempotency
 from airflow_provider_openai_batch.idempotency import IDEMPOTENCY_METADATA_KEY
 from airflow_provider_openai_batch.operators.job import OpenAIBatchJobOperator
-from airflow_provider_openai_batch.testing import FakeOpenAIServer
+from airflow_provider_openai_batch.testing import FakeClock, FakeOpenAIServer
 from airflow_provider_openai_batch.triggers.job import OpenAIBatchJobTrigger
 from tests.conftest import FAST, connection_env, jsonl, request_line
 from tests.test_idempotency import Crash, FakeTI, MemoryStateStore
 
+#: The server's time moves only when the driver says so: every batch is still running when the job first looks,
+#: so every job here defers (whatever the machine's speed), and has ended once the driver lets time pass.
+CLOCK = FakeClock()
+
 
 @pytest.fixture(scope="module")
 def job_server() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer(timings=FAST) as srv:
+    with FakeOpenAIServer(timings=FAST, clock=CLOCK) as srv:
         previous = os.environ.get("AIRFLOW_CONN_OPENAI_DEFAULT")
         os.environ["AIRFLOW_CONN_OPENAI_DEFAULT"] = connection_env(srv)
         try:
@@ -97,6 +101,7 @@ class Driver:
             self.triggers.append(trigger)
             if crash == "deferred":
                 return None  # the worker died before the triggerer's event was consumed: the task is retried
+            CLOCK.advance(60)  # OpenAI works while the task is deferred
             event = run_trigger(trigger)
             op = self.make()
             inject(op, crash)
@@ -217,16 +222,19 @@ def test_request_dicts_and_parquet_and_the_work_folder_removed(job_server, tmp_p
     import pyarrow.parquet as pq
 
     destination = tmp_path / "out" / "joined.parquet"
-    op = OpenAIBatchJobOperator(
-        task_id="job",
-        source=[request_line(i) for i in range(4)],
-        endpoint="/v1/chat/completions",
-        destination=str(destination),
-        poll_interval=0.05,
-        deferrable=False,
-    )
-    ti = FakeTI(f"run-{uuid.uuid4()}")
-    result = op.execute({"ti": ti})
+
+    def make() -> OpenAIBatchJobOperator:
+        return OpenAIBatchJobOperator(
+            task_id="job",
+            source=[request_line(i) for i in range(4)],
+            endpoint="/v1/chat/completions",
+            destination=str(destination),
+            poll_interval=0.05,
+            deferrable=True,
+        )
+
+    result = Driver(make, f"run-{uuid.uuid4()}", None).attempt()
+    assert result is not None
     assert result["counts"]["succeeded"] == 4
     assert pq.read_table(destination).column("custom_id").to_pylist() == [f"req-{i}" for i in range(4)]
     assert [p.name for p in destination.parent.iterdir()] == ["joined.parquet"]  # no work folder left behind
@@ -307,3 +315,38 @@ def test_one_batch_per_shard_per_round_whatever_happens(sequence, with_store, jo
 
 def test_enough_crash_cases():
     assert len(SEQUENCES) * 2 >= 40
+
+
+def test_120k_requests_in_one_task_defer_once_like_the_five_task_example(job_server, tmp_path):
+    """The sharded example's 120,000 embedding requests through the one-task path: the same 3 batches and rows."""
+    source = tmp_path / "products.jsonl"
+    with source.open("w") as out:
+        for i in range(120_000):
+            body = {"model": "text-embedding-3-small", "input": f"product {i} description"}
+            out.write(
+                json.dumps({"custom_id": f"product-{i:06d}", "method": "POST", "url": "/v1/embeddings", "body": body})
+            )
+            out.write("\n")
+    destination = tmp_path / "joined.jsonl"
+
+    def make() -> OpenAIBatchJobOperator:
+        return OpenAIBatchJobOperator(
+            task_id="job",
+            source=str(source),
+            endpoint="/v1/embeddings",
+            destination=str(destination),
+            poll_interval=0.05,
+            deferrable=True,
+        )
+
+    before = set(job_server.state.batches)
+    driver = Driver(make, f"run-{uuid.uuid4()}", None)
+    result = driver.attempt()
+    assert result is not None
+    assert driver.deferrals == 1 and len(driver.triggers[0].batch_ids) == 3
+    made = [b for key, b in job_server.state.batches.items() if key not in before]
+    assert sorted(len(b.requests) for b in made) == [20_000, 50_000, 50_000]
+    assert result["counts"]["succeeded"] == 120_000 and result["rounds"] == 1
+    with destination.open() as rows:
+        ids = [json.loads(line)["custom_id"] for line in rows]
+    assert ids == [f"product-{i:06d}" for i in range(120_000)]

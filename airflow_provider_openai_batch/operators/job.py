@@ -125,7 +125,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         result is written first, so nothing is lost).
     :param max_failed_ratio: The same as a share of all requests (0..1). With neither set, the task fails only
         when no request succeeded.
-    :param prices: ``{model: {"input": $, "cached_input": $, "output": $}}`` per million tokens, for
+    :param price_table: ``{model: {"input": $, "cached_input": $, "output": $}}`` per million tokens, for
         ``cost_estimate``.
 
     Upload options as ``OpenAIBatchUploadOperator`` (``allowed_endpoints``, ``expires_after``, ``reuse_window``,
@@ -163,7 +163,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         max_rounds: int = 2,
         max_failed_requests: int | None = None,
         max_failed_ratio: float | None = None,
-        prices: dict[str, dict[str, float]] | None = None,
+        price_table: dict[str, dict[str, float]] | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         max_poll_interval: float | None = DEFAULT_MAX_POLL_INTERVAL,
         deadline: timedelta | float | None = None,
@@ -193,7 +193,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         self.lookback = lookback
         self.max_rounds = int(max_rounds)
         self.policy = JobPolicy(max_failed_requests=max_failed_requests, max_failed_ratio=max_failed_ratio)
-        self.prices = prices
+        self.price_table = price_table
         self.poll_interval = float(poll_interval)
         self.max_poll_interval = max_poll_interval
         self.deadline = _seconds(deadline)
@@ -500,9 +500,9 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             "rounds": len(joined),
             "usage_totals": usage,
         }
-        if self.prices:
+        if self.price_table:
             model = next((s.get("model") for s in summaries if s.get("model")), None)
-            result["cost_estimate"] = estimate_cost(usage, model, self.prices)
+            result["cost_estimate"] = estimate_cost(usage, model, self.price_table)
         self.log.info("Job done in %d round(s): %s → %s", len(joined), _counts_text(counts), self.destination)
         if not self.keep_work_dir:
             _remove_tree(work)
