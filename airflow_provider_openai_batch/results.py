@@ -90,9 +90,9 @@ def _scratch_db(schema: str) -> Iterator[sqlite3.Connection]:
         try:
             db.execute("PRAGMA journal_mode=OFF")
             db.execute("PRAGMA synchronous=OFF")
-            # A bounded page cache (64 MB): enough to build and search the index without going to the file for
+            # A bounded page cache (16 MB): enough to build and search the index without going to the file for
             # every page, and the same whether the join holds a thousand rows or ten million.
-            db.execute("PRAGMA cache_size=-65536")
+            db.execute("PRAGMA cache_size=-16384")
             db.execute(schema)
             yield db
         finally:
