@@ -96,6 +96,7 @@ class Driver:
     def _resume(self, deferred: TaskDeferred, crash: str | None) -> dict[str, Any] | None:
         while True:
             self.deferrals += 1
+            assert self.deferrals <= 20, "the job keeps deferring: each resume made new batches instead of finding them"
             trigger = deferred.trigger
             assert isinstance(trigger, OpenAIBatchJobTrigger)
             self.triggers.append(trigger)
