@@ -619,11 +619,15 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
         return result
 
     def _push_locations(self, context: Mapping[str, Any], result: dict[str, Any]) -> None:
-        """The result files under their own XCom keys, so the XCom tab shows them at a glance (``None``: no file)."""
+        """
+        The result files under their own XCom keys, so the XCom tab shows them at a glance. A file that does not
+        exist is not pushed (pulling its key gives ``None``): Airflow 3.0 cannot store ``None`` as an XCom value.
+        """
         if not self.do_xcom_push:
             return
         for key in RESULT_LOCATION_KEYS:
-            context["ti"].xcom_push(key=key, value=result[key])
+            if result[key] is not None:
+                context["ti"].xcom_push(key=key, value=result[key])
 
     def _describe_asset_events(self, context: Mapping[str, Any], result: dict[str, Any]) -> None:
         """Downstream DAGs scheduled on our Assets find where the results are in the triggering event."""
