@@ -233,6 +233,19 @@ def format_progress(summary: BatchSummary) -> str:
     return f"batch {summary['batch_id']} {summary['status']}: {done:,}/{total:,} done{percent}, {failed:,} failed"
 
 
+def format_job_progress(summaries: list[BatchSummary], label: str = "") -> str:
+    """``round 1: 2/3 batches ended, 70,000/120,000 requests done (58.3 %), 12 failed`` for the task log."""
+    ended = sum(1 for s in summaries if is_terminal(s["status"]))
+    total = sum(s["request_counts"]["total"] for s in summaries)
+    failed = sum(s["request_counts"]["failed"] for s in summaries)
+    done = sum(s["request_counts"]["completed"] for s in summaries) + failed
+    percent = f" ({100.0 * done / total:.1f} %)" if total else ""
+    prefix = f"{label}: " if label else ""
+    return (
+        f"{prefix}{ended}/{len(summaries)} batches ended, {done:,}/{total:,} requests done{percent}, {failed:,} failed"
+    )
+
+
 def progress_key(summary: BatchSummary) -> tuple[Any, ...]:
     """What must change for progress to be worth a log line."""
     counts = summary["request_counts"]
@@ -349,3 +362,40 @@ def evaluate(summary: BatchSummary, policy: OutcomePolicy) -> Outcome:
             return Outcome(True, f"{text} ({flag}=True).", True)
         return Outcome(False, f"{text}. Set {flag}=True to accept partial results.")
     return Outcome(False, f"Batch {batch_id} is not finished (status {status!r}).")
+
+
+@dataclass(frozen=True)
+class JobPolicy:
+    """
+    Which ended jobs (every round run, the result written) count as a task success: at most
+    ``max_failed_requests`` requests, or a ``max_failed_ratio`` share of them, did not succeed. With neither
+    set, a job fails only when no request succeeded.
+    """
+
+    max_failed_requests: int | None = None
+    max_failed_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        OutcomePolicy(max_failed_requests=self.max_failed_requests, max_failed_ratio=self.max_failed_ratio)
+
+
+def evaluate_job(counts: dict[str, int], policy: JobPolicy) -> Outcome:
+    """Decide whether a job whose requests ended with ``counts`` (by request status) is a task success."""
+    total = sum(counts.values())
+    succeeded = counts.get("succeeded", 0)
+    unfinished = total - succeeded
+    if not unfinished:
+        return Outcome(True, f"All {total:,} requests succeeded.")
+    ratio = unfinished / total if total else 1.0
+    detail = ", ".join(f"{counts[k]:,} {k}" for k in counts if k != "succeeded" and counts[k])
+    text = f"{unfinished:,} of {total:,} requests did not succeed ({100.0 * ratio:.1f} %: {detail})"
+    over = []
+    if policy.max_failed_requests is not None and unfinished > policy.max_failed_requests:
+        over.append(f"more than max_failed_requests={policy.max_failed_requests}")
+    if policy.max_failed_ratio is not None and ratio > policy.max_failed_ratio:
+        over.append(f"more than max_failed_ratio={policy.max_failed_ratio}")
+    if policy.max_failed_requests is None and policy.max_failed_ratio is None and not succeeded:
+        over.append("no request succeeded")
+    if over:
+        return Outcome(False, f"{text}: {' and '.join(over)}. The joined result holds every row.")
+    return Outcome(True, f"{text}; within the allowed failures. The joined result holds every row.", True)

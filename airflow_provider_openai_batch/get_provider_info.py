@@ -30,9 +30,22 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "hooks": [{"integration-name": _INTEGRATION, "python-modules": [f"{_PKG}.hooks.openai_batch"]}],
-        "operators": [{"integration-name": _INTEGRATION, "python-modules": [f"{_PKG}.operators.openai_batch"]}],
+        "operators": [
+            {
+                "integration-name": _INTEGRATION,
+                "python-modules": [f"{_PKG}.operators.openai_batch", f"{_PKG}.operators.job"],
+            }
+        ],
         "sensors": [{"integration-name": _INTEGRATION, "python-modules": [f"{_PKG}.sensors.openai_batch"]}],
-        "triggers": [{"integration-name": _INTEGRATION, "python-modules": [f"{_PKG}.triggers.openai_batch"]}],
+        "triggers": [
+            {
+                "integration-name": _INTEGRATION,
+                "python-modules": [f"{_PKG}.triggers.openai_batch", f"{_PKG}.triggers.job"],
+            }
+        ],
+        "task-decorators": [
+            {"name": "openai_batch", "class-name": f"{_PKG}.decorators.openai_batch.openai_batch_task"},
+        ],
         "extra-links": [f"{_PKG}.links.openai_batch.OpenAIBatchLink"],
         "connection-types": [
             {

@@ -14,13 +14,14 @@ import itertools
 import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
 from airflow_provider_openai_batch.batch_file import ResultLine, iter_lines
-from airflow_provider_openai_batch.storage import Destination, Source, atomic_writer
+from airflow_provider_openai_batch.storage import Destination, Source, atomic_writer, open_source
 
 RequestStatus = Literal["succeeded", "failed", "expired", "cancelled", "missing"]
 _UNRUN = {"batch_expired": "expired", "batch_cancelled": "cancelled"}
@@ -84,25 +85,60 @@ def response_body(response: dict[str, Any] | None) -> Any:
 def _scratch_db(schema: str) -> Iterator[sqlite3.Connection]:
     """A throw-away SQLite file: an index on disk, so memory does not grow with the number of requests."""
     with tempfile.TemporaryDirectory(prefix="openai-batch-index-") as folder:
-        db = sqlite3.connect(Path(folder) / "index.sqlite")
+        # Used by one thread at a time: the join hands each lookup to a helper thread and waits for it.
+        db = sqlite3.connect(Path(folder) / "index.sqlite", check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=OFF")
             db.execute("PRAGMA synchronous=OFF")
+            # A bounded page cache (16 MB): enough to build and search the index without going to the file for
+            # every page, and the same whether the join holds a thousand rows or ten million.
+            db.execute("PRAGMA cache_size=-16384")
             db.execute(schema)
             yield db
         finally:
             db.close()
 
 
+class _Keyed(msgspec.Struct):
+    """Only the key of a result line: indexing skips over the rest without building it."""
+
+    custom_id: str
+
+
+_key_decoder = msgspec.json.Decoder(_Keyed)
+#: Input lines looked up per query. Well under SQLite's oldest limit of 999 bound parameters per statement.
+_JOIN_CHUNK = 900
+_MARKS = ",".join("?" * _JOIN_CHUNK)
+_LOOKUP = f"SELECT custom_id, line FROM results WHERE custom_id IN ({_MARKS}) ORDER BY rowid"
+
+
 @contextlib.contextmanager
 def _index(result_sources: Iterable[Source | None]) -> Iterator[sqlite3.Connection]:
-    with _scratch_db("CREATE TABLE results (custom_id TEXT PRIMARY KEY, line BLOB)") as db:
+    # Lines are appended in file order and indexed once at the end: SQLite builds an index by sorting, which costs
+    # a fraction of inserting a million keys that arrive in OpenAI's (random) order into a b-tree one by one.
+    # Should a custom_id appear twice, the later line wins (the highest rowid, see ``_lookup``).
+    with _scratch_db("CREATE TABLE results (custom_id TEXT, line BLOB)") as db:
         for source in result_sources:
             if source is not None:
-                rows = ((_result_decoder.decode(raw).custom_id, raw) for raw in iter_lines(source))
-                db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?)", rows)
+                rows = ((_key_decoder.decode(raw).custom_id, raw) for raw in _iter_raw(source))
+                db.executemany("INSERT INTO results VALUES (?, ?)", rows)
+        db.execute("CREATE INDEX results_by_id ON results (custom_id)")
         db.commit()
         yield db
+
+
+def _iter_raw(source: Source) -> Iterator[bytes]:
+    """The non-blank lines of a JSONL file with their line endings (JSON decoders skip trailing whitespace)."""
+    with open_source(source) as stream:
+        for line in stream:
+            if line.strip():
+                yield line
+
+
+def _lookup(db: sqlite3.Connection, ids: list[str]) -> dict[str, bytes]:
+    """The result lines of up to ``_JOIN_CHUNK`` custom ids in one query (SQLite walks its index in C)."""
+    query = _LOOKUP if len(ids) == _JOIN_CHUNK else _LOOKUP.replace(_MARKS, ",".join("?" * len(ids)))
+    return dict(db.execute(query, ids).fetchall())
 
 
 def iter_joined(
@@ -112,26 +148,51 @@ def iter_joined(
     """
     Every input request, in input order (across shards, in the order given), with its response or error and
     its status: ``succeeded``, ``failed``, ``expired``, ``cancelled`` or ``missing`` (no result line at all).
+
+    Inputs are read in chunks and each chunk's results fetched with one query, so the cost per row is a decode
+    and a dict lookup rather than a SQL round trip; memory holds one chunk, whatever the number of rows.
     """
     inputs: list[Source] = list(input_sources) if isinstance(input_sources, (list, tuple)) else [input_sources]  # type: ignore[list-item]
-    with _index(result_sources) as db:
-        lookup = db.cursor()
+    decode_request, decode_result = _request_decoder.decode, _result_decoder.decode
+
+    def chunks() -> Iterator[list[_Request]]:
         for source in inputs:
-            for raw in iter_lines(source):
-                request = _request_decoder.decode(raw)
-                found = lookup.execute("SELECT line FROM results WHERE custom_id = ?", (request.custom_id,)).fetchone()
-                if found is None:
+            lines = _iter_raw(source)
+            while chunk := [decode_request(raw) for raw in itertools.islice(lines, _JOIN_CHUNK)]:
+                yield chunk
+
+    with _index(result_sources) as db, ThreadPoolExecutor(1, thread_name_prefix="openai-batch-join") as lookups:
+        # One chunk ahead: SQLite searches the next chunk's results (without the GIL) while this thread builds
+        # the current chunk's rows.
+        ahead = chunks()
+        current = next(ahead, None)
+        pending = lookups.submit(_lookup, db, [r.custom_id for r in current]) if current else None
+        while current is not None and pending is not None:
+            found = pending.result()
+            following = next(ahead, None)
+            if following is not None:
+                pending = lookups.submit(_lookup, db, [r.custom_id for r in following])
+            for request in current:
+                line = found.get(request.custom_id)
+                if line is None:
                     yield JoinedRow(request.custom_id, "missing", request.body, url=request.url)
                     continue
-                result = _result_decoder.decode(found[0])
+                result = decode_result(line)
+                response, error = result.response, result.error
+                if error is None and response is not None and response.get("status_code") == 200:
+                    body = response.get("body")
+                    if type(body) is dict:  # OpenAI's answer to a request that worked: the common case
+                        yield JoinedRow(request.custom_id, "succeeded", request.body, body, None, request.url)
+                        continue
                 yield JoinedRow(
                     request.custom_id,
-                    result_status(result.response, result.error),
+                    result_status(response, error),
                     request.body,
-                    response=response_body(result.response),
-                    error=result.error or _error_of(result.response),
+                    response=response_body(response),
+                    error=error or _error_of(response),
                     url=request.url,
                 )
+            current = following
 
 
 def _error_of(response: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -159,8 +220,18 @@ def write_joined(rows: Iterable[JoinedRow], destination: Destination, *, overwri
         if str(destination).endswith(".parquet"):
             _write_parquet(counted(), out)
         else:
-            for row in counted():
-                out.write(_encoder.encode(row) + b"\n")
+            # Rows are encoded into one buffer and written a megabyte at a time: a write per row costs more than
+            # the encoding.
+            buffer = bytearray()
+            encode_into = _encoder.encode_into
+            for row in rows:
+                counts[row.status] = counts.get(row.status, 0) + 1
+                encode_into(row, buffer, -1)
+                buffer += b"\n"
+                if len(buffer) >= 1 << 20:
+                    out.write(buffer)
+                    buffer.clear()
+            out.write(buffer)
     return counts
 
 
@@ -247,14 +318,17 @@ def iter_merged(rounds: Sequence[Source | None]) -> Iterator[JoinedRow]:
             rows = ((decoder.decode(raw).custom_id, number, raw) for raw in iter_lines(source))
             db.executemany("INSERT OR REPLACE INTO latest VALUES (?, ?, ?)", rows)
         db.commit()
-        lookup = db.cursor()
-        for raw in iter_lines(first):  # type: ignore[arg-type]
-            row = decoder.decode(raw)
-            found = lookup.execute("SELECT round, line FROM latest WHERE custom_id = ?", (row.custom_id,)).fetchone()
-            if found is not None:
-                row = decoder.decode(found[1])
-                row.round = found[0]
-            yield row
+        lines = _iter_raw(first)  # type: ignore[arg-type]
+        while chunk := [decoder.decode(raw) for raw in itertools.islice(lines, _JOIN_CHUNK)]:
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT custom_id, round, line FROM latest WHERE custom_id IN ({marks})"
+            found = {cid: (number, line) for cid, number, line in db.execute(query, [r.custom_id for r in chunk])}
+            for row in chunk:
+                newer = found.get(row.custom_id)
+                if newer is not None:
+                    row = decoder.decode(newer[1])
+                    row.round = newer[0]
+                yield row
 
 
 # --- usage and cost -------------------------------------------------------------------------------

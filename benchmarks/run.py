@@ -25,6 +25,8 @@ from benchmarks.common import API_KEY, MB, Row, fake_server, run_child, spread, 
 P1_N, P1_INTERVAL, P1_DURATION = 1000, 5.0, 30.0
 #: P1 and P2 run this many times, interleaved; the table shows the median and, in brackets, the lowest and highest.
 ROUNDS = 3
+#: Issue 13: the join of 1,000,000 rows at flat memory.
+JOIN_GOAL_ROWS_PER_S = 150_000
 
 
 def machine() -> str:
@@ -318,9 +320,9 @@ def join(rows: list[Row], work: Path) -> None:
         Row(
             f"Join {SHARDS * PER_SHARD:,} requests across {SHARDS} shards: wall time",
             f"{result['wall']:.1f} s ({result['rows'] / result['wall']:,.0f} rows/s)",
-            "-",
-            "-",
-            None,
+            f">= {JOIN_GOAL_ROWS_PER_S:,} rows/s",
+            "before issue 13: 35,000 rows/s (28 s)",
+            result["rows"] / result["wall"] >= JOIN_GOAL_ROWS_PER_S,
         )
     )
     rows.append(

@@ -44,6 +44,32 @@ def test_example_dag_survives_chaos(seed, monkeypatch, airflow_db):
         )
 
 
+JOB_RUNS = 5
+
+
+@pytest.mark.parametrize("seed", range(JOB_RUNS))
+def test_one_task_example_survives_chaos(seed, monkeypatch, airflow_db):
+    """The one-task job (@task.openai_batch) under the same chaos: exactly one batch, every row, table updated."""
+    import sqlite3
+    from pathlib import Path
+
+    with FakeOpenAIServer(timings=FAST) as server:
+        server.faults.chaos(0.3, kinds=("429", "500", "502", "503", "drop"), seed=100 + seed)
+        monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(server, max_retries=10))
+        monkeypatch.setenv("OPENAI_BATCH_EXAMPLE_POLL_SECONDS", "0.2")
+        module = importlib.reload(importlib.import_module("example_dags.example_openai_batch_job"))
+        run = module.dag.test()
+        assert len(server.faults.injected) >= 1, "no fault was injected in this run"
+    assert set(task_states(run).values()) == {"success"}, task_states(run)
+    assert server.batches_created == 1
+    job = xcoms(run, "label_reviews")[-1]
+    assert job["counts"]["succeeded"] == 25
+    with open(job["joined_uri"]) as rows:
+        assert [json.loads(line)["custom_id"] for line in rows] == [f"review-{i}" for i in range(25)]
+    labels = sqlite3.connect(Path(module.HOME) / "reviews.sqlite").execute("SELECT sentiment FROM reviews").fetchall()
+    assert all(label for (label,) in labels)
+
+
 def test_the_chaos_was_thirty_percent():
     assert len(TALLY) == RUNS, "run the whole module: the tally covers every run"
     failed, total = map(sum, zip(*TALLY, strict=True))

@@ -104,3 +104,13 @@ def test_provider_info_declares_the_connection_form():
     for link in info.get("extra-links", []):
         module, _, name = link.rpartition(".")
         assert hasattr(__import__(module, fromlist=[name]), name)
+
+
+def test_task_openai_batch_is_a_registered_task_decorator():
+    """``@task.openai_batch`` resolves through the provider's ``task-decorators`` (Airflow's ProvidersManager)."""
+    from airflow.sdk import task
+
+    (entry,) = get_provider_info()["task-decorators"]
+    assert entry["name"] == "openai_batch"
+    module, _, name = entry["class-name"].rpartition(".")
+    assert getattr(__import__(module, fromlist=[name]), name) is task.openai_batch

@@ -155,3 +155,21 @@ def test_each_example_is_one_self_contained_file(name, tmp_path):
         [sys.executable, "-c", code, str(tmp_path / name)], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_example_one_task_job(server):
+    """Table rows → prompts → @task.openai_batch (one task, one deferral) → labels written back to the table."""
+    import sqlite3
+    from pathlib import Path
+
+    dag = _load("example_openai_batch_job")
+    run = dag.test()
+    assert set(task_states(run).values()) == {"success"}
+    job = xcoms(run, "label_reviews")[-1]
+    assert job["counts"] == {"succeeded": 25, "failed": 0, "expired": 0, "cancelled": 0, "missing": 0}
+    assert job["rounds"] == 1 and len(job["batches"]) == 1
+    with open(job["joined_uri"]) as rows:
+        assert [json.loads(line)["custom_id"] for line in rows] == [f"review-{i}" for i in range(25)]
+    table = Path(importlib.import_module("example_dags.example_openai_batch_job").HOME) / "reviews.sqlite"
+    labels = sqlite3.connect(table).execute("SELECT sentiment FROM reviews ORDER BY id").fetchall()
+    assert len(labels) == 25 and all(label for (label,) in labels)

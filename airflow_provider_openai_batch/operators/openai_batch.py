@@ -21,7 +21,6 @@ from airflow_provider_openai_batch.batch_file import (
     MAX_BYTES_PER_FILE,
     MAX_REQUESTS_PER_FILE,
     OPENAI_BATCH_ENDPOINTS,
-    BatchFileStats,
     ShardLimits,
     encode_requests,
     shard_batch_file,
@@ -46,7 +45,6 @@ from airflow_provider_openai_batch.idempotency import (
     STATE_STORE_KEY,
     build_metadata,
     call_once,
-    content_filename,
     first_try,
     idempotency_key,
     scan_start,
@@ -62,6 +60,7 @@ from airflow_provider_openai_batch.operators.base import (
 )
 from airflow_provider_openai_batch.results import estimate_cost, normalize_usage, sum_usage
 from airflow_provider_openai_batch.storage import Source, source_name, source_size, to_storage_path
+from airflow_provider_openai_batch.uploads import upload_once
 
 #: The download operator pushes each result file's location under its own key, besides the summary.
 RESULT_LOCATION_KEYS = ("output_uri", "error_uri")
@@ -221,34 +220,16 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
             f"{stats.bytes:,}",
             stats.model,
         )
-        filename = content_filename(name, stats.sha256)
-        existing = self._find_upload(filename, stats)
-        if existing is not None:
-            self.log.info("Reusing %s: the same content was already uploaded as %s", existing, filename)
-            return existing
-
-        def send() -> str:
-            return self.hook.upload_file(
-                source,
-                purpose="batch",
-                filename=filename,
-                expires_after_seconds=_as_seconds(self.expires_after),
-                max_retries=0,
-                length=stats.bytes,
-            ).id
-
-        file_id = call_once("files.create", send, lambda: self._find_upload(filename, stats))
-        self.log.info("Uploaded %s as %s", name, file_id)
-        return file_id
-
-    def _find_upload(self, filename: str, stats: BatchFileStats) -> str | None:
-        cutoff = time.time() - self.reuse_window.total_seconds()
-        for existing in self.hook.list_files(purpose="batch"):
-            if existing.created_at < cutoff:
-                return None
-            if existing.filename == filename and existing.bytes == stats.bytes:
-                return existing.id
-        return None
+        return upload_once(
+            self.hook,
+            source,
+            name,
+            sha256=stats.sha256,
+            size=stats.bytes,
+            reuse_window=self.reuse_window,
+            expires_after_seconds=_as_seconds(self.expires_after),
+            logger=self.log,
+        )
 
 
 #: What a re-run after a clear may use instead of creating a batch (see ``OpenAIBatchCreateOperator``).

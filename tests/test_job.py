@@ -1,0 +1,353 @@
+"""
+The one-task job (``OpenAIBatchJobOperator``): end to end over real HTTP against FakeOpenAIServer, its rounds, and
+its crash matrix: a worker killed at every step (and in pairs of steps), with and without ``task_state_store``,
+leaves exactly one batch per shard per round and the same joined result.
+
+Airflow's part is played by a small driver: ``execute``; on ``TaskDeferred`` the trigger runs to its one event and
+``execute_complete`` resumes, on a fresh operator as a new worker would. A crash ends the try; the next try starts
+at ``execute`` again, as an Airflow retry does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from airflow.providers.common.compat.sdk import TaskDeferred
+
+from airflow_provider_openai_batch import idempotency
+from airflow_provider_openai_batch.idempotency import IDEMPOTENCY_METADATA_KEY
+from airflow_provider_openai_batch.operators.job import OpenAIBatchJobOperator
+from airflow_provider_openai_batch.testing import FakeClock, FakeOpenAIServer
+from airflow_provider_openai_batch.triggers.job import OpenAIBatchJobTrigger
+from tests.conftest import FAST, connection_env, jsonl, request_line
+from tests.test_idempotency import Crash, FakeTI, MemoryStateStore
+
+#: The server's time moves only when the driver says so: every batch is still running when the job first looks,
+#: so every job here defers (whatever the machine's speed), and has ended once the driver lets time pass.
+CLOCK = FakeClock()
+
+
+@pytest.fixture(scope="module")
+def job_server() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer(timings=FAST, clock=CLOCK) as srv:
+        previous = os.environ.get("AIRFLOW_CONN_OPENAI_DEFAULT")
+        os.environ["AIRFLOW_CONN_OPENAI_DEFAULT"] = connection_env(srv)
+        try:
+            yield srv
+        finally:
+            if previous is None:
+                os.environ.pop("AIRFLOW_CONN_OPENAI_DEFAULT", None)
+            else:
+                os.environ["AIRFLOW_CONN_OPENAI_DEFAULT"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _quick_backoff(monkeypatch):
+    monkeypatch.setattr(idempotency, "RETRY_BASE_DELAY", 0.01)
+
+
+def run_trigger(trigger: OpenAIBatchJobTrigger) -> dict[str, Any]:
+    async def first() -> dict[str, Any]:
+        async for event in trigger.run():
+            return dict(event.payload)
+        raise AssertionError("the trigger ended without an event")
+
+    return asyncio.run(first())
+
+
+class Driver:
+    """Airflow's part: tries, deferrals and resumes of one task instance, counting what the job did."""
+
+    def __init__(self, make: Any, run_id: str, store: MemoryStateStore | None) -> None:
+        self.make = make
+        self.ti = FakeTI(run_id)
+        self.ti.task_id = "job"
+        self.store = store
+        self.deferrals = 0
+        self.triggers: list[OpenAIBatchJobTrigger] = []
+
+    def context(self) -> dict[str, Any]:
+        context: dict[str, Any] = {"ti": self.ti}
+        if self.store is not None:
+            context["task_state_store"] = self.store
+        return context
+
+    def attempt(self, crash: str | None = None) -> dict[str, Any] | None:
+        """One try: execute, then resume after each deferral, until it returns or the worker dies."""
+        op = self.make()
+        inject(op, crash)
+        try:
+            result = op.execute(self.context())
+        except TaskDeferred as deferred:
+            return self._resume(deferred, crash)
+        except Crash:
+            return None
+        return dict(result)
+
+    def _resume(self, deferred: TaskDeferred, crash: str | None) -> dict[str, Any] | None:
+        while True:
+            self.deferrals += 1
+            assert self.deferrals <= 20, "the job keeps deferring: each resume made new batches instead of finding them"
+            trigger = deferred.trigger
+            assert isinstance(trigger, OpenAIBatchJobTrigger)
+            self.triggers.append(trigger)
+            if crash == "deferred":
+                return None  # the worker died before the triggerer's event was consumed: the task is retried
+            CLOCK.advance(60)  # OpenAI works while the task is deferred
+            event = run_trigger(trigger)
+            op = self.make()
+            inject(op, crash)
+            try:
+                return dict(op.execute_complete(self.context(), event))
+            except TaskDeferred as again:
+                deferred = again
+            except Crash:
+                return None
+
+
+def inject(op: OpenAIBatchJobOperator, point: str | None) -> None:
+    """Make the worker die right after (or inside) one step of the job."""
+
+    def after(name: str, when: Any = lambda *a: True) -> None:
+        real = getattr(op, name)
+
+        def crashed(*args: Any, **kwargs: Any) -> Any:
+            value = real(*args, **kwargs)
+            if when(*args):
+                raise Crash()
+            return value
+
+        setattr(op, name, crashed)
+
+    if point == "after_shard":
+        after("_shards")
+    elif point == "after_upload":
+        after("_upload")
+    elif point == "after_create":
+        after("_create")
+    elif point == "after_record":
+        after("_remember")
+    elif point == "after_download":
+        after("_download")
+    elif point == "after_join":
+        after("_join")
+    elif point == "round_2_create":
+        real_batches = op._batches
+
+        def batches(context: Any, work: Any, round_number: int, shards: Any) -> Any:
+            op._round = round_number  # type: ignore[attr-defined]
+            return real_batches(context, work, round_number, shards)
+
+        op._batches = batches  # type: ignore[method-assign]
+        after("_create", lambda *a: getattr(op, "_round", 0) == 1)
+    elif point == "before_write":
+
+        def finish_crash(*args: Any, **kwargs: Any) -> Any:
+            raise Crash()
+
+        op._finish = finish_crash  # type: ignore[method-assign]
+
+
+def write_requests(folder: Path, n: int) -> Path:
+    path = folder / "requests.jsonl"
+    path.write_bytes(jsonl([request_line(i) for i in range(n)]))
+    return path
+
+
+def batches_by_key(server: FakeOpenAIServer, keys: set[str]) -> Counter[str]:
+    return Counter(
+        (b.metadata or {}).get(IDEMPOTENCY_METADATA_KEY)
+        for b in server.state.batches.values()
+        if (b.metadata or {}).get(IDEMPOTENCY_METADATA_KEY) in keys
+    )
+
+
+def job_keys(op: OpenAIBatchJobOperator, run_id: str, work: Path) -> set[str]:
+    """The key of every (round, shard) the job ran, read back from its shard manifests."""
+    ti = FakeTI(run_id)
+    ti.task_id = "job"
+    keys = set()
+    for round_number in range(op.max_rounds):
+        manifest = work / f"round-{round_number}" / "shards.json"
+        if manifest.exists():
+            for i, shard in enumerate(json.loads(manifest.read_bytes())):
+                keys.add(op._key({"ti": ti}, round_number, i, shard["sha256"]))
+    return keys
+
+
+def make_operator(source: Any, destination: Path, work: Path, **kwargs: Any) -> OpenAIBatchJobOperator:
+    return OpenAIBatchJobOperator(
+        task_id="job",
+        source=source,
+        endpoint="/v1/chat/completions",
+        destination=str(destination),
+        work_dir=str(work),
+        keep_work_dir=True,
+        max_requests_per_file=3,
+        poll_interval=0.05,
+        deferrable=True,
+        **kwargs,
+    )
+
+
+def test_the_whole_job_defers_once_and_joins_in_input_order(job_server, tmp_path):
+    source = write_requests(tmp_path, 7)
+    destination = tmp_path / "joined.jsonl"
+    before = job_server.batches_created
+    driver = Driver(lambda: make_operator(source, destination, tmp_path / "work"), f"run-{uuid.uuid4()}", None)
+    result = driver.attempt()
+    assert result is not None
+    assert result["counts"] == {"succeeded": 7, "failed": 0, "expired": 0, "cancelled": 0, "missing": 0}
+    assert result["rounds"] == 1
+    assert [b["shard"] for b in result["batches"]] == [0, 1, 2]
+    assert job_server.batches_created - before == 3
+    assert driver.deferrals == 1
+    assert len(driver.triggers[0].batch_ids) == 3  # one trigger watches every batch
+    rows = [json.loads(line) for line in destination.read_text().splitlines()]
+    assert [r["custom_id"] for r in rows] == [f"req-{i}" for i in range(7)]
+    assert {r["status"] for r in rows} == {"succeeded"}
+    assert result["usage_totals"]["total_tokens"] > 0
+
+
+def test_request_dicts_and_parquet_and_the_work_folder_removed(job_server, tmp_path):
+    pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    destination = tmp_path / "out" / "joined.parquet"
+
+    def make() -> OpenAIBatchJobOperator:
+        return OpenAIBatchJobOperator(
+            task_id="job",
+            source=[request_line(i) for i in range(4)],
+            endpoint="/v1/chat/completions",
+            destination=str(destination),
+            poll_interval=0.05,
+            deferrable=True,
+        )
+
+    result = Driver(make, f"run-{uuid.uuid4()}", None).attempt()
+    assert result is not None
+    assert result["counts"]["succeeded"] == 4
+    assert pq.read_table(destination).column("custom_id").to_pylist() == [f"req-{i}" for i in range(4)]
+    assert [p.name for p in destination.parent.iterdir()] == ["joined.parquet"]  # no work folder left behind
+
+
+def test_expired_requests_are_sent_again_in_a_second_round(job_server, tmp_path):
+    source = write_requests(tmp_path, 6)
+    destination = tmp_path / "joined.jsonl"
+    job_server.script_batches("expire")  # the first shard's batch expires with half of its requests unrun
+    driver = Driver(lambda: make_operator(source, destination, tmp_path / "work"), f"run-{uuid.uuid4()}", None)
+    result = driver.attempt()
+    assert result is not None
+    assert result["rounds"] == 2
+    assert result["counts"]["succeeded"] == 6
+    assert [(b["round"], b["status"]) for b in result["batches"]][:2] == [(0, "expired"), (0, "completed")]
+    rows = [json.loads(line) for line in destination.read_text().splitlines()]
+    assert [r["custom_id"] for r in rows] == [f"req-{i}" for i in range(6)]
+    assert any(r["round"] == 1 for r in rows)
+    assert driver.deferrals == 2  # one per round
+
+
+def test_bad_input_is_refused_before_anything_is_sent(job_server, tmp_path):
+    source = tmp_path / "bad.jsonl"
+    source.write_bytes(jsonl([request_line(0), {"custom_id": "x", "method": "POST", "url": "/v1/chat/completions"}]))
+    before = job_server.count("files.create")
+    op = make_operator(source, tmp_path / "joined.jsonl", tmp_path / "work")
+    with pytest.raises(ValueError, match=r"bad\.jsonl.*line 2.*body"):
+        op.execute({"ti": FakeTI(f"run-{uuid.uuid4()}")})
+    assert job_server.count("files.create") == before
+
+
+POINTS = (
+    "after_shard",
+    "after_upload",
+    "after_create",
+    "lost_answer",
+    "after_record",
+    "deferred",
+    "after_download",
+    "after_join",
+    "round_2_create",
+    "before_write",
+)
+SEQUENCES = [(p,) for p in POINTS] + [s for s in itertools.permutations(POINTS, 2)][::7]
+
+
+@pytest.mark.parametrize("with_store", [True, False], ids=["task_state_store", "metadata_scan_only"])
+@pytest.mark.parametrize("sequence", SEQUENCES, ids=["-".join(s) for s in SEQUENCES])
+def test_one_batch_per_shard_per_round_whatever_happens(sequence, with_store, job_server, tmp_path):
+    source = write_requests(tmp_path, 5)
+    destination, work = tmp_path / "joined.jsonl", tmp_path / "work"
+    run_id = f"run-{uuid.uuid4()}"
+
+    def make() -> OpenAIBatchJobOperator:
+        return make_operator(source, destination, work)
+
+    job_server.faults.clear()
+    job_server.script_batches("expire")  # so that every job here has a second round
+    driver = Driver(make, run_id, MemoryStateStore() if with_store else None)
+    for n, point in enumerate(sequence):
+        if point == "lost_answer":
+            job_server.faults.script("batches.create", "drop_after")
+        result = driver.attempt(point)
+        job_server.faults.clear()
+        # A first try always dies where told (a later one may find that step already done and skip it).
+        assert n or point == "lost_answer" or result is None, f"{point} did not crash"
+    final = driver.attempt()
+    assert final is not None
+    keys = job_keys(make(), run_id, work)
+    made = batches_by_key(job_server, keys)
+    assert set(made) == keys and set(made.values()) == {1}, made
+    assert final["rounds"] == 2
+    assert final["counts"]["succeeded"] == 5
+    assert len(final["batches"]) == len(keys)
+    rows = [json.loads(line) for line in destination.read_text().splitlines()]
+    assert [r["custom_id"] for r in rows] == [f"req-{i}" for i in range(5)]
+
+
+def test_enough_crash_cases():
+    assert len(SEQUENCES) * 2 >= 40
+
+
+def test_120k_requests_in_one_task_defer_once_like_the_five_task_example(job_server, tmp_path):
+    """The sharded example's 120,000 embedding requests through the one-task path: the same 3 batches and rows."""
+    source = tmp_path / "products.jsonl"
+    with source.open("w") as out:
+        for i in range(120_000):
+            body = {"model": "text-embedding-3-small", "input": f"product {i} description"}
+            out.write(
+                json.dumps({"custom_id": f"product-{i:06d}", "method": "POST", "url": "/v1/embeddings", "body": body})
+            )
+            out.write("\n")
+    destination = tmp_path / "joined.jsonl"
+
+    def make() -> OpenAIBatchJobOperator:
+        return OpenAIBatchJobOperator(
+            task_id="job",
+            source=str(source),
+            endpoint="/v1/embeddings",
+            destination=str(destination),
+            poll_interval=0.05,
+            deferrable=True,
+        )
+
+    before = set(job_server.state.batches)
+    driver = Driver(make, f"run-{uuid.uuid4()}", None)
+    result = driver.attempt()
+    assert result is not None
+    assert driver.deferrals == 1 and len(driver.triggers[0].batch_ids) == 3
+    made = [b for key, b in job_server.state.batches.items() if key not in before]
+    assert sorted(len(b.requests) for b in made) == [20_000, 50_000, 50_000]
+    assert result["counts"]["succeeded"] == 120_000 and result["rounds"] == 1
+    with destination.open() as rows:
+        ids = [json.loads(line)["custom_id"] for line in rows]
+    assert ids == [f"product-{i:06d}" for i in range(120_000)]
