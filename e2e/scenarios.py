@@ -478,9 +478,9 @@ def s6_two_tries(h: Harness, out: Outcome) -> None:
 
 
 def s7_one_task_job(h: Harness, out: Outcome) -> None:
-    """Placeholder: the one-task job (OpenAIBatchJobOperator) does not exist yet."""
+    """Placeholder: the one-task job (OpenAIBatchJobOperator) with its worker killed at a random step; not built yet."""
     out.status = "SKIP"
-    out.notes.append("not run: OpenAIBatchJobOperator does not exist yet (this is not a pass)")
+    out.notes.append("not run: the kill scenario for OpenAIBatchJobOperator is not built yet (this is not a pass)")
 
 
 def _alive(pid: int) -> bool:
