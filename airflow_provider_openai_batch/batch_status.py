@@ -326,6 +326,16 @@ def _format_errors(errors: list[dict[str, Any]], limit: int = 10) -> str:
     return "\n".join(lines)
 
 
+def _over_limits(failed: int, ratio: float, max_requests: int | None, max_ratio: float | None) -> list[str]:
+    """Which failure limits ``failed`` requests (a ``ratio`` of all) exceed: one rule for batches and jobs."""
+    over = []
+    if max_requests is not None and failed > max_requests:
+        over.append(f"more than max_failed_requests={max_requests}")
+    if max_ratio is not None and ratio > max_ratio:
+        over.append(f"more than max_failed_ratio={max_ratio}")
+    return over
+
+
 def evaluate(summary: BatchSummary, policy: OutcomePolicy) -> Outcome:
     """Decide whether an ended batch is a task success under ``policy``."""
     status = summary["status"]
@@ -337,11 +347,7 @@ def evaluate(summary: BatchSummary, policy: OutcomePolicy) -> Outcome:
             return Outcome(True, f"Batch {batch_id} completed: {counts['completed']:,}/{total:,} requests succeeded.")
         ratio = failed / total if total else 1.0
         text = f"Batch {batch_id} completed with {failed:,} of {total:,} requests failed ({100.0 * ratio:.1f} %)"
-        over = []
-        if policy.max_failed_requests is not None and failed > policy.max_failed_requests:
-            over.append(f"more than max_failed_requests={policy.max_failed_requests}")
-        if policy.max_failed_ratio is not None and ratio > policy.max_failed_ratio:
-            over.append(f"more than max_failed_ratio={policy.max_failed_ratio}")
+        over = _over_limits(failed, ratio, policy.max_failed_requests, policy.max_failed_ratio)
         if policy.max_failed_requests is None and policy.max_failed_ratio is None and failed >= total:
             over.append("every request failed")
         if over:
@@ -389,11 +395,7 @@ def evaluate_job(counts: dict[str, int], policy: JobPolicy) -> Outcome:
     ratio = unfinished / total if total else 1.0
     detail = ", ".join(f"{counts[k]:,} {k}" for k in counts if k != "succeeded" and counts[k])
     text = f"{unfinished:,} of {total:,} requests did not succeed ({100.0 * ratio:.1f} %: {detail})"
-    over = []
-    if policy.max_failed_requests is not None and unfinished > policy.max_failed_requests:
-        over.append(f"more than max_failed_requests={policy.max_failed_requests}")
-    if policy.max_failed_ratio is not None and ratio > policy.max_failed_ratio:
-        over.append(f"more than max_failed_ratio={policy.max_failed_ratio}")
+    over = _over_limits(unfinished, ratio, policy.max_failed_requests, policy.max_failed_ratio)
     if policy.max_failed_requests is None and policy.max_failed_ratio is None and not succeeded:
         over.append("no request succeeded")
     if over:
