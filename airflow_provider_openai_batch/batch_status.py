@@ -10,7 +10,7 @@ treating it as success is how failed nightly jobs go unnoticed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, get_args
+from typing import Any, NamedTuple, TypedDict, get_args
 
 import msgspec
 from openai.types import BatchError, BatchUsage
@@ -24,7 +24,34 @@ DEAD_STATUSES = frozenset({"failed", "expired", "cancelled"})
 #: turns the re-run into a failure (issue 11: a clear that cancelled the batch, then a re-run that reused it).
 WORKING_STATUSES = frozenset({"validating", "in_progress", "finalizing"})
 
-BatchSummary = dict[str, Any]
+
+class RequestCounts(TypedDict):
+    """A batch's ``request_counts``; a server that omits one reports 0 here."""
+
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchSummary(TypedDict):
+    """
+    What we keep of OpenAI's Batch object: what the trigger yields, the sensor and the create operator return,
+    and the download starts from. JSON-able, so it travels through XCom and trigger events as it is.
+    """
+
+    batch_id: str
+    status: str
+    endpoint: str | None
+    model: str | None
+    input_file_id: str | None
+    #: ``None`` (not ``""``) when the batch has no such file.
+    output_file_id: str | None
+    error_file_id: str | None
+    request_counts: RequestCounts
+    #: The batch's ``usage`` as the SDK's ``BatchUsage.model_dump()``; ``None`` where the server sends none.
+    usage: dict[str, Any] | None
+    #: ``errors.data`` (validation errors of a ``failed`` batch), each as ``BatchError.model_dump()``.
+    errors: list[dict[str, Any]]
 
 
 def is_active(status: str) -> bool:

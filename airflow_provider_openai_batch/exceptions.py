@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowException, AirflowSensorTimeout
+
+if TYPE_CHECKING:
+    from airflow_provider_openai_batch.batch_status import BatchSummary
 
 
 class OpenAIBatchError(AirflowException):
@@ -122,7 +125,7 @@ class BatchInputError(OpenAIBatchError, ValueError):
 class BatchFailedError(OpenAIBatchError):
     """The batch ended in a state the task's outcome policy does not accept."""
 
-    def __init__(self, message: str, summary: dict[str, Any] | None = None) -> None:
+    def __init__(self, message: str, summary: BatchSummary | None = None) -> None:
         self.summary = summary
         super().__init__(message)
 

@@ -33,7 +33,12 @@ from airflow_provider_openai_batch.polling import (
     should_cancel_on_kill,
     task_instance_state,
 )
-from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchTrigger
+from airflow_provider_openai_batch.triggers.openai_batch import (
+    EVENT_TERMINAL,
+    EVENT_TIMEOUT,
+    BatchEventPayload,
+    OpenAIBatchTrigger,
+)
 
 #: Added to the completion window for the default deadline: OpenAI may take a little past it to finalize.
 DEADLINE_MARGIN = timedelta(hours=1)
@@ -222,24 +227,24 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
                 max_poll_failures=self.max_poll_failures,
             )
         except BatchTimeoutError as timed_out:
-            return self.on_deadline(timed_out.summary or summary)
+            return self.on_deadline(batch_id, timed_out.summary or summary)
         finally:
             self._waiting_on = None
         return self.finish(summarize(done))
 
-    def execute_complete(self, context: Mapping[str, Any], event: dict[str, Any] | None = None) -> Any:
+    def execute_complete(self, context: Mapping[str, Any], event: BatchEventPayload | None = None) -> Any:
         """Where a deferred wait resumes: turn the trigger's one event into the task's outcome."""
         if not event or "status" not in event:
             raise BatchFailedError(f"The trigger returned no usable event: {event!r}")
         summary = event.get("summary")
-        if event["status"] == "terminal" and summary:
+        if event["status"] == EVENT_TERMINAL and summary:
             return self.finish(summary)
-        if event["status"] == "timeout":
-            return self.on_deadline(summary or {"batch_id": event.get("batch_id")})
+        if event["status"] == EVENT_TIMEOUT:
+            return self.on_deadline(event["batch_id"], summary)
         raise BatchFailedError(str(event.get("message") or event), summary)
 
-    def on_deadline(self, summary: BatchSummary) -> BatchSummary:
-        batch_id = summary["batch_id"]
+    def on_deadline(self, batch_id: str, summary: BatchSummary | None) -> BatchSummary:
+        """The deadline passed: cancel the batch when ``cancel_on_timeout`` says so, then fail as a sensor timeout."""
         message = f"Batch {batch_id} did not end before its deadline"
         if self.cancel_on_timeout:
             try:

@@ -38,6 +38,7 @@ from airflow_provider_openai_batch.batch_file import (
 from airflow_provider_openai_batch.batch_status import (
     BatchSummary,
     JobPolicy,
+    RequestCounts,
     evaluate_job,
     format_job_progress,
     is_terminal,
@@ -86,7 +87,7 @@ class JobBatch(TypedDict):
     shard: int
     batch_id: str
     status: str
-    request_counts: dict[str, int]
+    request_counts: RequestCounts
 
 
 class JobResult(TypedDict, total=False):

@@ -12,7 +12,7 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired
 
 from openai.types import Batch
 
@@ -60,6 +60,7 @@ from airflow_provider_openai_batch.operators.base import (
 )
 from airflow_provider_openai_batch.results import estimate_cost, normalize_usage, sum_usage
 from airflow_provider_openai_batch.storage import Source, source_name, source_size, to_storage_path
+from airflow_provider_openai_batch.triggers.openai_batch import BatchEventPayload
 from airflow_provider_openai_batch.uploads import upload_once
 
 #: The download operator pushes each result file's location under its own key, besides the summary.
@@ -316,7 +317,7 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
             self.wait_for(context, batch.id)
         return batch.id
 
-    def execute_complete(self, context: Mapping[str, Any], event: dict[str, Any] | None = None) -> str:
+    def execute_complete(self, context: Mapping[str, Any], event: BatchEventPayload | None = None) -> str:
         summary = super().execute_complete(context, event)
         return str(summary["batch_id"])
 
@@ -517,6 +518,21 @@ class OpenAIBatchCancelOperator(BatchWaitingOperator):
         return self.wait_for(context, batch_id)
 
 
+class DownloadResult(BatchSummary):
+    """What the download returns (its ``return_value``): the batch summary and where its results landed."""
+
+    #: Where the output / error file was written; ``None`` when the batch has no such file (or an empty error file).
+    output_uri: str | None
+    error_uri: str | None
+    output_lines: int
+    error_lines: int
+    #: Tokens, from the batch's ``usage`` or else summed over the output lines (``usage_source`` says which).
+    usage_totals: dict[str, int]
+    usage_source: Literal["batch", "output_lines"] | None
+    #: Only with a ``price_table``: ``None`` when the table has no entry for the model.
+    cost_estimate: NotRequired[dict[str, Any] | None]
+
+
 class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
     """
     Stream a batch's output and error files to local or object storage; returns the batch summary plus
@@ -583,7 +599,7 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
         map_index = getattr(ti, "map_index", -1)
         return folder / str(map_index) if map_index not in (None, -1) else folder
 
-    def execute(self, context: Mapping[str, Any]) -> dict[str, Any]:
+    def execute(self, context: Mapping[str, Any]) -> DownloadResult:
         batch_id = batch_id_of(self.batch_id)
         self.push_batch_id(context, batch_id)
         summary = summarize(self.hook.get_batch(batch_id))
@@ -591,45 +607,54 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
             # A wait marked successful, or an id straight from create: the files are not final yet.
             raise BatchNotEndedError(batch_id, summary["status"])
         folder = self._folder(context)
-        result: dict[str, Any] = dict(summary)
-        for kind, file_id in (("output", summary["output_file_id"]), ("error", summary["error_file_id"])):
-            result[f"{kind}_uri"], result[f"{kind}_lines"] = None, 0
-            if not file_id:
-                continue
-            target = folder / ("output.jsonl" if kind == "output" else "errors.jsonl")
+        result = DownloadResult(
+            **summary,
+            output_uri=None,
+            error_uri=None,
+            output_lines=0,
+            error_lines=0,
+            usage_totals={},
+            usage_source=None,
+        )
+        if summary["output_file_id"]:
+            target = folder / "output.jsonl"
+            downloaded = self.hook.download_file(summary["output_file_id"], target, overwrite=True, keep_empty=True)
+            result["output_uri"], result["output_lines"] = str(target), downloaded.lines
+            self.log.info("Output: %s lines → %s", f"{downloaded.lines:,}", target)
+        if summary["error_file_id"]:
+            target = folder / "errors.jsonl"
+            downloaded = self.hook.download_file(summary["error_file_id"], target, overwrite=True, keep_empty=False)
             # A zero-byte error file (compatible servers send one when nothing failed) is not worth a location.
-            downloaded = self.hook.download_file(file_id, target, overwrite=True, keep_empty=kind == "output")
-            if not downloaded.bytes and kind == "error":
-                self.log.info("Error file %s is empty: no request failed", file_id)
-                continue
-            result[f"{kind}_uri"] = str(target)
-            result[f"{kind}_lines"] = downloaded.lines
-            self.log.info("%s: %s lines → %s", kind.capitalize(), f"{downloaded.lines:,}", target)
+            if downloaded.bytes:
+                result["error_uri"], result["error_lines"] = str(target), downloaded.lines
+                self.log.info("Error: %s lines → %s", f"{downloaded.lines:,}", target)
+            else:
+                self.log.info("Error file %s is empty: no request failed", summary["error_file_id"])
         self._push_locations(context, result)
         if self.check_counts:
             self._check_counts(result)
         self._add_usage(result)
         self._describe_asset_events(context, result)
         self.record_lineage(
-            [("files", summary[k]) for k in ("output_file_id", "error_file_id") if summary[k]],
-            [("storage", result[k]) for k in ("output_uri", "error_uri") if result[k]],
+            [("files", file_id) for file_id in (summary["output_file_id"], summary["error_file_id"]) if file_id],
+            [("storage", uri) for uri in (result["output_uri"], result["error_uri"]) if uri],
         )
         if self.delete_remote_files:
             self._delete_remote(summary)
         return result
 
-    def _push_locations(self, context: Mapping[str, Any], result: dict[str, Any]) -> None:
+    def _push_locations(self, context: Mapping[str, Any], result: DownloadResult) -> None:
         """
         The result files under their own XCom keys, so the XCom tab shows them at a glance. A file that does not
         exist is not pushed (pulling its key gives ``None``): Airflow 3.0 cannot store ``None`` as an XCom value.
         """
         if not self.do_xcom_push:
             return
-        for key in RESULT_LOCATION_KEYS:
-            if result[key] is not None:
-                context["ti"].xcom_push(key=key, value=result[key])
+        for key, uri in zip(RESULT_LOCATION_KEYS, (result["output_uri"], result["error_uri"]), strict=True):
+            if uri is not None:
+                context["ti"].xcom_push(key=key, value=uri)
 
-    def _describe_asset_events(self, context: Mapping[str, Any], result: dict[str, Any]) -> None:
+    def _describe_asset_events(self, context: Mapping[str, Any], result: DownloadResult) -> None:
         """Downstream DAGs scheduled on our Assets find where the results are in the triggering event."""
         from airflow.providers.common.compat.sdk import Asset
 
@@ -648,7 +673,7 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
             if isinstance(outlet, Asset):
                 events[outlet].extra.update(extra)
 
-    def _add_usage(self, result: dict[str, Any]) -> None:
+    def _add_usage(self, result: DownloadResult) -> None:
         if result["usage"]:
             result["usage_totals"], result["usage_source"] = normalize_usage(result["usage"]), "batch"
         elif result["output_uri"]:
@@ -657,21 +682,21 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
             result["usage_totals"], result["usage_source"] = normalize_usage(None), None
         self.log.info("Usage of batch %s: %s", result["batch_id"], result["usage_totals"])
         if self.price_table:
-            result["cost_estimate"] = estimate_cost(result["usage_totals"], result["model"], self.price_table)
-            if result["cost_estimate"]:
-                self.log.info("Estimated cost of batch %s: %s", result["batch_id"], result["cost_estimate"])
+            cost = result["cost_estimate"] = estimate_cost(result["usage_totals"], result["model"], self.price_table)
+            if cost:
+                self.log.info("Estimated cost of batch %s: %s", result["batch_id"], cost)
             else:
                 self.log.warning("The price table has no entry for model %s", result["model"])
 
     @staticmethod
-    def _check_counts(result: dict[str, Any]) -> None:
+    def _check_counts(result: DownloadResult) -> None:
         expected = expected_result_lines(result)
         if expected is None:
             return
         wrong = [
-            f"{result[f'{kind}_lines']:,} {kind} lines where {expected[kind]} were expected"
-            for kind in ("output", "error")
-            if not expected[kind].holds(result[f"{kind}_lines"])
+            f"{lines:,} {kind} lines where {expected[kind]} were expected"
+            for kind, lines in (("output", result["output_lines"]), ("error", result["error_lines"]))
+            if not expected[kind].holds(lines)
         ]
         if wrong:
             counts = result["request_counts"]
@@ -682,8 +707,11 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
             )
 
     def _delete_remote(self, summary: BatchSummary) -> None:
-        for key in ("input_file_id", "output_file_id", "error_file_id"):
-            file_id = summary.get(key)
+        for key, file_id in (
+            ("input_file_id", summary["input_file_id"]),
+            ("output_file_id", summary["output_file_id"]),
+            ("error_file_id", summary["error_file_id"]),
+        ):
             if not file_id:
                 continue
             try:

@@ -22,6 +22,7 @@ from airflow_provider_openai_batch.operators.base import (
     batch_id_of,
 )
 from airflow_provider_openai_batch.polling import PollFailures
+from airflow_provider_openai_batch.triggers.openai_batch import BatchEventPayload
 
 
 class OpenAIBatchSensor(BatchWaitingOperator, BaseSensorOperator):
@@ -77,8 +78,8 @@ class OpenAIBatchSensor(BatchWaitingOperator, BaseSensorOperator):
         if is_terminal(batch.status):
             return PokeReturnValue(is_done=True, xcom_value=self.finish(summary))
         if time.time() >= self.end_time(batch.created_at, batch.completion_window):
-            self.on_deadline(summary)
+            self.on_deadline(batch_id, summary)
         return False
 
-    def execute_complete(self, context: Mapping[str, Any], event: dict[str, Any] | None = None) -> BatchSummary:
+    def execute_complete(self, context: Mapping[str, Any], event: BatchEventPayload | None = None) -> BatchSummary:
         return super().execute_complete(context, event)

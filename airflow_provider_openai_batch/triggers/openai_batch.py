@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_openai_batch.batch_status import format_progress, is_terminal, progress_key
+from airflow_provider_openai_batch.batch_status import BatchSummary, format_progress, is_terminal, progress_key
 from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.polling import (
@@ -26,7 +26,32 @@ from airflow_provider_openai_batch.polling import (
     task_instance_state,
 )
 
-__all__ = ["DEFAULT_MAX_POLL_FAILURES", "OpenAIBatchTrigger"]
+__all__ = [
+    "DEFAULT_MAX_POLL_FAILURES",
+    "EVENT_ERROR",
+    "EVENT_TERMINAL",
+    "EVENT_TIMEOUT",
+    "BatchEventPayload",
+    "EventStatus",
+    "OpenAIBatchTrigger",
+]
+
+EventStatus = Literal["terminal", "timeout", "error"]
+#: The batch ended (any terminal status, success or not: the operator's outcome policy judges it).
+EVENT_TERMINAL: EventStatus = "terminal"
+#: The deadline passed first; ``summary`` is the last one read, or ``None`` when no poll succeeded.
+EVENT_TIMEOUT: EventStatus = "timeout"
+#: Polling failed for good (a 403/404, a 401 after a fresh read, or too many transient failures in a row).
+EVENT_ERROR: EventStatus = "error"
+
+
+class BatchEventPayload(TypedDict):
+    """The payload of the trigger's one event, which ``execute_complete`` receives as ``event``."""
+
+    status: EventStatus
+    batch_id: str
+    summary: BatchSummary | None
+    message: str
 
 
 class BatchTriggerEvent(TriggerEvent):
@@ -66,7 +91,8 @@ class OpenAIBatchTrigger(BaseTrigger):
         cadence relax as the batch ages (``PollPolicy.delay``).
     :param max_poll_interval: Upper bound of the relaxed cadence; ``None`` polls every ``poll_interval``.
 
-    Events (exactly one): ``{"status": "terminal" | "timeout" | "error", "batch_id", "summary", "message"}``.
+    Events (exactly one): a ``BatchEventPayload`` whose status is ``EVENT_TERMINAL``, ``EVENT_TIMEOUT`` or
+    ``EVENT_ERROR``.
     """
 
     def __init__(
@@ -112,8 +138,9 @@ class OpenAIBatchTrigger(BaseTrigger):
     def hook(self) -> OpenAIBatchHook:
         return OpenAIBatchHook(self.conn_id)
 
-    def _event(self, status: str, message: str, summary: dict[str, Any] | None = None) -> TriggerEvent:
-        return BatchTriggerEvent({"status": status, "batch_id": self.batch_id, "summary": summary, "message": message})
+    def _event(self, status: EventStatus, message: str, summary: BatchSummary | None = None) -> TriggerEvent:
+        payload = BatchEventPayload(status=status, batch_id=self.batch_id, summary=summary, message=message)
+        return BatchTriggerEvent(dict(payload))
 
     @property
     def policy(self) -> PollPolicy:
@@ -126,13 +153,13 @@ class OpenAIBatchTrigger(BaseTrigger):
         failures = PollFailures(policy)
         last_progress: tuple[Any, ...] | None = None
         while True:
-            summary: dict[str, Any] | None = None
+            summary: BatchSummary | None = None
             try:
                 summary = await hook.aget_batch_summary(self.batch_id)
             except OpenAIBatchAPIError as error:
                 step = failures.failed(error)
                 if step == "give_up":
-                    yield self._event("error", f"Polling batch {self.batch_id} failed: {error}")
+                    yield self._event(EVENT_ERROR, f"Polling batch {self.batch_id} failed: {error}")
                     return
                 if step == "retry_now":
                     # The hook dropped the client that holds the refused key: the next poll reads the connection.
@@ -147,12 +174,12 @@ class OpenAIBatchTrigger(BaseTrigger):
                     last_progress = progress_key(summary)
                     self.log.info(format_progress(summary))
                 if is_terminal(summary["status"]):
-                    yield self._event("terminal", f"Batch {self.batch_id} ended: {summary['status']}", summary)
+                    yield self._event(EVENT_TERMINAL, f"Batch {self.batch_id} ended: {summary['status']}", summary)
                     return
             now = time.time()
             remaining = self.end_time - now
             if remaining <= 0:
-                yield self._event("timeout", f"Batch {self.batch_id} did not end before the deadline", summary)
+                yield self._event(EVENT_TIMEOUT, f"Batch {self.batch_id} did not end before the deadline", summary)
                 return
             # Nothing of an answer is kept while sleeping: 1,000 waits holding parsed batches would pile up
             # long-lived objects until Python runs a full garbage collection, a pause every trigger feels.
