@@ -196,6 +196,10 @@ class ScenarioServer:
             for batch in list(state.batches.values())
         ]
 
+    def uploads(self) -> dict[str, str]:
+        """Every batch input file at this fake: id → file name."""
+        return {f.id: f.filename for f in self.server.state.list_files("batch")}
+
     def batches_per_key(self) -> Counter[str]:
         return Counter(str(b["key"]) for b in self.batches())
 

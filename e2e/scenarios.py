@@ -12,6 +12,7 @@ import json
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,7 @@ class Harness:
         self.results = run_dir / "results"
         self.big_input = run_dir / "data" / "big.jsonl"
         self.job_input = run_dir / "data" / "job.jsonl"
+        self.job_runs = 0
         self.fakes = {
             1: ScenarioServer("s1", "openai_default"),
             2: ScenarioServer("s2", "openai_s2"),
@@ -577,13 +579,16 @@ def job_kill_steps(shards: tuple[int, int], downloads: int) -> list[KillStep]:
     ]
 
 
-def _job_input(path: Path) -> list[str]:
-    """Write the job's input; returns its custom ids in input order."""
+def _job_input(path: Path, nonce: int) -> list[str]:
+    """Write the job's input (new content for each ``nonce``: nothing uploaded before is reused); its custom ids."""
     path.parent.mkdir(parents=True, exist_ok=True)
     ids = []
     with path.open("w") as handle:
         for i in range(JOB_REQUESTS):
-            body: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"Label {i}."}]}
+            body: dict[str, Any] = {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": f"Label {i} ({nonce})."}],
+            }
             if i in JOB_TRANSIENT:
                 body["fake_error"] = JOB_TRANSIENT[i]  # the fake fails this request once, then answers it
             ids.append(f"job-{i:03d}")
@@ -599,19 +604,27 @@ def s7_one_task_job(h: Harness, out: Outcome) -> None:
     """
     fake, d = h.fakes[7], h.deployment
     dag_id = "e2e_one_task_job"
-    ids = _job_input(h.job_input)
+    ids = _job_input(h.job_input, h.job_runs)
     first = -(-JOB_REQUESTS // JOB_SHARD_REQUESTS)
     second = -(-len(JOB_TRANSIENT) // JOB_SHARD_REQUESTS)
     shards_with_errors = len({i // JOB_SHARD_REQUESTS for i in JOB_TRANSIENT})
     steps = job_kill_steps((first, second), downloads=first + shards_with_errors)
     seed = int(os.environ.get("E2E_SEED") or random.SystemRandom().randrange(2**32))
     draw = random.Random(seed)
-    wanted = os.environ.get("E2E_JOB_STEP")
-    step = next(s for s in steps if s.name == wanted) if wanted else draw.choice(steps)
+    wanted = [name for name in os.environ.get("E2E_JOB_STEP", "").split(",") if name]
+    if wanted:  # e.g. --scenarios 7,7,7 with E2E_JOB_STEP=a,b,c: one step per run, in order
+        name = wanted[h.job_runs % len(wanted)]
+        step = next(s for s in steps if s.name == name)
+    else:
+        step = draw.choice(steps)
+    h.job_runs += 1
     number = draw.choice(step.numbers)
     where = step.what.format(n=number, m=number - 1, k=number - first, j=number - first - 1)
     print(f"e2e: scenario 7: seed {seed}, kill step {step.name} ({where})", flush=True)
     out.evidence.update({"seed": seed, "step": step.name, "call": f"{step.route} #{number}", "where": where})
+    fake.server.state.failures.clear()  # each run's transient requests fail once (the fake counts per custom id)
+    earlier = {b["id"] for b in fake.batches()}
+    earlier_uploads = set(fake.uploads())
     fake.controls.pause_at(Pause(step.route, number, step.acted, step.client))
     run_id = d.trigger(dag_id)
     out.runs = [f"{dag_id}/{run_id}"]
@@ -625,7 +638,7 @@ def s7_one_task_job(h: Harness, out: Outcome) -> None:
     victim = str(ti["hostname"])
     check(victim in WORKERS, f"the job ran on {victim}")
     check(int(ti["pid"]) in d.session_of(victim), f"task pid {ti['pid']} is not one of {victim}'s processes")
-    batches_then = len(fake.batches())
+    batches_then = len(fake.batches()) - len(earlier)
     killed_at = time.monotonic()
     pids = d.kill(victim)
     fake.controls.resume.set()
@@ -646,8 +659,8 @@ def s7_one_task_job(h: Harness, out: Outcome) -> None:
     )
     check(len(rows) == 1, f"the job pushed {len(rows)} results")
     result = _xcom_value(rows[0][0])
-    batches = fake.batches()
-    per_key = fake.batches_per_key()
+    batches = [b for b in fake.batches() if b["id"] not in earlier]
+    per_key = Counter(str(b["key"]) for b in batches)
     out.batches_per_ti = {"job": len(batches)}
     out.evidence.update({"batches": batches, "result_batches": result["batches"], "counts": result["counts"]})
     check(set(per_key.values()) == {1}, f"a (round, shard) key with more than one batch: {dict(per_key)}")
@@ -660,6 +673,8 @@ def s7_one_task_job(h: Harness, out: Outcome) -> None:
         "the fake holds a batch the job did not end with",
     )
     check(result["counts"]["succeeded"] == JOB_REQUESTS, f"counts {result['counts']}")
+    uploads = sorted(name for file_id, name in fake.uploads().items() if file_id not in earlier_uploads)
+    out.evidence["uploads"] = uploads
     folder = Path(result["joined_uri"]).parent
     files = sorted(p.name for p in folder.iterdir())
     check(files == ["joined.jsonl"], f"the result folder holds {files}")
@@ -667,14 +682,33 @@ def s7_one_task_job(h: Harness, out: Outcome) -> None:
     check([r["custom_id"] for r in joined] == ids, "the joined result is not every input once, in input order")
     check({r["status"] for r in joined} == {"succeeded"}, "a request did not succeed in the joined result")
     again = [i for i, r in enumerate(joined) if r.get("round") == 1]
+    tries = {n: _task_log_events(d.home, dag_id, run_id, "job", n) for n in range(1, int(final["try_number"]) + 1)}
+    out.evidence["task_log"] = tries
+    created_by = {n: sum(e.startswith("Created batch") for e in events) for n, events in tries.items()}
     check(again == sorted(JOB_TRANSIENT), f"requests answered in round 2: {again}")
     out.notes.append(
-        f"{len(batches)} batches = {first} shards in round 1 + {second} in round 2, one per (round, shard) key; "
+        f"{len(batches)} batches = {first} shards in round 1 + {second} in round 2, one per (round, shard) key "
+        f"({len(uploads)} input files uploaded); "
+        f"batches created per try (task log) {created_by}; "
         f"try {final['try_number']} on {final['hostname']} finished the job; joined {len(joined)} rows in input "
         f"order ({len(again)} answered in round 2); run ended {out.evidence['run_ended_after_kill_seconds']:.0f}s "
         "after the kill (task_instance_heartbeat_timeout=30)"
     )
     h.restart_and_wait(victim)
+
+
+def _task_log_events(home: Path, dag_id: str, run_id: str, task_id: str, try_number: int) -> list[str]:
+    """The job's own log lines (what it created, reused, downloaded) in one try's task log."""
+    path = home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}" / f"attempt={try_number}.log"
+    events = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            event = str(json.loads(line).get("event", ""))
+        except ValueError:
+            continue
+        if event.startswith(("Created batch", "Uploaded", "Reusing", "Round", "round", "Job done")):
+            events.append(event)
+    return events
 
 
 def _alive(pid: int) -> bool:
