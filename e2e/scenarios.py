@@ -540,6 +540,7 @@ def job_kill_steps(shards: tuple[int, int], downloads: int) -> list[KillStep]:
             acted=False,
             client="OpenAI",
         ),
+        # Round 1 always defers: the last create's batch is still validating when the job first looks at it.
         KillStep(
             "r1-resumed",
             "round 1: resumed after the deferral, before downloading",
@@ -682,10 +683,10 @@ def s7_one_task_job(h: Harness, out: Outcome) -> None:
     check([r["custom_id"] for r in joined] == ids, "the joined result is not every input once, in input order")
     check({r["status"] for r in joined} == {"succeeded"}, "a request did not succeed in the joined result")
     again = [i for i, r in enumerate(joined) if r.get("round") == 1]
+    check(again == sorted(JOB_TRANSIENT), f"requests answered in round 2: {again}")
     tries = {n: _task_log_events(d.home, dag_id, run_id, "job", n) for n in range(1, int(final["try_number"]) + 1)}
     out.evidence["task_log"] = tries
     created_by = {n: sum(e.startswith("Created batch") for e in events) for n, events in tries.items()}
-    check(again == sorted(JOB_TRANSIENT), f"requests answered in round 2: {again}")
     out.notes.append(
         f"{len(batches)} batches = {first} shards in round 1 + {second} in round 2, one per (round, shard) key "
         f"({len(uploads)} input files uploaded); "
