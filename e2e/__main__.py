@@ -1,7 +1,7 @@
 """
 ``python -m e2e [--scenarios 1,2,6]``: stand the deployment up, run the scenarios, tear everything down.
 
-Exit status 0 only when every scenario run passed (the placeholder is reported as SKIP, not as a pass), nothing
+Exit status 0 only when every scenario run passed (a scenario reported SKIP is not a pass), nothing
 of the run listened beyond 127.0.0.1, and nothing of the run was left running. The run folder
 (``.e2e-runs/<time>/``) keeps each service's log, ``pids.json`` and each scenario's evidence.
 """

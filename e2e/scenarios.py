@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from e2e.deployment import TRIGGERERS, WORKERS, Deployment, iter_log_lines, parent_of, wait_until
-from e2e.fakes import ScenarioServer
+from e2e.fakes import Pause, ScenarioServer
 
 #: Bound on any one wait: far above what a slow, shared machine needs, far below CI's limit.
 LONG = 1500.0
@@ -25,6 +27,17 @@ LONG = 1500.0
 SHARDED_REQUESTS = 60_000
 #: Requests in the download scenario's input: an output file of tens of MB, streamed slowly.
 BIG_REQUESTS = 20_000
+ENDPOINT = "/v1/chat/completions"
+#: The one-task job's input: JOB_REQUESTS requests in shards of JOB_SHARD_REQUESTS (4 batches in round 1); the
+#: requests in JOB_TRANSIENT fail once, for a reason worth another try, and go again in round 2 (2 batches).
+JOB_REQUESTS = 12
+JOB_SHARD_REQUESTS = 3
+JOB_TRANSIENT: dict[int, dict[str, Any]] = {
+    1: {"status_code": 500, "type": "server_error", "code": "server_error", "times": 1},
+    4: {"status_code": 429, "type": "requests", "code": "rate_limit_exceeded", "times": 1},
+    7: {"error_code": "request_timeout", "times": 1},
+    10: {"status_code": 503, "type": "server_error", "code": "server_error", "times": 1},
+}
 
 
 class ScenarioFailed(AssertionError):
@@ -67,6 +80,8 @@ class Harness:
         self.run_dir = run_dir
         self.results = run_dir / "results"
         self.big_input = run_dir / "data" / "big.jsonl"
+        self.job_input = run_dir / "data" / "job.jsonl"
+        self.job_runs = 0
         self.fakes = {
             1: ScenarioServer("s1", "openai_default"),
             2: ScenarioServer("s2", "openai_s2"),
@@ -74,6 +89,7 @@ class Harness:
             4: ScenarioServer("s4", "openai_s4"),
             5: ScenarioServer("s5", "openai_s5"),
             6: ScenarioServer("s6", "openai_s6"),
+            7: ScenarioServer("s7", "openai_s7"),
         }
         for fake in self.fakes.values():
             fake.start()
@@ -84,6 +100,8 @@ class Harness:
             extra_env={
                 "E2E_RESULTS": str(self.results),
                 "E2E_BIG_INPUT": str(self.big_input),
+                "E2E_JOB_INPUT": str(self.job_input),
+                "E2E_JOB_SHARD_REQUESTS": str(JOB_SHARD_REQUESTS),
                 "OPENAI_BATCH_EXAMPLE_SHARDED_REQUESTS": str(SHARDED_REQUESTS),
             },
         )
@@ -477,10 +495,221 @@ def s6_two_tries(h: Harness, out: Outcome) -> None:
     )
 
 
+@dataclass(frozen=True)
+class KillStep:
+    """A step of the job to kill its worker at: the fake stops at one call (see ``Pause``) while it is killed."""
+
+    name: str
+    what: str
+    route: str
+    numbers: range  # which call of the route (1-based, counted from the trigger); one is drawn at random
+    acted: bool
+    client: str | None = None
+
+
+def job_kill_steps(shards: tuple[int, int], downloads: int) -> list[KillStep]:
+    """The steps of a job of ``shards`` batches in its two rounds, ``downloads`` files fetched in round 1."""
+    first, second = shards
+    return [
+        KillStep(
+            "r1-upload-answer-lost",
+            "round 1: upload {n} took effect, its answer lost",
+            "files.create",
+            range(1, first + 1),
+            acted=True,
+        ),
+        KillStep(
+            "r1-between-creates",
+            "round 1: after create {m} returned, before create {n}",
+            "batches.create",
+            range(2, first + 1),
+            acted=False,
+        ),
+        KillStep(
+            "r1-create-answer-lost",
+            "round 1: create {n} took effect, its answer lost",
+            "batches.create",
+            range(1, first + 1),
+            acted=True,
+        ),
+        KillStep(
+            "r1-before-defer",
+            "round 1: every create returned, before deferring",
+            "batches.retrieve",
+            range(1, 2),
+            acted=False,
+            client="OpenAI",
+        ),
+        # Round 1 always defers: the last create's batch is still validating when the job first looks at it.
+        KillStep(
+            "r1-resumed",
+            "round 1: resumed after the deferral, before downloading",
+            "batches.retrieve",
+            range(first + 1, first + 2),
+            acted=False,
+            client="OpenAI",
+        ),
+        KillStep(
+            "r1-between-downloads",
+            "round 1: after download {m} of " + str(downloads) + ", before the next",
+            "files.content",
+            range(2, downloads + 1),
+            acted=False,
+        ),
+        KillStep(
+            "r2-create-answer-lost",
+            "round 2: create {k} took effect, its answer lost",
+            "batches.create",
+            range(first + 1, first + second + 1),
+            acted=True,
+        ),
+        KillStep(
+            "r2-between-creates",
+            "round 2: after create {j} returned, before create {k}",
+            "batches.create",
+            range(first + 2, first + second + 1),
+            acted=False,
+        ),
+        KillStep(
+            "r2-between-downloads",
+            "round 2: after its first download",
+            "files.content",
+            range(downloads + 2, downloads + 3),
+            acted=False,
+        ),
+    ]
+
+
+def _job_input(path: Path, nonce: int) -> list[str]:
+    """Write the job's input (new content for each ``nonce``: nothing uploaded before is reused); its custom ids."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = []
+    with path.open("w") as handle:
+        for i in range(JOB_REQUESTS):
+            body: dict[str, Any] = {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": f"Label {i} ({nonce})."}],
+            }
+            if i in JOB_TRANSIENT:
+                body["fake_error"] = JOB_TRANSIENT[i]  # the fake fails this request once, then answers it
+            ids.append(f"job-{i:03d}")
+            handle.write(json.dumps({"custom_id": ids[-1], "method": "POST", "url": ENDPOINT, "body": body}) + "\n")
+    return ids
+
+
 def s7_one_task_job(h: Harness, out: Outcome) -> None:
-    """Placeholder: the one-task job (OpenAIBatchJobOperator) with its worker killed at a random step; not built yet."""
-    out.status = "SKIP"
-    out.notes.append("not run: the kill scenario for OpenAIBatchJobOperator is not built yet (this is not a pass)")
+    """
+    The one-task job (``@task.openai_batch``) over 4 shards with a second round, its worker killed (kill -9, the
+    whole worker) at a step drawn at random: the retry ends with exactly one batch per shard per round and the
+    complete joined result in input order. ``E2E_SEED`` replays a draw; ``E2E_JOB_STEP`` picks the step.
+    """
+    fake, d = h.fakes[7], h.deployment
+    dag_id = "e2e_one_task_job"
+    ids = _job_input(h.job_input, h.job_runs)
+    first = -(-JOB_REQUESTS // JOB_SHARD_REQUESTS)
+    second = -(-len(JOB_TRANSIENT) // JOB_SHARD_REQUESTS)
+    shards_with_errors = len({i // JOB_SHARD_REQUESTS for i in JOB_TRANSIENT})
+    steps = job_kill_steps((first, second), downloads=first + shards_with_errors)
+    seed = int(os.environ.get("E2E_SEED") or random.SystemRandom().randrange(2**32))
+    draw = random.Random(seed)
+    wanted = [name for name in os.environ.get("E2E_JOB_STEP", "").split(",") if name]
+    if wanted:  # e.g. --scenarios 7,7,7 with E2E_JOB_STEP=a,b,c: one step per run, in order
+        name = wanted[h.job_runs % len(wanted)]
+        step = next(s for s in steps if s.name == name)
+    else:
+        step = draw.choice(steps)
+    h.job_runs += 1
+    number = draw.choice(step.numbers)
+    where = step.what.format(n=number, m=number - 1, k=number - first, j=number - first - 1)
+    print(f"e2e: scenario 7: seed {seed}, kill step {step.name} ({where})", flush=True)
+    out.evidence.update({"seed": seed, "step": step.name, "call": f"{step.route} #{number}", "where": where})
+    fake.server.state.failures.clear()  # each run's transient requests fail once (the fake counts per custom id)
+    earlier = {b["id"] for b in fake.batches()}
+    earlier_uploads = set(fake.uploads())
+    fake.controls.pause_at(Pause(step.route, number, step.acted, step.client))
+    run_id = d.trigger(dag_id)
+    out.runs = [f"{dag_id}/{run_id}"]
+    wait_until(f"the job to reach {step.route} #{number}", fake.controls.paused.is_set, LONG, 0.1)
+    ti = wait_until(
+        "the job's worker",
+        lambda: next((t for t in h.tis(dag_id, run_id, "job") if t["state"] == "running" and t["pid"]), None),
+        LONG,
+        0.2,
+    )
+    victim = str(ti["hostname"])
+    check(victim in WORKERS, f"the job ran on {victim}")
+    check(int(ti["pid"]) in d.session_of(victim), f"task pid {ti['pid']} is not one of {victim}'s processes")
+    batches_then = len(fake.batches()) - len(earlier)
+    killed_at = time.monotonic()
+    pids = d.kill(victim)
+    fake.controls.resume.set()
+    out.killed = (
+        f"kill -9 {victim} (whole worker, pids {pids}) at {where} [step {step.name}, seed {seed}]; "
+        f"{batches_then} batch(es) at the fake then"
+    )
+    state = d.wait_for_run(dag_id, run_id, LONG)
+    out.evidence["run_ended_after_kill_seconds"] = round(time.monotonic() - killed_at, 1)
+    check(state == "success", f"run ended {state}")
+    final = h.tis(dag_id, run_id, "job")[0]
+    check(final["try_number"] >= 2, f"the job ended on try {final['try_number']}")
+    check(final["hostname"] != victim, f"the retry ran on the killed worker {victim}")
+    rows = d.query(
+        "SELECT value FROM xcom WHERE dag_id = %s AND run_id = %s AND task_id = 'job' AND key = 'return_value'",
+        dag_id,
+        run_id,
+    )
+    check(len(rows) == 1, f"the job pushed {len(rows)} results")
+    result = _xcom_value(rows[0][0])
+    batches = [b for b in fake.batches() if b["id"] not in earlier]
+    per_key = Counter(str(b["key"]) for b in batches)
+    out.batches_per_ti = {"job": len(batches)}
+    out.evidence.update({"batches": batches, "result_batches": result["batches"], "counts": result["counts"]})
+    check(set(per_key.values()) == {1}, f"a (round, shard) key with more than one batch: {dict(per_key)}")
+    expected = [(0, i) for i in range(first)] + [(1, i) for i in range(second)]
+    made = [(b["round"], b["shard"]) for b in result["batches"]]
+    check(made == expected, f"the job ran (round, shard) {made}, expected {expected}")
+    check(len(per_key) == len(expected), f"{len(per_key)} keys at the fake for {len(expected)} shards")
+    check(
+        {b["batch_id"] for b in result["batches"]} == {b["id"] for b in batches},
+        "the fake holds a batch the job did not end with",
+    )
+    check(result["counts"]["succeeded"] == JOB_REQUESTS, f"counts {result['counts']}")
+    uploads = sorted(name for file_id, name in fake.uploads().items() if file_id not in earlier_uploads)
+    out.evidence["uploads"] = uploads
+    folder = Path(result["joined_uri"]).parent
+    files = sorted(p.name for p in folder.iterdir())
+    check(files == ["joined.jsonl"], f"the result folder holds {files}")
+    joined = [json.loads(line) for line in Path(result["joined_uri"]).read_text().splitlines()]
+    check([r["custom_id"] for r in joined] == ids, "the joined result is not every input once, in input order")
+    check({r["status"] for r in joined} == {"succeeded"}, "a request did not succeed in the joined result")
+    again = [i for i, r in enumerate(joined) if r.get("round") == 1]
+    check(again == sorted(JOB_TRANSIENT), f"requests answered in round 2: {again}")
+    tries = {n: _task_log_events(d.home, dag_id, run_id, "job", n) for n in range(1, int(final["try_number"]) + 1)}
+    out.evidence["task_log"] = tries
+    created_by = {n: sum(e.startswith("Created batch") for e in events) for n, events in tries.items()}
+    out.notes.append(
+        f"{len(batches)} batches = {first} shards in round 1 + {second} in round 2, one per (round, shard) key "
+        f"({len(uploads)} input files uploaded); "
+        f"batches created per try (task log) {created_by}; "
+        f"try {final['try_number']} on {final['hostname']} finished the job; joined {len(joined)} rows in input "
+        f"order ({len(again)} answered in round 2); run ended {out.evidence['run_ended_after_kill_seconds']:.0f}s "
+        "after the kill (task_instance_heartbeat_timeout=30)"
+    )
+    h.restart_and_wait(victim)
+
+
+def _task_log_events(home: Path, dag_id: str, run_id: str, task_id: str, try_number: int) -> list[str]:
+    """The job's own log lines (what it created, reused, downloaded) in one try's task log."""
+    path = home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}" / f"attempt={try_number}.log"
+    events = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            event = str(json.loads(line).get("event", ""))
+        except ValueError:
+            continue
+        if event.startswith(("Created batch", "Uploaded", "Reusing", "Round", "round", "Job done")):
+            events.append(event)
+    return events
 
 
 def _alive(pid: int) -> bool:
@@ -505,5 +734,5 @@ SCENARIOS: dict[int, tuple[str, Callable[[Harness, Outcome], None]]] = {
     4: ("kill -9 a worker mid-download", s4_worker_killed_in_download),
     5: ("restart the scheduler with 50 batches in flight", s5_scheduler_restarted),
     6: ("two tries at once: kill only the pool process of a slow create", s6_two_tries),
-    7: ("PLACEHOLDER: one-task job with its worker killed at a random step", s7_one_task_job),
+    7: ("one-task job, kill -9 its worker at a random step: one batch per shard per round", s7_one_task_job),
 }

@@ -10,7 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import DAG
+from airflow.sdk import DAG, task
 
 from airflow_provider_openai_batch.operators.openai_batch import (
     OpenAIBatchCreateOperator,
@@ -23,6 +23,10 @@ SMALL_INPUT = str(Path(__file__).resolve().parents[2] / "example_dags" / "data" 
 #: Written by the harness before the download scenario runs: enough requests for a download that takes a while.
 BIG_INPUT = os.environ.get("E2E_BIG_INPUT", "/nonexistent/big.jsonl")
 RESULTS = os.environ.get("E2E_RESULTS", "/tmp/e2e-results")
+#: Written by the harness before the one-task job scenario runs: requests of which some fail once (transient).
+JOB_INPUT = os.environ.get("E2E_JOB_INPUT", "/nonexistent/job.jsonl")
+#: Requests per shard of the one-task job: a handful of requests make several shards, so several batches a round.
+JOB_SHARD_REQUESTS = int(os.environ.get("E2E_JOB_SHARD_REQUESTS", "3"))
 ENDPOINT = "/v1/chat/completions"
 MAPPED_WAITS = 50
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
@@ -83,3 +87,21 @@ with DAG("e2e_two_tries", schedule=None, start_date=START, catchup=False, defaul
         task_id="create", input_file_id=first.output, endpoint=ENDPOINT, conn_id="openai_s6"
     )
     OpenAIBatchSensor(task_id="wait", batch_id=batch.output, deferrable=True, poke_interval=2, conn_id="openai_s6")
+
+with DAG("e2e_one_task_job", schedule=None, start_date=START, catchup=False, default_args=_args()) as one_task_job:
+    # The whole job in one task: shards of JOB_SHARD_REQUESTS requests, one batch each, a second round for the
+    # requests that failed for a transient reason; the harness kills the worker running it at a step of its choice.
+    @task.openai_batch(
+        endpoint=ENDPOINT,
+        destination=f"{RESULTS}/s7/{{{{ run_id }}}}/joined.jsonl",
+        conn_id="openai_s7",
+        max_requests_per_file=JOB_SHARD_REQUESTS,
+        max_rounds=2,
+        poll_interval=2,
+        max_poll_interval=None,
+        deferrable=True,
+    )
+    def job() -> str:
+        return JOB_INPUT
+
+    job()
