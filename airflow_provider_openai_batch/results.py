@@ -11,6 +11,7 @@ and response bodies pass through as the bytes read (msgspec ``Raw``), which is m
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import shutil
@@ -274,7 +275,7 @@ def _join_bucket(
         out.write(_encoder.encode_lines(rows))
     plain = total - (sum(counts.values()) - before)
     if plain:
-        counts["succeeded"] = counts.get("succeeded", 0) + plain
+        counts.add("succeeded", plain)
 
 
 def _other_row(request: _RawRequest, result: _RawResult | None, counts: _Counts) -> _RawJoined | JoinedRow:
@@ -297,21 +298,22 @@ def _other_row(request: _RawRequest, result: _RawResult | None, counts: _Counts)
 
 
 class _Counts(dict[str, int]):
-    def add(self, status: str) -> None:
-        self[status] = self.get(status, 0) + 1
+    """Rows per status."""
+
+    def add(self, status: str, rows: int = 1) -> None:
+        self[status] = self.get(status, 0) + rows
 
 
 class _Joined(Iterator[JoinedRow]):
-    """The rows of a join; :func:`write_joined` writes their JSONL lines without building a row object each."""
+    """
+    Joined rows made as JSONL blocks: :func:`write_joined` writes the blocks as they are, without building a row
+    object each; iterating decodes them. ``make`` fills ``counts`` (rows per status) as it goes.
+    """
 
-    def __init__(self, inputs: list[Source], results: list[Source]) -> None:
+    def __init__(self, make: Callable[[_Counts], Iterator[bytes]]) -> None:
         self.counts = _Counts()
-        self._blocks = self._join(inputs, results)
+        self._blocks = make(self.counts)
         self._rows: Iterator[JoinedRow] | None = None
-
-    def _join(self, inputs: list[Source], results: list[Source]) -> Iterator[bytes]:
-        with tempfile.TemporaryDirectory(prefix="openai-batch-join-") as folder:
-            yield from _join_blocks(_source_chunks(inputs), _source_chunks(results), Path(folder), self.counts)
 
     def blocks(self) -> Iterator[bytes]:
         """The joined JSONL, a block of whole lines at a time."""
@@ -322,6 +324,29 @@ class _Joined(Iterator[JoinedRow]):
             decode = _joined_decoder.decode
             self._rows = (decode(line) for block in self._blocks for line in block.splitlines())
         return next(self._rows)
+
+
+def _join_all(inputs: list[Source], results: list[Source], counts: _Counts) -> Iterator[bytes]:
+    with tempfile.TemporaryDirectory(prefix="openai-batch-join-") as folder:
+        yield from _join_blocks(_source_chunks(inputs), _source_chunks(results), Path(folder), counts)
+
+
+class _Status(msgspec.Struct, gc=False):
+    status: str
+
+
+_status_decoder = msgspec.json.Decoder(_Status)
+
+
+def _joined_lines(source: Source, counts: _Counts) -> Iterator[bytes]:
+    """A joined JSONL file's lines as they are, counted by status."""
+    with open_source(source) as stream:
+        for lines in _chunks(stream):
+            for status, rows in collections.Counter(
+                [r.status for r in _decoded(_status_decoder.decode, lines)]
+            ).items():
+                counts.add(status, rows)
+            yield b"".join(lines)
 
 
 def iter_joined(
@@ -338,7 +363,8 @@ def iter_joined(
     asked for.
     """
     inputs: list[Source] = list(input_sources) if isinstance(input_sources, (list, tuple)) else [input_sources]  # type: ignore[list-item]
-    return _Joined(inputs, [source for source in result_sources if source is not None])
+    results = [source for source in result_sources if source is not None]
+    return _Joined(lambda counts: _join_all(inputs, results, counts))
 
 
 def _error_of(response: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -466,14 +492,20 @@ def iter_merged(rounds: Sequence[Source | None]) -> Iterator[JoinedRow]:
     The first round's joined rows, in its order, each replaced by its latest retry: one row per original
     request however many rounds ran. ``None`` entries (rounds that had nothing to retry) are skipped.
     """
-    decoder = msgspec.json.Decoder(JoinedRow)
     first, later = rounds[0], [r for r in rounds[1:] if r is not None]
+    if not later:  # one round: its joined file is the result, passed through as it is
+        return _Joined(lambda counts: _joined_lines(first, counts))  # type: ignore[arg-type]
+    return _merged(first, later)  # type: ignore[arg-type]
+
+
+def _merged(first: Source, later: list[Source]) -> Iterator[JoinedRow]:
+    decoder = msgspec.json.Decoder(JoinedRow)
     with _scratch_db("CREATE TABLE latest (custom_id TEXT PRIMARY KEY, round INTEGER, line BLOB)") as db:
         for number, source in enumerate(later, start=1):
             rows = ((decoder.decode(raw).custom_id, number, raw) for raw in iter_lines(source))
             db.executemany("INSERT OR REPLACE INTO latest VALUES (?, ?, ?)", rows)
         db.commit()
-        lines = iter_lines(first)  # type: ignore[arg-type]
+        lines = iter_lines(first)
         while chunk := [decoder.decode(raw) for raw in itertools.islice(lines, _MERGE_CHUNK)]:
             marks = ",".join("?" * len(chunk))
             query = f"SELECT custom_id, round, line FROM latest WHERE custom_id IN ({marks})"
