@@ -322,7 +322,7 @@ class _Joined(Iterator[JoinedRow]):
     def __next__(self) -> JoinedRow:
         if self._rows is None:
             decode = _joined_decoder.decode
-            self._rows = (decode(line) for block in self._blocks for line in block.splitlines())
+            self._rows = (decode(line) for block in self._blocks for line in block.split(b"\n") if line)
         return next(self._rows)
 
 

@@ -177,3 +177,16 @@ def test_a_body_sent_as_a_json_string_is_decoded(tmp_path):
     [row] = iter_joined(inputs, [out])
     assert (row.status, row.response) == ("succeeded", {"object": "chat.completion", "choices": []})
     assert row.request == request_line(0)["body"]
+
+
+def test_bodies_pass_through_with_any_json_whitespace(tmp_path):
+    """A body is copied as it was sent, so JSON whitespace in it (a carriage return too) must not split a row."""
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_bytes(b'{"custom_id":"a","method":"POST","url":"/v1/embeddings","body":{"model":"m",\r"input":"x"}}\n')
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"custom_id":"a","response":{"status_code":200,"body":{"data":\r[]}}}\n')
+    [row] = iter_joined(inputs, [out])
+    assert (row.status, row.request, row.response) == ("succeeded", {"model": "m", "input": "x"}, {"data": []})
+    joined = tmp_path / "joined.jsonl"
+    write_joined(iter_joined(inputs, [out]), joined)
+    assert [json.loads(line)["custom_id"] for line in joined.read_bytes().split(b"\n") if line] == ["a"]
