@@ -2,21 +2,24 @@
 Results joined to their inputs by ``custom_id``, in input order, streaming.
 
 OpenAI writes results in its own order, splits them over an output and an error file, and leaves nothing for
-requests that never ran. Downstream code wants one row per request it sent. The result lines are indexed in a
-temporary SQLite file (keyed by ``custom_id``), then the inputs are streamed in order and looked up, so memory
-stays flat whether a batch holds 100 requests or a million across many shards.
+requests that never ran. Downstream code wants one row per request it sent. The join is a hash join that spills
+to disk: result and input lines are partitioned by ``custom_id`` into bucket files, each bucket is joined in
+memory, and the buckets' rows are read back in input order, so memory stays flat whether a batch holds 100
+requests or a million across many shards. Only ``custom_id``, ``url`` and the response status are decoded: request
+and response bodies pass through as the bytes read (msgspec ``Raw``), which is most of the speed.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
+import shutil
 import sqlite3
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import msgspec
 
@@ -40,14 +43,7 @@ class JoinedRow(msgspec.Struct, omit_defaults=False):
     round: int = 0
 
 
-class _Request(msgspec.Struct):
-    custom_id: str
-    body: dict[str, Any] | None = None
-    url: str | None = None
-
-
 _result_decoder = msgspec.json.Decoder(ResultLine)
-_request_decoder = msgspec.json.Decoder(_Request)
 _encoder = msgspec.json.Encoder()
 
 
@@ -99,46 +95,258 @@ def _scratch_db(schema: str) -> Iterator[sqlite3.Connection]:
             db.close()
 
 
-class _Keyed(msgspec.Struct):
-    """Only the key of a result line: indexing skips over the rest without building it."""
+class _Keyed(msgspec.Struct, gc=False):
+    """Only the key of a line: the rest is skipped over without being built."""
 
     custom_id: str
 
 
+_NULL = msgspec.Raw(b"null")
+
+
+class _RawRequest(msgspec.Struct, gc=False):
+    """An input line with its body kept as the bytes that were sent: it goes into the joined row unparsed."""
+
+    custom_id: str
+    body: msgspec.Raw = _NULL
+    url: str | None = None
+
+
+class _RawResponse(msgspec.Struct, gc=False):
+    status_code: Any = None
+    body: msgspec.Raw = _NULL
+
+
+class _RawResult(msgspec.Struct, gc=False):
+    """A result line with the response body kept as bytes (the common case passes it through untouched)."""
+
+    custom_id: str
+    response: _RawResponse | None = None
+    error: dict[str, Any] | None = None
+
+
+class _RawJoined(msgspec.Struct, omit_defaults=False, gc=False):
+    """:class:`JoinedRow` with bytes for its JSON fields: encodes to the same line, field for field."""
+
+    custom_id: str
+    status: str
+    request: msgspec.Raw
+    response: Any = None
+    error: Any = None
+    url: str | None = None
+    round: int = 0
+
+
 _key_decoder = msgspec.json.Decoder(_Keyed)
-#: Input lines looked up per query. Well under SQLite's oldest limit of 999 bound parameters per statement.
-_JOIN_CHUNK = 900
-_MARKS = ",".join("?" * _JOIN_CHUNK)
-_LOOKUP = f"SELECT custom_id, line FROM results WHERE custom_id IN ({_MARKS}) ORDER BY rowid"
+_raw_request_decoder = msgspec.json.Decoder(_RawRequest)
+_raw_result_decoder = msgspec.json.Decoder(_RawResult)
+_joined_decoder = msgspec.json.Decoder(JoinedRow)
+#: Buckets per level of the join's partitioning (a power of two: the bucket is some bits of the key's hash).
+_FANOUT = 64
+_HASH_BITS = 6
+#: A bucket whose result lines take more than this is split again by other bits of the hash, so the index of one
+#: bucket (held in memory) stays about this small whatever the number of rows. Five levels: 64^5 buckets.
+_BUCKET_BYTES = 16 << 20
+_MAX_DEPTH = 4
+#: Lines read, partitioned or merged at a time (a size hint in bytes for ``readlines``).
+_CHUNK_BYTES = 1 << 20
+_BUFFER = 1 << 16
 
 
-@contextlib.contextmanager
-def _index(result_sources: Iterable[Source | None]) -> Iterator[sqlite3.Connection]:
-    # Lines are appended in file order and indexed once at the end: SQLite builds an index by sorting, which costs
-    # a fraction of inserting a million keys that arrive in OpenAI's (random) order into a b-tree one by one.
-    # Should a custom_id appear twice, the later line wins (the highest rowid, see ``_lookup``).
-    with _scratch_db("CREATE TABLE results (custom_id TEXT, line BLOB)") as db:
-        for source in result_sources:
-            if source is not None:
-                rows = ((_key_decoder.decode(raw).custom_id, raw) for raw in _iter_raw(source))
-                db.executemany("INSERT INTO results VALUES (?, ?)", rows)
-        db.execute("CREATE INDEX results_by_id ON results (custom_id)")
-        db.commit()
-        yield db
+def _chunks(stream: IO[bytes]) -> Iterator[list[bytes]]:
+    """A JSONL stream as lists of whole lines, each ending in a newline."""
+    while lines := stream.readlines(_CHUNK_BYTES):
+        if not lines[-1].endswith(b"\n"):
+            lines[-1] += b"\n"
+        yield lines
 
 
-def _iter_raw(source: Source) -> Iterator[bytes]:
-    """The non-blank lines of a JSONL file with their line endings (JSON decoders skip trailing whitespace)."""
+def _source_chunks(sources: Iterable[Source]) -> Iterator[list[bytes]]:
+    for source in sources:
+        with open_source(source) as stream:
+            yield from _chunks(stream)
+
+
+def _file_chunks(path: Path) -> Iterator[list[bytes]]:
+    with path.open("rb", buffering=_BUFFER) as stream:
+        yield from _chunks(stream)
+
+
+def _decoded(decode: Callable[[bytes], Any], lines: list[bytes]) -> list[Any]:
+    """Every line of ``lines`` decoded, blank lines dropped first (from ``lines`` too) when there are any."""
+    try:
+        return list(map(decode, lines))
+    except msgspec.DecodeError:
+        lines[:] = [line for line in lines if line.strip()]
+        return list(map(decode, lines))
+
+
+def _spill(
+    chunks: Iterable[list[bytes]], folder: Path, prefix: str, shift: int, order: IO[bytes] | None = None
+) -> list[int]:
+    """
+    Lines into ``_FANOUT`` bucket files by bits of their ``custom_id``'s hash, in the order read; the bucket of
+    each line, one byte a line, into ``order`` when given. Returns the bytes written per bucket.
+    """
+    mask, key = _FANOUT - 1, _key_decoder.decode
+    sizes = [0] * _FANOUT
+    with contextlib.ExitStack() as stack:
+        outs = [stack.enter_context((folder / f"{prefix}{b}").open("wb")) for b in range(_FANOUT)]
+        for lines in chunks:
+            buckets = [(hash(keyed.custom_id) >> shift) & mask for keyed in _decoded(key, lines)]
+            if order is not None:
+                order.write(bytes(buckets))
+            held: list[list[bytes]] = [[] for _ in range(_FANOUT)]
+            appends = [h.append for h in held]
+            for bucket, line in zip(buckets, lines, strict=True):
+                appends[bucket](line)
+            for bucket, bucket_lines in enumerate(held):
+                if bucket_lines:
+                    sizes[bucket] += outs[bucket].write(b"".join(bucket_lines))
+    return sizes
+
+
+def _join_blocks(
+    inputs: Iterable[list[bytes]], results: Iterable[list[bytes]], folder: Path, counts: _Counts, depth: int = 0
+) -> Iterator[bytes]:
+    """
+    Joined JSONL lines in the order of ``inputs``, in blocks: a hash join that spills to disk (Grace).
+
+    Result and input lines go to ``_FANOUT`` bucket files by the hash of their ``custom_id``, and the bucket of
+    every input, in input order, to an order file. Each bucket is then joined on its own (its results indexed in
+    memory, its inputs streamed in order), and the buckets' joined lines are read back in the order file's order.
+    Memory holds one bucket's results: a bucket over ``_BUCKET_BYTES`` is split the same way again, a level down.
+    """
+    shift = depth * _HASH_BITS
+    sizes = _spill(results, folder, "r", shift)
+    with (folder / "order").open("wb") as order:
+        _spill(inputs, folder, "i", shift, order)
+    for bucket in range(_FANOUT):
+        in_path, result_path = folder / f"i{bucket}", folder / f"r{bucket}"
+        with (folder / f"o{bucket}").open("wb", buffering=_BUFFER) as out:
+            if sizes[bucket] > _BUCKET_BYTES and depth < _MAX_DEPTH:
+                below = folder / f"d{bucket}"
+                below.mkdir()
+                for block in _join_blocks(_file_chunks(in_path), _file_chunks(result_path), below, counts, depth + 1):
+                    out.write(block)
+                shutil.rmtree(below)
+            else:
+                _join_bucket(_file_chunks(in_path), _file_chunks(result_path), out, counts)
+        in_path.unlink()
+        result_path.unlink()
+    with contextlib.ExitStack() as stack:
+        readers = [stack.enter_context((folder / f"o{b}").open("rb", buffering=_BUFFER)) for b in range(_FANOUT)]
+        nexts = [reader.readline for reader in readers]
+        with (folder / "order").open("rb") as order:
+            while sequence := order.read(_CHUNK_BYTES // 128):
+                yield b"".join([nexts[bucket]() for bucket in sequence])
+
+
+def _join_bucket(
+    inputs: Iterable[list[bytes]], results: Iterable[list[bytes]], out: IO[bytes], counts: _Counts
+) -> None:
+    """One bucket: its results indexed in memory (a later line for the same id wins), its inputs joined in order."""
+    # The index holds the body of each plain success (an answer that is not a JSON string, which some compatible
+    # servers send for a JSON body), and the whole result otherwise.
+    index: dict[str, msgspec.Raw | _RawResult] = {}
+    for lines in results:
+        index.update(
+            {
+                r.custom_id: (
+                    r.response.body
+                    if r.error is None
+                    and r.response is not None
+                    and r.response.status_code == 200
+                    and memoryview(r.response.body)[0] != 34  # '"'
+                    else r
+                )
+                for r in _decoded(_raw_result_decoder.decode, lines)
+            }
+        )
+    raw, total, before = msgspec.Raw, 0, sum(counts.values())
+    for lines in inputs:
+        requests = _decoded(_raw_request_decoder.decode, lines)
+        found = map(index.get, [r.custom_id for r in requests])
+        rows = [
+            _RawJoined(r.custom_id, "succeeded", r.body, f, None, r.url) if type(f) is raw else _other_row(r, f, counts)  # type: ignore[arg-type]
+            for r, f in zip(requests, found, strict=True)
+        ]
+        total += len(rows)
+        out.write(_encoder.encode_lines(rows))
+    plain = total - (sum(counts.values()) - before)
+    if plain:
+        counts.add("succeeded", plain)
+
+
+def _other_row(request: _RawRequest, result: _RawResult | None, counts: _Counts) -> _RawJoined | JoinedRow:
+    """An input without a result (``missing``), or with any result but a plain success."""
+    if result is None:
+        counts.add("missing")
+        return _RawJoined(request.custom_id, "missing", request.body, None, None, request.url)
+    raw = result.response
+    response = None if raw is None else {"status_code": raw.status_code, "body": msgspec.json.decode(raw.body)}
+    row = JoinedRow(
+        request.custom_id,
+        result_status(response, result.error),
+        msgspec.json.decode(request.body),
+        response=response_body(response),
+        error=result.error or _error_of(response),
+        url=request.url,
+    )
+    counts.add(row.status)
+    return row
+
+
+class _Counts(dict[str, int]):
+    """Rows per status."""
+
+    def add(self, status: str, rows: int = 1) -> None:
+        self[status] = self.get(status, 0) + rows
+
+
+class _Joined(Iterator[JoinedRow]):
+    """
+    Joined rows made as JSONL blocks: :func:`write_joined` writes the blocks as they are, without building a row
+    object each; iterating decodes them. ``make`` fills ``counts`` (rows per status) as it goes.
+    """
+
+    def __init__(self, make: Callable[[_Counts], Iterator[bytes]]) -> None:
+        self.counts = _Counts()
+        self._blocks = make(self.counts)
+        self._rows: Iterator[JoinedRow] | None = None
+
+    def blocks(self) -> Iterator[bytes]:
+        """The joined JSONL, a block of whole lines at a time."""
+        return self._blocks
+
+    def __next__(self) -> JoinedRow:
+        if self._rows is None:
+            decode = _joined_decoder.decode
+            self._rows = (decode(line) for block in self._blocks for line in block.split(b"\n") if line)
+        return next(self._rows)
+
+
+def _join_all(inputs: list[Source], results: list[Source], counts: _Counts) -> Iterator[bytes]:
+    with tempfile.TemporaryDirectory(prefix="openai-batch-join-") as folder:
+        yield from _join_blocks(_source_chunks(inputs), _source_chunks(results), Path(folder), counts)
+
+
+class _Status(msgspec.Struct, gc=False):
+    status: str
+
+
+_status_decoder = msgspec.json.Decoder(_Status)
+
+
+def _joined_lines(source: Source, counts: _Counts) -> Iterator[bytes]:
+    """A joined JSONL file's lines as they are, counted by status."""
     with open_source(source) as stream:
-        for line in stream:
-            if line.strip():
-                yield line
-
-
-def _lookup(db: sqlite3.Connection, ids: list[str]) -> dict[str, bytes]:
-    """The result lines of up to ``_JOIN_CHUNK`` custom ids in one query (SQLite walks its index in C)."""
-    query = _LOOKUP if len(ids) == _JOIN_CHUNK else _LOOKUP.replace(_MARKS, ",".join("?" * len(ids)))
-    return dict(db.execute(query, ids).fetchall())
+        for lines in _chunks(stream):
+            for status, rows in collections.Counter(
+                [r.status for r in _decoded(_status_decoder.decode, lines)]
+            ).items():
+                counts.add(status, rows)
+            yield b"".join(lines)
 
 
 def iter_joined(
@@ -149,50 +357,14 @@ def iter_joined(
     Every input request, in input order (across shards, in the order given), with its response or error and
     its status: ``succeeded``, ``failed``, ``expired``, ``cancelled`` or ``missing`` (no result line at all).
 
-    Inputs are read in chunks and each chunk's results fetched with one query, so the cost per row is a decode
-    and a dict lookup rather than a SQL round trip; memory holds one chunk, whatever the number of rows.
+    Memory stays flat: the lines are partitioned by ``custom_id`` into buckets on disk and joined a bucket at a
+    time (see ``_join_blocks``). Request and response bodies pass through as the bytes read, never decoded and
+    encoded again, except for results that are not a plain success. Nothing is read until the first row is
+    asked for.
     """
     inputs: list[Source] = list(input_sources) if isinstance(input_sources, (list, tuple)) else [input_sources]  # type: ignore[list-item]
-    decode_request, decode_result = _request_decoder.decode, _result_decoder.decode
-
-    def chunks() -> Iterator[list[_Request]]:
-        for source in inputs:
-            lines = _iter_raw(source)
-            while chunk := [decode_request(raw) for raw in itertools.islice(lines, _JOIN_CHUNK)]:
-                yield chunk
-
-    with _index(result_sources) as db, ThreadPoolExecutor(1, thread_name_prefix="openai-batch-join") as lookups:
-        # One chunk ahead: SQLite searches the next chunk's results (without the GIL) while this thread builds
-        # the current chunk's rows.
-        ahead = chunks()
-        current = next(ahead, None)
-        pending = lookups.submit(_lookup, db, [r.custom_id for r in current]) if current else None
-        while current is not None and pending is not None:
-            found = pending.result()
-            following = next(ahead, None)
-            if following is not None:
-                pending = lookups.submit(_lookup, db, [r.custom_id for r in following])
-            for request in current:
-                line = found.get(request.custom_id)
-                if line is None:
-                    yield JoinedRow(request.custom_id, "missing", request.body, url=request.url)
-                    continue
-                result = decode_result(line)
-                response, error = result.response, result.error
-                if error is None and response is not None and response.get("status_code") == 200:
-                    body = response.get("body")
-                    if type(body) is dict:  # OpenAI's answer to a request that worked: the common case
-                        yield JoinedRow(request.custom_id, "succeeded", request.body, body, None, request.url)
-                        continue
-                yield JoinedRow(
-                    request.custom_id,
-                    result_status(response, error),
-                    request.body,
-                    response=response_body(response),
-                    error=error or _error_of(response),
-                    url=request.url,
-                )
-            current = following
+    results = [source for source in result_sources if source is not None]
+    return _Joined(lambda counts: _join_all(inputs, results, counts))
 
 
 def _error_of(response: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -219,6 +391,11 @@ def write_joined(rows: Iterable[JoinedRow], destination: Destination, *, overwri
     with atomic_writer(destination, overwrite=overwrite) as out:
         if str(destination).endswith(".parquet"):
             _write_parquet(counted(), out)
+        elif isinstance(rows, _Joined):
+            # A join's lines go out as they were built: no row objects in between.
+            for block in rows.blocks():
+                out.write(block)
+            counts.update(rows.counts)
         else:
             # Rows are encoded into one buffer and written a megabyte at a time: a write per row costs more than
             # the encoding.
@@ -306,20 +483,30 @@ def write_retry_input(joined: Source, destination: Destination) -> int:
     return count
 
 
+#: Rows of the first round looked up per query. Under SQLite's oldest limit of 999 bound parameters per statement.
+_MERGE_CHUNK = 900
+
+
 def iter_merged(rounds: Sequence[Source | None]) -> Iterator[JoinedRow]:
     """
     The first round's joined rows, in its order, each replaced by its latest retry: one row per original
     request however many rounds ran. ``None`` entries (rounds that had nothing to retry) are skipped.
     """
-    decoder = msgspec.json.Decoder(JoinedRow)
     first, later = rounds[0], [r for r in rounds[1:] if r is not None]
+    if not later:  # one round: its joined file is the result, passed through as it is
+        return _Joined(lambda counts: _joined_lines(first, counts))  # type: ignore[arg-type]
+    return _merged(first, later)  # type: ignore[arg-type]
+
+
+def _merged(first: Source, later: list[Source]) -> Iterator[JoinedRow]:
+    decoder = msgspec.json.Decoder(JoinedRow)
     with _scratch_db("CREATE TABLE latest (custom_id TEXT PRIMARY KEY, round INTEGER, line BLOB)") as db:
         for number, source in enumerate(later, start=1):
             rows = ((decoder.decode(raw).custom_id, number, raw) for raw in iter_lines(source))
             db.executemany("INSERT OR REPLACE INTO latest VALUES (?, ?, ?)", rows)
         db.commit()
-        lines = _iter_raw(first)  # type: ignore[arg-type]
-        while chunk := [decoder.decode(raw) for raw in itertools.islice(lines, _JOIN_CHUNK)]:
+        lines = iter_lines(first)
+        while chunk := [decoder.decode(raw) for raw in itertools.islice(lines, _MERGE_CHUNK)]:
             marks = ",".join("?" * len(chunk))
             query = f"SELECT custom_id, round, line FROM latest WHERE custom_id IN ({marks})"
             found = {cid: (number, line) for cid, number, line in db.execute(query, [r.custom_id for r in chunk])}

@@ -351,3 +351,37 @@ def test_120k_requests_in_one_task_defer_once_like_the_five_task_example(job_ser
     with destination.open() as rows:
         ids = [json.loads(line)["custom_id"] for line in rows]
     assert ids == [f"product-{i:06d}" for i in range(120_000)]
+
+
+def test_the_job_trigger_reads_a_rotated_key_again_after_a_401(job_server, monkeypatch):
+    """As every other wait (``polling.PollFailures``): one 401 re-reads the connection instead of failing the job."""
+    import time
+
+    from airflow_provider_openai_batch.hooks import openai_batch as hook_module
+    from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+
+    hook = OpenAIBatchHook()
+    batch_id = hook.create_batch(hook.upload_file(jsonl([request_line(0)])).id, "/v1/chat/completions").id
+    CLOCK.advance(60)
+    fresh = json.loads(connection_env(job_server))
+    monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", json.dumps({**fresh, "password": "sk-revoked"}))
+    base_hook = hook_module.BaseHook
+    reads: list[str] = []
+
+    async def rotating(cls: Any, conn_id: str) -> Any:  # the first read sees the old key; it is rotated right after
+        conn = base_hook.get_connection(conn_id)
+        reads.append(conn.password)
+        monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", json.dumps(fresh))
+        return conn
+
+    monkeypatch.setattr(base_hook, "aget_connection", classmethod(rotating), raising=False)
+    trigger = OpenAIBatchJobTrigger(
+        batch_ids=[batch_id],
+        conn_id="openai_default",
+        poll_interval=0.05,
+        end_time=time.time() + 60,
+        jitter_first_poll=False,
+    )
+    event = run_trigger(trigger)
+    assert reads[:2] == ["sk-revoked", fresh["password"]]
+    assert event["status"] == "ended"

@@ -149,3 +149,44 @@ def test_parquet_output(files, tmp_path):
     write_joined(iter_joined(inputs, [out, err]), target)
     table = pq.read_table(target)
     assert table.column("custom_id").to_pylist() == [f"req-{i}" for i in range(6)]
+
+
+def test_join_of_buckets_split_again_is_the_same(files, tmp_path, monkeypatch):
+    """A bucket too big for memory is split a level down; the rows, their order and their counts do not change."""
+    import airflow_provider_openai_batch.results as results
+
+    inputs, out, err = files
+    # Blank lines, a last line without its newline, and a result sent twice (the later one counts).
+    (tmp_path / "out.jsonl").write_bytes(b"\n" + out.read_bytes() + b"\n  \n" + out.read_bytes().splitlines()[0])
+    whole = tmp_path / "whole.jsonl"
+    counts = write_joined(iter_joined(inputs, [out, err]), whole)
+    monkeypatch.setattr(results, "_BUCKET_BYTES", 1)
+    monkeypatch.setattr(results, "_MAX_DEPTH", 2)
+    split = tmp_path / "split.jsonl"
+    assert write_joined(iter_joined(inputs, [out, err]), split) == counts == {"succeeded": 3, "failed": 2, "expired": 1}
+    assert split.read_bytes() == whole.read_bytes()
+    assert [r.custom_id for r in iter_joined(inputs, [out, err])] == [f"req-{i}" for i in range(6)]
+
+
+def test_a_body_sent_as_a_json_string_is_decoded(tmp_path):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_bytes(jsonl([request_line(0)]))
+    out = tmp_path / "out.jsonl"
+    body = json.dumps({"object": "chat.completion", "choices": []})
+    out.write_text(json.dumps({"custom_id": "req-0", "response": {"status_code": 200, "body": body}}) + "\n")
+    [row] = iter_joined(inputs, [out])
+    assert (row.status, row.response) == ("succeeded", {"object": "chat.completion", "choices": []})
+    assert row.request == request_line(0)["body"]
+
+
+def test_bodies_pass_through_with_any_json_whitespace(tmp_path):
+    """A body is copied as it was sent, so JSON whitespace in it (a carriage return too) must not split a row."""
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_bytes(b'{"custom_id":"a","method":"POST","url":"/v1/embeddings","body":{"model":"m",\r"input":"x"}}\n')
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"custom_id":"a","response":{"status_code":200,"body":{"data":\r[]}}}\n')
+    [row] = iter_joined(inputs, [out])
+    assert (row.status, row.request, row.response) == ("succeeded", {"model": "m", "input": "x"}, {"data": []})
+    joined = tmp_path / "joined.jsonl"
+    write_joined(iter_joined(inputs, [out]), joined)
+    assert [json.loads(line)["custom_id"] for line in joined.read_bytes().split(b"\n") if line] == ["a"]

@@ -61,6 +61,16 @@ def window_seconds(completion_window: str) -> float:
         return 86400.0
 
 
+def deadline_end_time(created_at: float, completion_window: str, deadline: float | None) -> float:
+    """
+    When waiting gives up (epoch seconds): ``deadline`` seconds after the batch was created, or by default its
+    completion window plus ``DEADLINE_MARGIN``. Counted from creation, so retries and triggerer restarts do not
+    extend it. The waiting operators and the one-task job (from its oldest batch) share it.
+    """
+    span = deadline if deadline is not None else window_seconds(completion_window) + DEADLINE_MARGIN.total_seconds()
+    return float(created_at) + span
+
+
 def _seconds(value: timedelta | float | None) -> float | None:
     if value is None:
         return None
@@ -100,6 +110,25 @@ class OpenAIBatchBaseOperator(BaseOperator):
 
         inputs, outputs = self._lineage
         return lineage.operator_lineage(datasets(inputs), datasets(outputs))
+
+    def init_waiting(
+        self,
+        poll_interval: float,
+        max_poll_interval: float | None,
+        deadline: timedelta | float | None,
+        deferrable: bool | None,
+        cancel_on_timeout: bool,
+        cancel_on_kill: bool,
+        max_poll_failures: int,
+    ) -> None:
+        """The waiting options, as the waiting operators and the one-task job take them (``BatchWaitingOperator``)."""
+        self.poll_interval = float(poll_interval)
+        self.max_poll_interval = max_poll_interval
+        self.deadline = _seconds(deadline)
+        self.deferrable = default_deferrable() if deferrable is None else deferrable
+        self.cancel_on_timeout = cancel_on_timeout
+        self.cancel_on_kill = cancel_on_kill
+        self.max_poll_failures = max_poll_failures
 
     def push_batch_id(self, context: Mapping[str, Any], batch_id: str) -> None:
         """
@@ -162,13 +191,9 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.poll_interval = float(poll_interval)
-        self.max_poll_interval = max_poll_interval
-        self.deadline = _seconds(deadline)
-        self.deferrable = default_deferrable() if deferrable is None else deferrable
-        self.cancel_on_timeout = cancel_on_timeout
-        self.cancel_on_kill = cancel_on_kill
-        self.max_poll_failures = max_poll_failures
+        self.init_waiting(
+            poll_interval, max_poll_interval, deadline, deferrable, cancel_on_timeout, cancel_on_kill, max_poll_failures
+        )
         self.policy = OutcomePolicy(
             max_failed_requests=max_failed_requests,
             max_failed_ratio=max_failed_ratio,
@@ -186,10 +211,7 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
     # --- the deadline ---------------------------------------------------------------------------
 
     def end_time(self, created_at: float, completion_window: str) -> float:
-        span = self.deadline if self.deadline is not None else window_seconds(completion_window)
-        if self.deadline is None:
-            span += DEADLINE_MARGIN.total_seconds()
-        return float(created_at) + span
+        return deadline_end_time(created_at, completion_window, self.deadline)
 
     # --- waiting ----------------------------------------------------------------------------------
 

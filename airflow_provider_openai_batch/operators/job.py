@@ -51,16 +51,15 @@ from airflow_provider_openai_batch.idempotency import (
     build_metadata,
     call_once,
     idempotency_key,
+    scan_start,
     task_identity,
 )
 from airflow_provider_openai_batch.links.openai_batch import OpenAIBatchLink
 from airflow_provider_openai_batch.operators.base import (
-    DEADLINE_MARGIN,
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
     OpenAIBatchBaseOperator,
-    default_deferrable,
-    window_seconds,
+    deadline_end_time,
 )
 from airflow_provider_openai_batch.results import (
     USAGE_KEYS,
@@ -195,13 +194,9 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         self.max_rounds = int(max_rounds)
         self.policy = JobPolicy(max_failed_requests=max_failed_requests, max_failed_ratio=max_failed_ratio)
         self.price_table = price_table
-        self.poll_interval = float(poll_interval)
-        self.max_poll_interval = max_poll_interval
-        self.deadline = _seconds(deadline)
-        self.deferrable = default_deferrable() if deferrable is None else deferrable
-        self.cancel_on_timeout = cancel_on_timeout
-        self.cancel_on_kill = cancel_on_kill
-        self.max_poll_failures = max_poll_failures
+        self.init_waiting(
+            poll_interval, max_poll_interval, deadline, deferrable, cancel_on_timeout, cancel_on_kill, max_poll_failures
+        )
 
     # --- entry points -------------------------------------------------------------------------------
 
@@ -315,7 +310,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         known: dict[str, str] = dict(record.get("batches") or {}) if isinstance(record, dict) else {}
         missing = [k for k in keys if k not in known]
         if missing:
-            found = self._scan(set(missing))
+            found = self._scan(context, set(missing))
             known.update({key: batch.id for key, batch in found.items()})
         ids: list[str] = []
         for i, (key, shard) in enumerate(zip(keys, shards, strict=True)):
@@ -324,7 +319,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                 continue
             path = work / f"round-{round_number}" / f"input-{i:05d}.jsonl"
             file_id = self._upload(path, round_number, i, shard)
-            batch = self._create(file_id, key)
+            batch = self._create(context, file_id, key)
             known[key] = batch.id
             self._remember(context, known)
             ids.append(batch.id)
@@ -333,9 +328,12 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         self.push_batch_id(context, ids[0])
         return ids
 
-    def _scan(self, keys: set[str]) -> dict[str, Batch]:
-        """Batches carrying any of ``keys``, in one pass over the recent ones (newest first)."""
-        cutoff = time.time() - self.lookback.total_seconds()
+    def _scan(self, context: Mapping[str, Any], keys: set[str]) -> dict[str, Batch]:
+        """
+        Batches carrying any of ``keys``, in one pass over the recent ones (newest first), back to when the DAG
+        run started (``idempotency.scan_start``, as the create operator): no try of this run made one before.
+        """
+        cutoff = scan_start(context, self.lookback)
         found: dict[str, Batch] = {}
         for batch in self.hook.list_batches():
             if batch.created_at < cutoff:
@@ -359,7 +357,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             logger=self.log,
         )
 
-    def _create(self, file_id: str, key: str) -> Batch:
+    def _create(self, context: Mapping[str, Any], file_id: str, key: str) -> Batch:
         metadata = build_metadata(self.metadata, key)
 
         def send() -> Batch:
@@ -374,7 +372,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             self.log.info("Created batch %s for %s", batch.id, file_id)
             return batch
 
-        return call_once("batches.create", send, lambda: self._scan({key}).get(key))
+        return call_once("batches.create", send, lambda: self._scan(context, {key}).get(key))
 
     @staticmethod
     def _remember(context: Mapping[str, Any], known: dict[str, str]) -> None:
@@ -391,10 +389,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         if all(is_terminal(s["status"]) for s in summaries):
             return summaries
         oldest = min(float(b.created_at) for b in batches)
-        span = self.deadline
-        if span is None:
-            span = window_seconds(self.completion_window) + DEADLINE_MARGIN.total_seconds()
-        end_time = oldest + span
+        end_time = deadline_end_time(oldest, self.completion_window, self.deadline)
         running = [b.id for b in batches if not is_terminal(b.status)]
         if self.deferrable:
             self.defer(
@@ -415,7 +410,11 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         for batch_id in running:
             try:
                 self.hook.wait_for_batch(
-                    batch_id, self.poll_interval, end_time=end_time, max_poll_interval=self.max_poll_interval
+                    batch_id,
+                    self.poll_interval,
+                    end_time=end_time,
+                    max_poll_interval=self.max_poll_interval,
+                    max_poll_failures=self.max_poll_failures,
                 )
             except BatchTimeoutError:
                 self._on_deadline(running)

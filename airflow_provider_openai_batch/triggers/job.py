@@ -10,7 +10,6 @@ is only known once the whole round has ended, so an earlier resume would only do
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,11 +20,11 @@ from airflow_provider_openai_batch.batch_status import (
     BatchSummary,
     format_job_progress,
     is_terminal,
-    poll_delay,
     summarize,
 )
 from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+from airflow_provider_openai_batch.polling import PollFailures, PollPolicy
 from airflow_provider_openai_batch.triggers.openai_batch import DEFAULT_MAX_POLL_FAILURES
 
 #: Polls in flight at once: a job of 200 shards does not open 200 connections at the same moment.
@@ -102,31 +101,47 @@ class OpenAIBatchJobTrigger(BaseTrigger):
     def hook(self) -> OpenAIBatchHook:
         return OpenAIBatchHook(self.conn_id)
 
+    @property
+    def policy(self) -> PollPolicy:
+        """Cadence, first-poll jitter and failure tolerance: the same ``PollPolicy`` as every other wait."""
+        return PollPolicy(self.poll_interval, self.max_poll_interval, self.max_poll_failures, self.jitter_first_poll)
+
     def _event(self, status: str, message: str) -> TriggerEvent:
         return TriggerEvent({"status": status, "batch_ids": self.batch_ids, "message": message})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = self.hook
         limit = asyncio.Semaphore(MAX_CONCURRENT_POLLS)
-        if self.jitter_first_poll:
-            await asyncio.sleep(random.uniform(0, min(self.poll_interval, max(0.0, self.end_time - time.time()))))
+        policy = self.policy
+        await asyncio.sleep(policy.first_delay(self.end_time - time.time()))
         latest: dict[str, BatchSummary] = {}
-        failures = dict.fromkeys(self.batch_ids, 0)
+        # Each batch's failed polls in a row, read as every other wait reads them (``polling.PollFailures``).
+        failures = {batch_id: PollFailures(policy) for batch_id in self.batch_ids}
         last_line = ""
 
         async def poll(batch_id: str) -> None:
             async with limit:
-                try:
-                    latest[batch_id] = summarize(await hook.aget_batch(batch_id))
-                except OpenAIBatchAPIError as error:
-                    failures[batch_id] += 1
-                    if not error.retryable or failures[batch_id] > self.max_poll_failures:
-                        raise
-                    self.log.warning("Polling batch %s failed (%s); attempt %d", batch_id, error, failures[batch_id])
-                else:
-                    failures[batch_id] = 0
+                while True:
+                    try:
+                        latest[batch_id] = summarize(await hook.aget_batch(batch_id))
+                    except OpenAIBatchAPIError as error:
+                        step = failures[batch_id].failed(error)
+                        if step == "give_up":
+                            raise
+                        if step == "retry_now":
+                            # The hook dropped the client that holds the refused key: this poll reads it again.
+                            self.log.warning(
+                                "Polling batch %s was refused (%s); re-reading the connection", batch_id, error
+                            )
+                            continue
+                        self.log.warning(
+                            "Polling batch %s failed (%s); attempt %d", batch_id, error, failures[batch_id].count
+                        )
+                        return
+                    failures[batch_id].succeeded()
                     if is_terminal(latest[batch_id]["status"]):
                         self._ended.add(batch_id)
+                    return
 
         while True:
             try:
@@ -149,7 +164,7 @@ class OpenAIBatchJobTrigger(BaseTrigger):
                 yield self._event(EVENT_TIMEOUT, f"{left} batches did not end before the deadline")
                 return
             age = now - self.created_at if self.created_at is not None else 0.0
-            await asyncio.sleep(min(poll_delay(self.poll_interval, self.max_poll_interval, age), remaining))
+            await asyncio.sleep(min(policy.delay(age), remaining))
 
     async def on_kill(self) -> None:
         """A user killed the deferred job: stop paying for batches nobody will collect (if configured)."""
