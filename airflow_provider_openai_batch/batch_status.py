@@ -244,13 +244,6 @@ def expected_result_lines(summary: BatchSummary) -> dict[str, LineRange] | None:
     return {"output": LineRange(completed, completed), "error": LineRange(failed, failed + unrun)}
 
 
-def poll_delay(poll_interval: float, max_poll_interval: float | None, batch_age: float) -> float:
-    """Seconds until the next poll; the cadence is ``polling.PollPolicy.delay``'s (kept here for callers)."""
-    from airflow_provider_openai_batch.polling import PollPolicy
-
-    return PollPolicy(poll_interval, max_poll_interval).delay(batch_age)
-
-
 def format_progress(summary: BatchSummary) -> str:
     """``12,345/50,000 done (24.7 %), 12 failed`` — what the trigger logs when counts change."""
     counts = summary["request_counts"]

@@ -181,9 +181,9 @@ def test_on_kill_can_be_switched_off(hook, conn_id, server):
 
 
 def test_polls_relax_as_the_batch_ages():
-    from airflow_provider_openai_batch.batch_status import poll_delay
+    from airflow_provider_openai_batch.polling import PollPolicy
 
-    assert poll_delay(60, 600, batch_age=30) == 60
-    assert poll_delay(60, 600, batch_age=3_000) == 300
-    assert poll_delay(60, 600, batch_age=86_400) == 600
-    assert poll_delay(60, None, batch_age=86_400) == 60
+    assert PollPolicy(60, 600).delay(batch_age=30) == 60
+    assert PollPolicy(60, 600).delay(batch_age=3_000) == 300
+    assert PollPolicy(60, 600).delay(batch_age=86_400) == 600
+    assert PollPolicy(60, None).delay(batch_age=86_400) == 60
