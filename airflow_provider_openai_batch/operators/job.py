@@ -286,7 +286,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         shards: list[dict[str, Any]] = [{"requests": s.requests, "bytes": s.bytes, "sha256": s.sha256} for s in made]
         self._write_json(manifest, shards)
         total = sum(s["requests"] for s in shards)
-        self.log.info("Round %d: %s requests in %d shard(s)", round_number, f"{total:,}", len(shards))
+        self.log.info("Round %d: %s requests in %d shard(s)", round_number + 1, f"{total:,}", len(shards))
         return shards
 
     def _key(self, context: Mapping[str, Any], round_number: int, shard: int, sha256: str) -> str:
@@ -311,6 +311,14 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         missing = [k for k in keys if k not in known]
         if missing:
             found = self._scan(context, set(missing))
+            if found:
+                # An earlier try created these and was lost before it could record them (or answer lost).
+                self.log.info(
+                    "Round %d: %d batch(es) an earlier try created are used again: %s",
+                    round_number + 1,
+                    len(found),
+                    ", ".join(batch.id for batch in found.values()),
+                )
             known.update({key: batch.id for key, batch in found.items()})
         ids: list[str] = []
         for i, (key, shard) in enumerate(zip(keys, shards, strict=True)):
@@ -436,10 +444,12 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
     def _download(self, work: Any, round_number: int, summaries: list[BatchSummary]) -> None:
         """Each batch's output and error files, once; ``batch-N.json`` (written last) marks a shard done."""
         folder = work / f"round-{round_number}"
+        fetched = 0
         for i, summary in enumerate(summaries):
             marker = folder / f"batch-{i:05d}.json"
             if marker.exists():
                 continue
+            fetched += 1
             if summary["status"] == "failed":
                 # The batch was refused as a whole (its input, a quota): its requests join as missing and are
                 # sent again in the next round, if there is one.
@@ -451,7 +461,14 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                     summary["error_file_id"], folder / f"error-{i:05d}.jsonl", overwrite=True, keep_empty=False
                 )
             self._write_json(marker, summary)
-        self.log.info("Round %d: downloaded the results of %d batch(es)", round_number, len(summaries))
+        if fetched:
+            earlier = len(summaries) - fetched
+            self.log.info(
+                "Round %d: downloaded the results of %d batch(es)%s",
+                round_number + 1,
+                fetched,
+                f" ({earlier} downloaded before)" if earlier else "",
+            )
 
     def _join(self, work: Any, round_number: int, shards: int) -> Any:
         """This round's inputs joined to its results (in input order) and the next round's input."""
@@ -472,7 +489,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             retry = write_retry_input(joined, work / f"round-{round_number + 1}" / "retry.jsonl")
         self._write_json(done, {"counts": counts, "retry": retry})
         self.log.info(
-            "Round %d joined: %s; %s request(s) to send again", round_number, _counts_text(counts), f"{retry:,}"
+            "Round %d joined: %s; %s request(s) to send again", round_number + 1, _counts_text(counts), f"{retry:,}"
         )
         return joined
 
