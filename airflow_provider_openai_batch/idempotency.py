@@ -42,7 +42,11 @@ MAX_METADATA_KEYS = 16
 #: every idempotency key; see ``deployment_salt``.
 SALT_SECTION, SALT_OPTION = "openai_batch", "deployment_salt"
 #: Taken off the DAG run's start when scanning for an earlier try's batch: our clock and OpenAI's may disagree.
-CLOCK_SKEW = timedelta(minutes=10)
+#: Twice ``RACE_SKEW``, the agreement the duplicate rule already relies on; NTP-synced hosts agree within
+#: milliseconds. Each minute more costs a retry the account's batches of that minute (a shared org makes about
+#: seven a minute, a hundred to a list page); a batch is missed only if OpenAI's clock lagged ours by more than
+#: this plus the time from the run's start to the create.
+CLOCK_SKEW = timedelta(minutes=2)
 MAX_METADATA_KEY_LENGTH = 64
 MAX_METADATA_VALUE_LENGTH = 512
 #: First back-off (seconds) before looking for what a failed send may have made; doubles per attempt.

@@ -2,8 +2,9 @@
 List calls per create: how many pages of the account's batches the create operator reads to find an earlier try's
 batch, in an account holding 20,000 batches from the last 48 h (a shared org, ~7 new batches a minute).
 
-The scan goes back to when the DAG run started (less 10 min of clock skew), not a fixed window: a retry 10 minutes
-into the run reads a page or two. The anchor is the same scan over a fixed 48 h window (the provider before).
+The scan goes back to when the DAG run started (less ``CLOCK_SKEW``, 2 min), not a fixed window: a retry 10 minutes
+into the run reads one page (about 85 batches). The anchor is the same scan over a fixed 48 h window (the provider
+before), which reads 200 pages when it has nothing to find.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main() -> None:
         os.environ["AIRFLOW_CONN_OPENAI_DEFAULT"] = json.dumps(conn)
         file_id = (
             OpenAIBatchHook()
-            .upload_file(b'{"custom_id":"a","method":"POST","url":"/v1/embeddings","body":{"model":"m"}}\n')
+            .upload_file(b'{"custom_id":"a","method":"POST","url":"/v1/embeddings","body":{"model":"m","input":"x"}}\n')
             .id
         )
         # Other teams' batches, evenly over the last 48 h, put straight into the fake's state (HTTP would only
