@@ -385,3 +385,37 @@ def test_the_job_trigger_reads_a_rotated_key_again_after_a_401(job_server, monke
     event = run_trigger(trigger)
     assert reads[:2] == ["sk-revoked", fresh["password"]]
     assert event["status"] == "ended"
+
+
+@pytest.mark.parametrize("tolerated", [2, 5])
+def test_a_blocking_job_wait_honours_max_poll_failures(tmp_path, monkeypatch, tolerated):
+    """Waiting in the worker (deferrable=False), the job gives up after the failed polls its user tolerates."""
+    from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
+    from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+
+    with FakeOpenAIServer(timings=FAST) as srv:
+        # No SDK retries: each injected fault is one failed poll.
+        monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(srv, max_retries=0))
+        waiting = OpenAIBatchHook.wait_for_batch
+
+        def three_failed_polls_first(self: OpenAIBatchHook, *args: Any, **kwargs: Any) -> Any:
+            srv.faults.script("batches.retrieve", "500", "503", "500")
+            return waiting(self, *args, **kwargs)
+
+        monkeypatch.setattr(OpenAIBatchHook, "wait_for_batch", three_failed_polls_first)
+        op = OpenAIBatchJobOperator(
+            task_id="job",
+            source=[request_line(i) for i in range(2)],
+            endpoint="/v1/chat/completions",
+            destination=str(tmp_path / "joined.jsonl"),
+            poll_interval=0.01,
+            deferrable=False,
+            max_poll_failures=tolerated,
+        )
+        context = {"ti": FakeTI(f"run-{uuid.uuid4()}")}
+        if tolerated < 3:
+            with pytest.raises(OpenAIBatchAPIError, match="500"):
+                op.execute(context)
+            assert not (tmp_path / "joined.jsonl").exists()
+        else:
+            assert op.execute(context)["counts"]["succeeded"] == 2
