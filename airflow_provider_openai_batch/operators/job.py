@@ -72,7 +72,12 @@ from airflow_provider_openai_batch.results import (
     write_retry_input,
 )
 from airflow_provider_openai_batch.storage import Source, atomic_writer, to_storage_path
-from airflow_provider_openai_batch.triggers.job import EVENT_ENDED, EVENT_TIMEOUT, OpenAIBatchJobTrigger
+from airflow_provider_openai_batch.triggers.job import (
+    EVENT_ENDED,
+    EVENT_TIMEOUT,
+    JobEventPayload,
+    OpenAIBatchJobTrigger,
+)
 from airflow_provider_openai_batch.triggers.openai_batch import DEFAULT_MAX_POLL_FAILURES
 from airflow_provider_openai_batch.uploads import upload_once
 
@@ -203,13 +208,14 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
     def execute(self, context: Mapping[str, Any]) -> JobResult:
         return self._advance(context)
 
-    def execute_complete(self, context: Mapping[str, Any], event: dict[str, Any] | None = None) -> JobResult:
+    def execute_complete(self, context: Mapping[str, Any], event: JobEventPayload | None = None) -> JobResult:
         """Where the deferred wait resumes: the batches are read again, so the event only says why it woke."""
-        event = event or {}
-        if event.get("status") == EVENT_TIMEOUT:
+        status = event.get("status") if event else None
+        if event and status == EVENT_TIMEOUT:
             self._on_deadline([str(b) for b in event.get("batch_ids") or []])
-        elif event.get("status") != EVENT_ENDED:
-            raise BatchFailedError(str(event.get("message") or f"The job's trigger returned {event!r}"))
+        elif status != EVENT_ENDED:
+            message = event.get("message") if event else None
+            raise BatchFailedError(str(message or f"The job's trigger returned {event!r}"))
         return self._advance(context)
 
     def resolve_source(self, context: Mapping[str, Any]) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
@@ -30,10 +30,21 @@ from airflow_provider_openai_batch.triggers.openai_batch import DEFAULT_MAX_POLL
 #: Polls in flight at once: a job of 200 shards does not open 200 connections at the same moment.
 MAX_CONCURRENT_POLLS = 8
 
-#: Event statuses, shared with the job operator's ``execute_complete``.
-EVENT_ENDED = "ended"
-EVENT_TIMEOUT = "timeout"
-EVENT_ERROR = "error"
+JobEventStatus = Literal["ended", "timeout", "error"]
+#: Every batch of the round ended (success or not: the job reads them again and judges).
+EVENT_ENDED: JobEventStatus = "ended"
+#: The deadline passed with some batches still running.
+EVENT_TIMEOUT: JobEventStatus = "timeout"
+#: Polling failed for good (``PollFailures`` gave up).
+EVENT_ERROR: JobEventStatus = "error"
+
+
+class JobEventPayload(TypedDict):
+    """The payload of the job trigger's one event, which the job's ``execute_complete`` receives."""
+
+    status: JobEventStatus
+    batch_ids: list[str]
+    message: str
 
 
 class OpenAIBatchJobTrigger(BaseTrigger):
@@ -50,8 +61,8 @@ class OpenAIBatchJobTrigger(BaseTrigger):
     :param cancel_on_kill: Cancel the batches that have not ended when a user kills the deferred task.
     :param label: What the progress lines start with (e.g. ``job nightly round 1``).
 
-    Events (exactly one): ``{"status": "ended" | "timeout" | "error", "batch_ids", "message"}``; the task reads the
-    batches again when it resumes, so the event carries no summaries.
+    Events (exactly one): a ``JobEventPayload`` (``EVENT_ENDED``, ``EVENT_TIMEOUT`` or ``EVENT_ERROR``); the task
+    reads the batches again when it resumes, so the event carries no summaries.
     """
 
     def __init__(
@@ -106,8 +117,8 @@ class OpenAIBatchJobTrigger(BaseTrigger):
         """Cadence, first-poll jitter and failure tolerance: the same ``PollPolicy`` as every other wait."""
         return PollPolicy(self.poll_interval, self.max_poll_interval, self.max_poll_failures, self.jitter_first_poll)
 
-    def _event(self, status: str, message: str) -> TriggerEvent:
-        return TriggerEvent({"status": status, "batch_ids": self.batch_ids, "message": message})
+    def _event(self, status: JobEventStatus, message: str) -> TriggerEvent:
+        return TriggerEvent(dict(JobEventPayload(status=status, batch_ids=self.batch_ids, message=message)))
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = self.hook
