@@ -12,9 +12,10 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, NotRequired
+from typing import Any, Literal
 
 from openai.types import Batch
+from typing_extensions import NotRequired
 
 from airflow_provider_openai_batch import idempotency
 from airflow_provider_openai_batch.batch_file import (
