@@ -26,6 +26,7 @@ from airflow_provider_openai_batch.operators.openai_batch import (
 )
 from airflow_provider_openai_batch.testing import FakeClock, FakeOpenAIServer
 from tests.conftest import FAST, connection_env, jsonl, request_line
+from tests.test_idempotency import MemoryStateStore
 
 ENDPOINT = "/v1/chat/completions"
 #: Fails on its first run only (the fake server's transient ``fake_error``), like a 500 from the model.
@@ -52,20 +53,8 @@ class TI:
         self.try_number += 1
 
 
-class Store:
-    """The Task SDK's task_state_store (get/set/delete); Airflow 3.3 keeps it across tries and clears."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, Any] = {}
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.data.get(key, default)
-
-    def set(self, key: str, value: Any, *, retention: Any = None) -> None:
-        self.data[key] = value
-
-    def delete(self, key: str) -> None:
-        self.data.pop(key, None)
+#: The Task SDK's task_state_store, kept across tries and (on 3.3) clears.
+Store = MemoryStateStore
 
 
 @pytest.fixture
