@@ -6,9 +6,12 @@ Airflow reads its configuration at import time, so the environment is set here, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +26,7 @@ os.environ.pop("OPENAI_API_KEY", None)
 import pytest  # noqa: E402
 
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook  # noqa: E402
-from airflow_provider_openai_batch.testing import FakeOpenAIServer, Timings  # noqa: E402
+from airflow_provider_openai_batch.testing import FakeClock, FakeOpenAIServer, Timings  # noqa: E402
 
 
 def _attach_memory_filesystem() -> None:
@@ -57,6 +60,33 @@ AIRFLOW_VERSION = tuple(int(part) for part in __import__("airflow").__version__.
 FAST = Timings(validating=0.05, in_progress=0.2, finalizing=0.05, cancelling=0.05)
 #: Long enough that a sensor started right after create always finds the batch running and defers.
 DEFERRING = Timings(validating=0.5, in_progress=2.0, finalizing=0.5, cancelling=0.2)
+
+
+@contextlib.contextmanager
+def clock_held_until_a_trigger_polls(server: FakeOpenAIServer, clock: FakeClock) -> Iterator[None]:
+    """
+    The fake's ``clock`` stands still until a trigger (the async client) has read a batch, then jumps a minute.
+
+    So a sensor always finds its batch running and defers, however fast or slow the machine: a test that asks
+    for a trigger must not rest on the batch outlasting the time between create and the sensor's first look.
+    """
+    done = threading.Event()
+
+    def release() -> None:
+        deadline = time.monotonic() + 600  # a run that never defers fails on its own assertions
+        while not done.is_set() and time.monotonic() < deadline:
+            if server.count_from("batches.retrieve", "AsyncOpenAI"):
+                clock.advance(60)
+                return
+            done.wait(0.05)
+
+    watcher = threading.Thread(target=release, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 def connection_env(server: FakeOpenAIServer, **extra: object) -> str:
