@@ -52,14 +52,10 @@ def _create(rows: list[dict[str, Any]], **metadata: str) -> str:
     return hook.create_batch(file_id, "/v1/chat/completions", metadata=metadata or None).id
 
 
-def _poll_both_ways(batch_id: str) -> BatchSummary:
+async def _poll_both_ways(hook: OpenAIBatchHook, batch_id: str) -> BatchSummary:
     """The poll's summary, checked against the SDK model's (async, and sync with strict validation of the shape)."""
-
-    async def both() -> tuple[BatchSummary, BatchSummary]:
-        hook = OpenAIBatchHook()
-        return await hook.aget_batch_summary(batch_id), summarize(await hook.aget_batch(batch_id))
-
-    lean, full = asyncio.run(both())
+    lean = await hook.aget_batch_summary(batch_id)
+    full = summarize(await hook.aget_batch(batch_id))
     strict = summarize(OpenAIBatchHook(strict_response_validation=True).get_batch(batch_id))
     assert lean == full == strict
     assert set(lean) == SUMMARY_KEYS
@@ -67,13 +63,23 @@ def _poll_both_ways(batch_id: str) -> BatchSummary:
 
 
 def _walk(clock: FakeClock, batch_id: str, steps: list[tuple[float, str]]) -> list[BatchSummary]:
-    seen = []
-    for seconds, status in steps:
-        clock.advance(seconds)
-        summary = _poll_both_ways(batch_id)
-        assert summary["status"] == status
-        seen.append(summary)
-    return seen
+    """
+    Poll as a trigger does: one hook on one loop, so every read after the first sends again the request the SDK
+    sent for the first (``hooks.poll_request``); each read is checked against the SDK's full model.
+    """
+
+    async def walk() -> list[BatchSummary]:
+        hook = OpenAIBatchHook()
+        seen = [await _poll_both_ways(hook, batch_id)]
+        assert batch_id in hook._repeated_polls  # the reads below really are repeats
+        for seconds, status in steps:
+            clock.advance(seconds)
+            summary = await _poll_both_ways(hook, batch_id)
+            assert summary["status"] == status
+            seen.append(summary)
+        return seen[1:]
+
+    return asyncio.run(walk())
 
 
 def test_a_completed_batch_reads_the_same_at_every_status(stepped, clock):
@@ -249,3 +255,77 @@ def test_the_trigger_event_carries_the_sdk_models_summary(batch_id, conn_id, hoo
     event = _trigger_event(OpenAIBatchTrigger(batch_id, conn_id, 0.05, time.time() + 30))
     assert event["status"] == "terminal"
     assert event["summary"] == summarize(hook.get_batch(batch_id))
+
+
+# --- a poll sent again as the SDK sent it (hooks/poll_request.py): the same request, the same errors --------------
+
+
+async def _reads(hook: OpenAIBatchHook, batch_id: str, n: int) -> list[BatchSummary]:
+    return [await hook.aget_batch_summary(batch_id) for _ in range(n)]
+
+
+def test_every_poll_carries_the_key_organization_project_and_custom_headers(batch_id, server, monkeypatch):
+    extra = {"organization": "org-etl", "project": "proj-nightly", "default_headers": {"X-Team": "data-platform"}}
+    monkeypatch.setenv("AIRFLOW_CONN_TEAM", connection_env(server, **extra))
+    server.reset_counters()
+    asyncio.run(_reads(OpenAIBatchHook("team"), batch_id, 4))
+    seen = list(server.headers_seen["batches.retrieve"])
+    assert len(seen) == 4  # one request a poll, no more
+    for headers in seen:
+        assert headers["authorization"] == f"Bearer {server.api_key}"
+        assert headers["openai-organization"] == "org-etl" and headers["openai-project"] == "proj-nightly"
+        assert headers["x-team"] == "data-platform"
+        assert headers["user-agent"].startswith("AsyncOpenAI/")
+    assert seen[1:] == seen[:1] * 3  # the repeats send what the SDK sent for the first
+
+
+@pytest.mark.parametrize("kind", ["429", "500", "503", "drop", "truncate"])
+def test_a_transient_failure_of_a_repeated_poll_is_retried_by_the_sdk(kind, batch_id, conn_id, server):
+    async def polls() -> list[BatchSummary]:
+        hook = OpenAIBatchHook(conn_id)
+        first = await _reads(hook, batch_id, 2)
+        server.faults.script("batches.retrieve", Fault(kind, retry_after=0.01))
+        return first + await _reads(hook, batch_id, 3)
+
+    server.reset_counters()
+    summaries = asyncio.run(polls())
+    assert all(summary["batch_id"] == batch_id for summary in summaries)
+    # 5 polls, 6 requests: the repeat that failed, then the SDK's read (and its retries), once; the poll after it
+    # goes through the SDK and the one after that is a repeat again.
+    assert server.count("batches.retrieve") == 6
+
+
+@pytest.mark.parametrize(("status", "retried"), [("403", False), ("404", False), ("500", True)])
+def test_an_error_on_a_repeated_poll_is_the_sdks_error(status, retried, batch_id, conn_id, server):
+    async def polls() -> OpenAIBatchAPIError:
+        hook = OpenAIBatchHook(conn_id)
+        await _reads(hook, batch_id, 2)
+        server.faults.script("batches.retrieve", *[status] * 10)
+        with pytest.raises(OpenAIBatchAPIError) as raised:
+            await hook.aget_batch_summary(batch_id)
+        return raised.value
+
+    server.reset_counters()
+    error = asyncio.run(polls())
+    assert error.http_status == int(status) and error.retryable is retried
+    tries = 1 + OpenAIBatchHook(conn_id).get_conn().max_retries if retried else 1
+    assert server.count("batches.retrieve") == 2 + 1 + tries  # two good polls, the repeat, the SDK's tries
+
+
+def test_a_key_revoked_between_polls_is_a_401_and_the_fixed_connection_is_read_again(batch_id, server, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_ROTATING", connection_env(server))
+
+    async def polls() -> tuple[OpenAIBatchAPIError, BatchSummary, bool]:
+        hook = OpenAIBatchHook("rotating")
+        await _reads(hook, batch_id, 2)
+        first_client = await hook.get_async_conn()
+        server.api_key = "sk-rotated"  # the old key is revoked at OpenAI
+        with pytest.raises(OpenAIBatchAPIError) as raised:
+            await hook.aget_batch_summary(batch_id)
+        monkeypatch.setenv("AIRFLOW_CONN_ROTATING", connection_env(server))  # the user puts in the new key
+        after = await hook.aget_batch_summary(batch_id)
+        return raised.value, after, first_client is await hook.get_async_conn()
+
+    error, after, same_client = asyncio.run(polls())
+    assert error.http_status == 401 and "HTTP 401" in str(error) and "sk-rotated" not in str(error)
+    assert after["batch_id"] == batch_id and not same_client

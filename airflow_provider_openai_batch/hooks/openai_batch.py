@@ -1,5 +1,6 @@
 """
-OpenAIBatchHook: the only module that builds ``openai`` clients or calls the SDK.
+OpenAIBatchHook: the only module that builds ``openai`` clients or calls the SDK (with ``poll_request``, which sends a
+trigger's repeated status read again as the SDK sent it).
 
 Everything else (operators, sensor, trigger) goes through here, so connection mapping, error translation,
 secret masking and streaming are decided once. HTTP, retries (429 with Retry-After, 5xx, dropped connections)
@@ -36,6 +37,7 @@ from airflow_provider_openai_batch.batch_status import (
 )
 from airflow_provider_openai_batch.exceptions import BatchTimeoutError, OpenAIBatchAPIError
 from airflow_provider_openai_batch.get_provider_info import DEFAULT_BASE_URL
+from airflow_provider_openai_batch.hooks.poll_request import PollHttpClient, RepeatedPolls
 from airflow_provider_openai_batch.links.openai_batch import BATCH_LINK_CHOICES
 from airflow_provider_openai_batch.polling import DEFAULT_MAX_POLL_FAILURES, PollFailures, PollPolicy
 from airflow_provider_openai_batch.storage import (
@@ -210,20 +212,21 @@ class _LoopBoundClients:
     """
 
     def __init__(self) -> None:
-        self._clients: dict[str, tuple[weakref.ref[asyncio.AbstractEventLoop], AsyncOpenAI]] = {}
+        self._clients: dict[str, tuple[weakref.ref[asyncio.AbstractEventLoop], AsyncOpenAI, PollHttpClient]] = {}
 
-    def get(self, key: str) -> AsyncOpenAI | None:
+    def get(self, key: str) -> tuple[AsyncOpenAI, PollHttpClient] | None:
+        """The client for ``key`` on the running loop, with the HTTP client it sends through."""
         entry = self._clients.get(key)
         if entry is None:
             return None
-        loop_ref, client = entry
+        loop_ref, client, http = entry
         if loop_ref() is not asyncio.get_running_loop():
             del self._clients[key]
             return None
-        return client
+        return client, http
 
-    def put(self, key: str, client: AsyncOpenAI) -> None:
-        self._clients[key] = (weakref.ref(asyncio.get_running_loop()), client)
+    def put(self, key: str, client: AsyncOpenAI, http: PollHttpClient) -> None:
+        self._clients[key] = (weakref.ref(asyncio.get_running_loop()), client, http)
 
     def drop(self, key: str) -> None:
         self._clients.pop(key, None)
@@ -275,6 +278,10 @@ class OpenAIBatchHook(BaseHook):
         return azure, kwargs
 
     @cached_property
+    def _repeated_polls(self) -> RepeatedPolls:
+        return RepeatedPolls()
+
+    @cached_property
     def _connection(self) -> Connection:
         return self.get_connection(self.conn_id)
 
@@ -312,20 +319,26 @@ class OpenAIBatchHook(BaseHook):
 
     async def get_async_conn(self) -> AsyncOpenAI:
         """The process-wide async client for this connection on the running loop (created once, then shared)."""
-        client = self._async_clients.get(self._async_key)
-        if client is not None:
-            return client
+        return (await self._async_conn())[0]
+
+    async def _async_conn(self) -> tuple[AsyncOpenAI, PollHttpClient]:
+        entry = self._async_clients.get(self._async_key)
+        if entry is not None:
+            return entry
         aget = getattr(BaseHook, "aget_connection", None)
         if aget is not None:
             conn = await aget(self.conn_id)
         else:  # pragma: no cover - Airflow < 3.1 has no async connection lookup
             conn = await asyncio.to_thread(self.get_connection, self.conn_id)
         azure, kwargs = self._build_kwargs(conn)
-        client = self._async_clients.get(self._async_key)  # another trigger may have won the race
-        if client is None:
+        entry = self._async_clients.get(self._async_key)  # another trigger may have won the race
+        if entry is None:
+            http = PollHttpClient()
+            kwargs["http_client"] = http
             client = AsyncAzureOpenAI(**kwargs) if azure else AsyncOpenAI(**kwargs)
-            self._async_clients.put(self._async_key, client)
-        return client
+            entry = client, http
+            self._async_clients.put(self._async_key, client, http)
+        return entry
 
     def _forget_async_client(self) -> None:
         """After a 401 the key may have been rotated: the next call reads the connection again."""
@@ -581,16 +594,23 @@ class OpenAIBatchHook(BaseHook):
         """
         ``summarize(await self.aget_batch(batch_id))`` at a fraction of the CPU: what the trigger calls per poll.
 
-        The SDK still sends the request, so retries, status errors and the 401 re-read are those of every other
-        call; only the answer is read from its JSON with a small struct instead of the SDK's full model. An
-        answer of a shape that struct does not know, and every answer under ``strict_response_validation``, is
-        read by the SDK's model as before.
+        The answer is read from its JSON with a small struct instead of the SDK's full model; an answer of a shape
+        that struct does not know, and every answer under ``strict_response_validation``, is read by the SDK's
+        model as before. After the first read of a batch through the SDK, this hook sends the request the SDK
+        sent again, without the SDK's per-request work (``poll_request``); any answer but a clean 200 makes the
+        read again through the SDK, so retries, status errors and the 401 re-read are those of every other call.
         """
+        client, http = await self._async_conn()
+        summary = await self._repeated_polls.read(batch_id, client)
+        if summary is not None:
+            return summary
         response = await self._acall("batches.retrieve", lambda c: c.batches.with_raw_response.retrieve(batch_id))
         summary = None if self.strict_response_validation else summarize_json(response.content)
         if summary is None:
             with api_errors("batches.retrieve"):
                 summary = summarize(response.parse())
+        elif summary["batch_id"] == batch_id:
+            self._repeated_polls.keep(batch_id, client, http, response.http_request)
         return summary
 
     async def acancel_batch(self, batch_id: str) -> Batch:

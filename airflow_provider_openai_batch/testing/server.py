@@ -15,7 +15,7 @@ import shutil
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,8 @@ from airflow_provider_openai_batch.testing.state import FakeClock, FakeState, Ti
 Handler = Callable[[Request], Awaitable[Response]]
 MAX_BATCH_FILE_BYTES = 200 * 1024 * 1024
 _CHUNK = 1 << 20
+#: ``headers_seen`` keeps this many calls per route.
+HEADERS_KEPT = 50
 
 
 def error_response(status: int, message: str, *, code: str | None = None, param: str | None = None) -> JSONResponse:
@@ -137,6 +139,9 @@ class FakeOpenAIServer:
         #: Calls per (route, SDK client class), e.g. ``("batches.retrieve", "AsyncOpenAI")``: shows which
         #: calls came from a trigger (async client) and which from a worker (sync client).
         self.clients: Counter[tuple[str, str]] = Counter()
+        #: The headers of the last calls of each route (test instrumentation, not OpenAI behaviour): shows what
+        #: a client sent, e.g. that a trigger's every poll carries the organization, project and custom headers.
+        self.headers_seen: defaultdict[str, deque[dict[str, str]]] = defaultdict(lambda: deque(maxlen=HEADERS_KEPT))
         self._calls_lock = threading.Lock()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -233,6 +238,7 @@ class FakeOpenAIServer:
         with self._calls_lock:
             self.calls.clear()
             self.clients.clear()
+            self.headers_seen.clear()
 
     # --- the app -----------------------------------------------------------------------------
 
@@ -266,6 +272,7 @@ class FakeOpenAIServer:
             with self._calls_lock:
                 self.calls[name] += 1
                 self.clients[(name, request.headers.get("user-agent", "").split("/", 1)[0])] += 1
+                self.headers_seen[name].append(dict(request.headers))
             if self.latency:
                 await asyncio.sleep(self.latency)
             if not self._authorized(request):

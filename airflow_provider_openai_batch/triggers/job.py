@@ -20,7 +20,6 @@ from airflow_provider_openai_batch.batch_status import (
     BatchSummary,
     format_job_progress,
     is_terminal,
-    summarize,
 )
 from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
@@ -134,7 +133,7 @@ class OpenAIBatchJobTrigger(BaseTrigger):
             async with limit:
                 while True:
                     try:
-                        latest[batch_id] = summarize(await hook.aget_batch(batch_id))
+                        latest[batch_id] = await hook.aget_batch_summary(batch_id)
                     except OpenAIBatchAPIError as error:
                         step = failures[batch_id].failed(error)
                         if step == "give_up":
