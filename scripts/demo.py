@@ -20,30 +20,15 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from airflow_provider_openai_batch.testing import HeldClock
 
 ROOT = Path(__file__).resolve().parent.parent
 DAG_ID = "example_openai_batch"
 #: If the sensor has not deferred after this long, let the batch run anyway (the demo then reports it).
 HOLD_AT_MOST = 900.0
-
-
-class HeldClock:
-    """The fake server's clock: stands still until ``release()``, then runs at real speed from there."""
-
-    def __init__(self) -> None:
-        self._held_at = time.time()
-        self._released_at: float | None = None
-
-    def __call__(self) -> float:
-        released = self._released_at
-        return self._held_at if released is None else self._held_at + (time.time() - released)
-
-    def release(self) -> None:
-        if self._released_at is None:
-            self._released_at = time.time()
 
 
 def deferred(line: str) -> bool:

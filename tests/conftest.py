@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 _HOME = Path(tempfile.mkdtemp(prefix="airflow-home-"))
 os.environ["AIRFLOW_HOME"] = str(_HOME)
@@ -26,7 +27,7 @@ os.environ.pop("OPENAI_API_KEY", None)
 import pytest  # noqa: E402
 
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook  # noqa: E402
-from airflow_provider_openai_batch.testing import FakeClock, FakeOpenAIServer, Timings  # noqa: E402
+from airflow_provider_openai_batch.testing import FakeOpenAIServer, HeldClock, Timings  # noqa: E402
 
 
 def _attach_memory_filesystem() -> None:
@@ -58,35 +59,41 @@ SUMMARY_KEYS = frozenset(
 AIRFLOW_VERSION = tuple(int(part) for part in __import__("airflow").__version__.split(".")[:2])
 
 FAST = Timings(validating=0.05, in_progress=0.2, finalizing=0.05, cancelling=0.05)
-#: Long enough that a sensor started right after create always finds the batch running and defers.
+#: Seconds a batch spends in each phase once ``deferring_server``'s clock runs (it stands still until a trigger polls).
 DEFERRING = Timings(validating=0.5, in_progress=2.0, finalizing=0.5, cancelling=0.2)
 
 
 @contextlib.contextmanager
-def clock_held_until_a_trigger_polls(server: FakeOpenAIServer, clock: FakeClock) -> Iterator[None]:
+def deferring_server(timings: Timings | None = None, **kwargs: Any) -> Iterator[FakeOpenAIServer]:
     """
-    The fake's ``clock`` stands still until a trigger (the async client) has read a batch, then jumps a minute.
+    A fake server whose clock stands still until a batch has been waited on, then runs at real speed.
 
-    So a sensor always finds its batch running and defers, however fast or slow the machine: a test that asks
-    for a trigger must not rest on the batch outlasting the time between create and the sensor's first look.
+    So a sensor always finds its batch running when it first looks, and defers, however fast or slow the machine: a
+    test that needs a trigger must not rest on a batch outlasting the time between its create and the first look.
+    "Waited on": a trigger (an async client) read a batch, or a blocking wait read one a second time.
     """
+    clock = HeldClock()
     done = threading.Event()
+    with FakeOpenAIServer(timings=timings or DEFERRING, clock=clock, **kwargs) as server:
 
-    def release() -> None:
-        deadline = time.monotonic() + 600  # a run that never defers fails on its own assertions
-        while not done.is_set() and time.monotonic() < deadline:
-            if server.count_from("batches.retrieve", "AsyncOpenAI"):
-                clock.advance(60)
-                return
-            done.wait(0.05)
+        def waited_on() -> bool:
+            with server._calls_lock:
+                reads = [(client, n) for (route, client), n in server.clients.items() if route == "batches.retrieve"]
+            return any(n >= (1 if client.startswith("Async") else 2) for client, n in reads)
 
-    watcher = threading.Thread(target=release, daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        done.set()
-        watcher.join()
+        def release() -> None:
+            deadline = time.monotonic() + 600  # a run that never waits fails on its own assertions
+            while not done.wait(0.05) and not waited_on() and time.monotonic() < deadline:
+                pass
+            clock.release()
+
+        watcher = threading.Thread(target=release, daemon=True)
+        watcher.start()
+        try:
+            yield server
+        finally:
+            done.set()
+            watcher.join()
 
 
 def connection_env(server: FakeOpenAIServer, **extra: object) -> str:

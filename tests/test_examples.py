@@ -8,14 +8,13 @@ import os
 
 import pytest
 
-from airflow_provider_openai_batch.testing import FakeOpenAIServer
-from tests.conftest import DEFERRING, task_states, xcoms
+from tests.conftest import deferring_server, task_states, xcoms
 
 
 @pytest.fixture
 def server():
-    """Batches that run for seconds, so every sensor here really defers rather than finding them done."""
-    with FakeOpenAIServer(timings=DEFERRING) as srv:
+    """Batches still running when each sensor first looks, so every sensor here really defers."""
+    with deferring_server() as srv:
         yield srv
 
 

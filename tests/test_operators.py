@@ -16,8 +16,16 @@ from airflow_provider_openai_batch.operators.openai_batch import (
     OpenAIBatchUploadOperator,
 )
 from airflow_provider_openai_batch.sensors.openai_batch import OpenAIBatchSensor
-from airflow_provider_openai_batch.testing import FakeOpenAIServer
-from tests.conftest import DEFERRING, SUMMARY_KEYS, connection_env, jsonl, request_line, run_dag, task_states, xcoms
+from tests.conftest import (
+    SUMMARY_KEYS,
+    connection_env,
+    deferring_server,
+    jsonl,
+    request_line,
+    run_dag,
+    task_states,
+    xcoms,
+)
 
 DOWNLOAD_KEYS = SUMMARY_KEYS | {
     "output_uri",
@@ -35,7 +43,7 @@ def _db(airflow_db, conn_id):
 
 
 def test_full_chain_xcoms_are_the_contract(input_file, tmp_path, monkeypatch):
-    with FakeOpenAIServer(timings=DEFERRING) as server:
+    with deferring_server() as server:
         monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(server))
         _full_chain(server, input_file, tmp_path)
 

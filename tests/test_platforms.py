@@ -13,7 +13,7 @@ from airflow_provider_openai_batch.operators.openai_batch import (
 )
 from airflow_provider_openai_batch.sensors.openai_batch import OpenAIBatchSensor
 from airflow_provider_openai_batch.testing import FakeOpenAIServer
-from tests.conftest import DEFERRING, jsonl, request_line, run_dag, task_states, xcoms
+from tests.conftest import deferring_server, jsonl, request_line, run_dag, task_states, xcoms
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,7 @@ def chain(source: str, endpoint: str = "/v1/chat/completions"):
 def test_azure(form, monkeypatch, tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_bytes(jsonl([request_line(i, model="my-gpt4o-mini-deployment") for i in range(8)]))
-    with FakeOpenAIServer(timings=DEFERRING, azure_quirks=True) as server:
+    with deferring_server(azure_quirks=True) as server:
         if form == "classic":
             conn = {
                 "conn_type": "openai_batch",
@@ -91,7 +91,7 @@ def test_compatible_server_with_its_own_endpoint_and_window(monkeypatch, tmp_pat
         for i in range(5)
     ]
     source.write_bytes(jsonl(rows))
-    with FakeOpenAIServer(timings=DEFERRING, allowed_endpoints=None, completion_windows=("48h",)) as server:
+    with deferring_server(allowed_endpoints=None, completion_windows=("48h",)) as server:
         monkeypatch.setenv(
             "AIRFLOW_CONN_OPENAI_DEFAULT",
             json.dumps({"conn_type": "openai_batch", "host": server.base_url, "password": server.api_key}),

@@ -9,8 +9,8 @@ import uuid
 import pytest
 from sqlalchemy import select
 
-from airflow_provider_openai_batch.testing import FakeClock, FakeOpenAIServer
-from tests.conftest import AIRFLOW_VERSION, FAST, clock_held_until_a_trigger_polls, task_states
+from airflow_provider_openai_batch.testing import FakeOpenAIServer
+from tests.conftest import AIRFLOW_VERSION, FAST, deferring_server, task_states
 
 SECRET = "sk-proj-SECRETabcdef0123456789XYZ"
 
@@ -55,10 +55,8 @@ needs_quiet_supervisor = pytest.mark.skipif(
 
 @needs_quiet_supervisor
 def test_a_full_run_never_shows_the_key(monkeypatch, capfd, caplog, airflow_db):
-    clock = FakeClock()
-    with FakeOpenAIServer(api_key=SECRET, timings=FAST, clock=clock) as server:
-        with clock_held_until_a_trigger_polls(server, clock):
-            run = _run_example(monkeypatch, server, SECRET)
+    with deferring_server(FAST, api_key=SECRET) as server:
+        run = _run_example(monkeypatch, server, SECRET)
         assert set(task_states(run).values()) == {"success"}
     out, err = capfd.readouterr()
     logs = out + err + "\n".join(record.getMessage() for record in caplog.records)

@@ -22,9 +22,8 @@ from airflow_provider_openai_batch.operators.openai_batch import (
     OpenAIBatchUploadOperator,
 )
 from airflow_provider_openai_batch.sensors.openai_batch import OpenAIBatchSensor
-from airflow_provider_openai_batch.testing import FakeOpenAIServer
 from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchTrigger
-from tests.conftest import DEFERRING, connection_env, jsonl, request_line, run_dag, task_states, xcoms
+from tests.conftest import connection_env, deferring_server, jsonl, request_line, run_dag, task_states, xcoms
 
 REQUEST_LINE = "HTTP Request:"
 #: Wider than this, a placeholder is cut off in the connection form's inputs (measured by make ui-check).
@@ -171,7 +170,7 @@ def _links_as_the_api_serves_them(run, task_id: str) -> dict[str, str | None]:
 
 def test_a_gateway_to_openai_links_the_deferred_sensor_to_its_batch_page(airflow_db, monkeypatch, input_file, tmp_path):
     """A connection to a gateway that forwards to OpenAI (``batch_link=openai``): the link names the batch's page."""
-    with FakeOpenAIServer(timings=DEFERRING) as server:
+    with deferring_server() as server:
         monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(server, batch_link="openai"))
 
         def build():

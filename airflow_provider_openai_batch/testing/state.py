@@ -40,6 +40,27 @@ class FakeClock:
             self._now += seconds
 
 
+class HeldClock:
+    """
+    A clock that stands still until ``release()``, then runs at real speed from there.
+
+    For a run that must see a batch still running when it first looks (a sensor that should defer), however
+    slow or fast the machine: hold the clock until the waiting side has polled, then let the batch go on.
+    """
+
+    def __init__(self) -> None:
+        self._held_at = time.time()
+        self._released_at: float | None = None
+
+    def __call__(self) -> float:
+        released = self._released_at
+        return self._held_at if released is None else self._held_at + (time.time() - released)
+
+    def release(self) -> None:
+        if self._released_at is None:
+            self._released_at = time.time()
+
+
 @dataclass
 class Timings:
     """Seconds a batch spends in each phase on the server's clock (defaults keep tests quick)."""
