@@ -290,26 +290,30 @@ def test_a_transient_failure_of_a_repeated_poll_is_retried_by_the_sdk(kind, batc
     server.reset_counters()
     summaries = asyncio.run(polls())
     assert all(summary["batch_id"] == batch_id for summary in summaries)
-    # 5 polls, 6 requests: the repeat that failed, then the SDK's read (and its retries), once; the poll after it
-    # goes through the SDK and the one after that is a repeat again.
+    # 5 polls, 6 requests: the repeat that failed, then the SDK's read right after it; that read is kept, so the
+    # polls after it are repeats again.
     assert server.count("batches.retrieve") == 6
 
 
 @pytest.mark.parametrize(("status", "retried"), [("403", False), ("404", False), ("500", True)])
 def test_an_error_on_a_repeated_poll_is_the_sdks_error(status, retried, batch_id, conn_id, server):
-    async def polls() -> OpenAIBatchAPIError:
+    async def polls() -> list[OpenAIBatchAPIError]:
         hook = OpenAIBatchHook(conn_id)
         await _reads(hook, batch_id, 2)
-        server.faults.script("batches.retrieve", *[status] * 10)
-        with pytest.raises(OpenAIBatchAPIError) as raised:
-            await hook.aget_batch_summary(batch_id)
-        return raised.value
+        server.faults.script("batches.retrieve", *[status] * 20)
+        errors = []
+        for _ in range(2):  # the error lasts: two polls in a row fail
+            with pytest.raises(OpenAIBatchAPIError) as raised:
+                await hook.aget_batch_summary(batch_id)
+            errors.append(raised.value)
+        return errors
 
     server.reset_counters()
-    error = asyncio.run(polls())
-    assert error.http_status == int(status) and error.retryable is retried
+    errors = asyncio.run(polls())
+    assert all(error.http_status == int(status) and error.retryable is retried for error in errors)
     tries = 1 + OpenAIBatchHook(conn_id).get_conn().max_retries if retried else 1
-    assert server.count("batches.retrieve") == 2 + 1 + tries  # two good polls, the repeat, the SDK's tries
+    # Two good polls; the failing repeat and the SDK's tries; then the SDK's tries alone: one extra request, once.
+    assert server.count("batches.retrieve") == 2 + (1 + tries) + tries
 
 
 def test_a_key_revoked_between_polls_is_a_401_and_the_fixed_connection_is_read_again(batch_id, server, monkeypatch):
@@ -329,3 +333,12 @@ def test_a_key_revoked_between_polls_is_a_401_and_the_fixed_connection_is_read_a
     error, after, same_client = asyncio.run(polls())
     assert error.http_status == 401 and "HTTP 401" in str(error) and "sk-rotated" not in str(error)
     assert after["batch_id"] == batch_id and not same_client
+
+
+def test_a_poll_the_sdk_had_to_retry_is_not_repeated_as_a_retry(batch_id, conn_id, server):
+    server.faults.script("batches.retrieve", Fault("500"))
+    server.reset_counters()
+    asyncio.run(_reads(OpenAIBatchHook(conn_id), batch_id, 3))
+    retry_counts = [headers["x-stainless-retry-count"] for headers in server.headers_seen["batches.retrieve"]]
+    # The first poll: a 500, then the SDK's retry; the second goes through the SDK again and is the one repeated.
+    assert retry_counts == ["0", "1", "0", "0"]

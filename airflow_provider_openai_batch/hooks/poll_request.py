@@ -54,8 +54,14 @@ class RepeatedPolls:
         return batch_id in self._kept
 
     def keep(self, batch_id: str, client: AsyncOpenAI, http: PollHttpClient, request: httpx2.Request) -> None:
-        """Keep what the SDK sent for ``batch_id`` through ``client``, unless the SDK authenticates in transport."""
-        if request.method == "GET" and client.custom_auth is None:
+        """
+        Keep what the SDK sent for ``batch_id`` through ``client``, unless the SDK authenticates in transport.
+
+        Only a first try is kept: a retry's request tells OpenAI so (``X-Stainless-Retry-Count``), which a poll
+        sent again is not; the next read through the SDK is then kept instead.
+        """
+        retry = request.headers.get("x-stainless-retry-count", "0")
+        if request.method == "GET" and client.custom_auth is None and retry == "0":
             self._kept[batch_id] = (client, http, request)
 
     async def read(self, batch_id: str, client: AsyncOpenAI) -> BatchSummary | None:
