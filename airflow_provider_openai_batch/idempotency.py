@@ -1,19 +1,15 @@
 """
-A retry never pays twice: the identity every batch carries, and how an attempt finds what an earlier one made.
+A retry never pays twice: the identity every batch carries, and the pieces the create path is made of.
 
 Every batch we create carries ``metadata[airflow_idempotency_key]``: a hash of a deployment salt, of the task
 instance (without the try number, so every try computes the same key) and of everything that changes what the batch
-does (input file, endpoint, completion window, metadata, output expiry), so a changed input or argument is a new
-batch. It also carries ``metadata[airflow_first_try]``: the first try number of the task's current run of tries,
-which is how a later try tells a retry (same number) from a re-run after a clear (a new number). Before creating, an
-attempt looks for its batch in the Task SDK's ``task_state_store`` (Airflow 3.3+) and then among the batches created
-since its DAG run started, which also covers a crash between the API call and any local record. Uploads do the same
-with a content hash in the file name.
+does (input, endpoint, completion window, metadata, output expiry), so a changed input or argument is a new batch.
+It also carries ``metadata[airflow_first_try]``: the first try number of the task's current run of tries, which is
+how a later try tells a retry (same number) from a re-run after a clear (a new number). Uploads carry a hash of the
+salt and their content in the file name.
 
-Two tries of one task instance can also run at the same time (Celery's pool process dies, Airflow fails the
-try and starts the next one while the orphaned task process keeps running): both may look, find nothing and
-create. ``surviving_batch`` is the rule every try applies right after creating, so that all of them agree on
-the one batch that keeps running and the others cancel their own duplicate.
+``batches.CreatePath`` puts these together (lookup, reuse, create once, settle); ``surviving_batch`` is the rule
+every racing try applies so that all of them agree on the one batch that keeps running.
 """
 
 from __future__ import annotations
@@ -22,6 +18,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -97,26 +94,71 @@ def work_parts(
     )
 
 
+#: The Airflow Variable that holds this deployment's random id (the default salt): made once, kept in the
+#: deployment's own metadata database, read by every worker through the Task SDK.
+DEPLOYMENT_ID_VARIABLE = "openai_batch_deployment_id"
+_salt_cache: dict[str, str] = {}
+
+
+def _in_a_task() -> bool:
+    """Whether this process runs a task under Airflow's supervisor (it can reach the deployment's Variables)."""
+    try:
+        from airflow.sdk.execution_time import task_runner
+    except ImportError:  # pragma: no cover - not the Task SDK
+        return False
+    return getattr(task_runner, "SUPERVISOR_COMMS", None) is not None
+
+
+def _deployment_id() -> str | None:
+    """
+    This deployment's random id, made on first use and kept in the Variable ``DEPLOYMENT_ID_VARIABLE``.
+
+    Two workers making it at the very same moment (the deployment's first batch ever) could each write their own:
+    each reads the Variable back after a pause, so both go on with the one written last. ``None`` outside a task
+    (a unit test calling ``execute`` by hand): there is no deployment to ask.
+    """
+    if not _in_a_task():
+        return None
+    from airflow.sdk import Variable
+
+    value = Variable.get(DEPLOYMENT_ID_VARIABLE, default=None)
+    if not value:
+        Variable.set(
+            DEPLOYMENT_ID_VARIABLE,
+            uuid.uuid4().hex,
+            description="Names this deployment in the OpenAI Batch provider's idempotency keys and upload names. "
+            "Keep it: changing it makes running tasks create new batches.",
+        )
+        time.sleep(0.5)
+        value = Variable.get(DEPLOYMENT_ID_VARIABLE)
+    return str(value)
+
+
 def deployment_salt() -> str:
     """
-    What tells this Airflow deployment's batches from another's on the same OpenAI project.
+    What tells this Airflow deployment's batches and uploads from another's on the same OpenAI project.
 
     Two deployments run the same DAG with the same scheduled ``run_id`` and (uploads being reused by content) the
-    same input file id, so without a salt their keys match and one reuses, or deletes the input of, the other's
-    batch. ``[openai_batch] deployment_salt`` sets it explicitly (any string; the same on every worker of one
-    deployment). The default is ``[core] execution_api_server_url``: the address every worker of a deployment
-    uses to reach its own API server, so it is the same on all of them (a deployment does not work otherwise) and
-    differs between deployments. Not the fernet key: Airflow 3 workers do not need it, and a worker host without
-    one generates its own at random, which would give each worker a different salt and let a retry on another
-    worker pay twice. Two deployments that both use the default ``http://localhost:8080/execution/`` (e.g. two
-    laptops on one project) should set the option.
+    same input file id, so without a salt their keys match and one reuses, cancels or deletes the input of the
+    other's batch. ``[openai_batch] deployment_salt`` sets it explicitly (any string; the same on every worker of
+    one deployment). The default is a random id made once and kept in the deployment's own metadata database (the
+    Airflow Variable ``openai_batch_deployment_id``, read through the Task SDK), so it is the same on every worker
+    of a deployment and different between two deployments made from one configuration. Configuration alone cannot
+    tell them apart: the official docker-compose and the Helm chart give every deployment the same
+    ``execution_api_server_url``, and a worker without a fernet key makes its own. Outside a task (no deployment
+    to ask), ``[core] execution_api_server_url`` stands in.
     """
     from airflow.providers.common.compat.sdk import conf
 
     explicit = conf.get(SALT_SECTION, SALT_OPTION, fallback=None)
     if explicit:
         return str(explicit)
-    return "api:" + str(conf.get("core", "execution_api_server_url", fallback="") or "").rstrip("/")
+    if "id" not in _salt_cache:
+        found = _deployment_id()
+        if found is None:
+            return "api:" + str(conf.get("core", "execution_api_server_url", fallback="") or "").rstrip("/")
+        _salt_cache["id"] = found
+    return "deployment:" + _salt_cache["id"]
 
 
 def first_try(context: Mapping[str, Any], retries: int | None) -> int | None:
@@ -190,12 +232,17 @@ def build_metadata(user_metadata: Mapping[str, Any] | None, key: str, first: int
     return metadata
 
 
-def content_filename(name: str, sha256: str) -> str:
-    """``requests.jsonl`` → ``requests.<16 hex of sha256>.jsonl``: the same bytes always get the same name."""
+def content_filename(name: str, sha256: str, salt: str | None = None) -> str:
+    """
+    ``requests.jsonl`` → ``requests.<16 hex>.jsonl``, a hash of the deployment salt and the content's sha256: the
+    same bytes always get the same name within a deployment (so a retry reuses the upload), and another
+    deployment on the same project never reuses, or deletes, this one's file.
+    """
     stem, dot, suffix = name.rpartition(".")
     if not dot:
         stem, suffix = name, "jsonl"
-    return f"{stem}.{sha256[:16]}.{suffix}"
+    material = f"{deployment_salt() if salt is None else salt}\x00{sha256}"
+    return f"{stem}.{hashlib.sha256(material.encode()).hexdigest()[:16]}.{suffix}"
 
 
 def call_once(

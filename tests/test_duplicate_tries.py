@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_openai_batch import idempotency
+from airflow_provider_openai_batch.batches import CreatePath
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.idempotency import (
     FIRST_TRY_METADATA_KEY,
@@ -148,7 +149,13 @@ class LogSocketGone:
         return write
 
 
-def test_an_orphaned_try_that_cannot_log_still_cancels_its_duplicate(server, conn_id):
+def found_nothing(path: CreatePath, keys: Any) -> dict[str, Any]:
+    """A lookup that ran (and found nothing) before the other try created: what both racers saw."""
+    path.looked.update(dict.fromkeys(keys, time.time()))
+    return {}
+
+
+def test_an_orphaned_try_that_cannot_log_still_cancels_its_duplicate(server, conn_id, monkeypatch):
     """
     On Celery, killing the pool process that supervises a task leaves the task process running with a dead log
     socket: its first log line raises BrokenPipeError. It must have cancelled its duplicate before that.
@@ -167,7 +174,7 @@ def test_an_orphaned_try_that_cannot_log_still_cancels_its_duplicate(server, con
     survivor = create_op().execute({"ti": ti})  # the next try, started by Airflow while the orphan hung in create
     orphan = create_op()
     orphan._cached_logger = LogSocketGone()  # type: ignore[assignment]
-    orphan.hook.find_batch = lambda *args, **kwargs: None  # type: ignore[method-assign]  # it looked before try 2
+    monkeypatch.setattr(CreatePath, "earlier", found_nothing)  # it looked before try 2 created
     with pytest.raises(BrokenPipeError):
         orphan.execute({"ti": FakeTI(ti.run_id)})
 
@@ -177,11 +184,11 @@ def test_an_orphaned_try_that_cannot_log_still_cancels_its_duplicate(server, con
     assert next(iter(statuses.values())) in ("cancelling", "cancelled")
 
 
-def test_a_failed_duplicate_check_keeps_the_batch_and_the_try(server, conn_id):
+def test_a_failed_duplicate_check_keeps_the_batch_and_the_try(server, conn_id, monkeypatch):
     """The listing after create failing (after the SDK's retries) must not fail a try whose batch exists."""
     file_id = OpenAIBatchHook().upload_file(jsonl([request_line(i) for i in range(3)])).id
     op = OpenAIBatchCreateOperator(task_id="create", input_file_id=file_id, endpoint="/v1/chat/completions")
-    op.hook.find_batch = lambda *args, **kwargs: None  # type: ignore[method-assign]  # the lookup found nothing
+    monkeypatch.setattr(CreatePath, "earlier", found_nothing)
     server.faults.script("batches.list", *["500"] * 4)  # the connection allows 3 retries
     batch_id = op.execute({"ti": FakeTI(run_id=f"scheduled__{uuid.uuid4()}")})
     assert list(server.state.batches) == [batch_id]

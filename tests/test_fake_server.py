@@ -380,3 +380,17 @@ def test_batch_input_files_hold_at_most_200_mb(client, monkeypatch):
     with pytest.raises(openai.BadRequestError, match="too large"):
         client.files.create(file=("in.jsonl", jsonl([request_line(i) for i in range(50)])), purpose="batch")
     assert client.files.create(file=("in.jsonl", jsonl([request_line(0)])), purpose="batch").bytes < 1_000
+
+
+def test_a_listing_can_lag_a_create():
+    """The documented knob (CONTRACT.md L13): a new batch is listed only ``list_lag`` seconds after its create."""
+    with FakeOpenAIServer(timings=Timings(), list_lag=1.0) as srv:
+        client = openai.OpenAI(api_key=srv.api_key, base_url=srv.base_url, max_retries=0)
+        file_id = client.files.create(file=("a.jsonl", jsonl([request_line(0)])), purpose="batch").id
+        batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert batch.id not in [b.id for b in client.batches.list()]
+        assert client.batches.retrieve(batch.id).id == batch.id  # retrieving it by id is not delayed
+        deadline = time.monotonic() + 30
+        while batch.id not in [b.id for b in client.batches.list()]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)

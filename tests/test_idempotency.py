@@ -20,6 +20,7 @@ import pytest
 from airflow.providers.common.compat.sdk import TaskDeferred
 
 from airflow_provider_openai_batch import idempotency
+from airflow_provider_openai_batch.batches import CreatePath
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.idempotency import IDEMPOTENCY_METADATA_KEY
 from airflow_provider_openai_batch.operators.openai_batch import OpenAIBatchCreateOperator
@@ -107,7 +108,7 @@ def attempt(
     if store is not None:
         context["task_state_store"] = store
     hook = op.hook
-    real_create, real_find = hook.create_batch, hook.find_batch
+    real_create, real_list = hook.create_batch, hook.list_batches
     with monkeypatch.context() as patch:
         if point == "before_call":
             patch.setattr(hook, "create_batch", lambda *a, **k: (_ for _ in ()).throw(Crash()))
@@ -122,7 +123,8 @@ def attempt(
             server.faults.script("batches.create", "drop_after")
         elif point == "lost_answer_then_crash":
             server.faults.script("batches.create", "drop_after")
-            patch.setattr(hook, "find_batch", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+            # Dies when it looks for what the lost answer made.
+            patch.setattr(hook, "list_batches", lambda *a, **k: (_ for _ in ()).throw(Crash()))
         elif point == "transient":
             server.faults.script("batches.create", "503", "429")
         elif point == "after_push":
@@ -134,20 +136,20 @@ def attempt(
 
             patch.setattr(op, "push_batch_id", pushed_then_crash)
         elif point == "after_record":
-            real_remember = op._remember
+            real_remember = CreatePath.remember
 
             def recorded_then_crash(*args: Any) -> None:
                 real_remember(*args)
                 raise Crash()
 
-            patch.setattr(op, "_remember", recorded_then_crash)
+            patch.setattr(CreatePath, "remember", recorded_then_crash)
         try:
             batch_id = op.execute(context)
         except (Crash, TaskDeferred):
             batch_id = None
         finally:
             server.faults.clear()
-            patch.setattr(hook, "find_batch", real_find)
+            patch.setattr(hook, "list_batches", real_list)
     if point == "in_sensor" and batch_id:
         # The batch was made; the downstream wait then died and the whole run was cleared.
         server.faults.script("batches.retrieve", *["500"] * 4)

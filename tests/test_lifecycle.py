@@ -265,10 +265,15 @@ def test_delete_remote_files_keeps_an_input_another_batch_still_reads(fake, cloc
     assert file_id not in fake.state.files  # the last reader deletes it
 
 
-def test_the_retry_lookup_reads_only_batches_since_the_dag_run_started(fake, clock):
+def test_the_retry_lookup_reads_only_batches_since_the_dag_run_started(fake, clock, monkeypatch):
     """A shared account's older batches (here 300, 3 pages) are not read: the scan stops at the run's start."""
     import types
     from datetime import datetime, timezone
+
+    from airflow_provider_openai_batch import batches
+
+    # The worker's clock is OpenAI's (the settle window is read on the worker's clock).
+    monkeypatch.setattr(batches, "time", types.SimpleNamespace(time=clock, sleep=time.sleep))
 
     file_id = upload([request_line(i) for i in range(3)])
     for _ in range(300):

@@ -544,6 +544,7 @@ class OpenAIBatchHook(BaseHook):
         max_poll_interval: float | None = None,
         on_progress: Callable[[str], None] | None = None,
         max_poll_failures: int = DEFAULT_MAX_POLL_FAILURES,
+        on_poll: Callable[[Batch], Batch] | None = None,
     ) -> Batch:
         """
         Block until the batch ends (the non-deferrable path), logging progress when counts change.
@@ -552,7 +553,8 @@ class OpenAIBatchHook(BaseHook):
         batch's creation). Past either, ``BatchTimeoutError`` carries the last summary. Cadence and failed polls
         follow ``polling.PollPolicy``, as in the trigger: the cadence relaxes as the batch ages (with
         ``max_poll_interval``), ``max_poll_failures`` transient failures in a row are tolerated, and a 401 is
-        followed by one fresh read of the connection.
+        followed by one fresh read of the connection. ``on_poll`` sees each batch read and returns the batch to
+        keep waiting for (the second look for a duplicate may switch the wait to the survivor).
         """
         policy = PollPolicy(poll_interval, max_poll_interval, max_poll_failures, jitter_first_poll=False)
         failures = PollFailures(policy)
@@ -562,6 +564,9 @@ class OpenAIBatchHook(BaseHook):
         last: tuple[Any, ...] | None = None
         while True:
             batch = self.poll_batch(batch_id, failures, deadline=deadline)
+            if on_poll is not None:
+                batch = on_poll(batch)
+                batch_id = batch.id
             summary = summarize(batch)
             if progress_key(summary) != last:
                 last = progress_key(summary)

@@ -14,6 +14,7 @@ from functools import cached_property
 from typing import Any
 
 from airflow.providers.common.compat.sdk import BaseOperator, conf
+from openai.types import Batch
 
 from airflow_provider_openai_batch.batch_status import (
     BatchSummary,
@@ -23,6 +24,7 @@ from airflow_provider_openai_batch.batch_status import (
     is_terminal,
     summarize,
 )
+from airflow_provider_openai_batch.batches import SiblingLook, follow_survivor
 from airflow_provider_openai_batch.exceptions import BatchFailedError, BatchTimeoutError, OpenAIBatchAPIError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.links.openai_batch import BATCH_ID_XCOM_KEY, OpenAIBatchLink
@@ -215,9 +217,16 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
 
     # --- waiting ----------------------------------------------------------------------------------
 
-    def wait_for(self, context: Mapping[str, Any], batch_id: str) -> BatchSummary:
-        """Finish now if the batch already ended, else defer (or block) until it does."""
+    def wait_for(self, context: Mapping[str, Any], batch_id: str, look: SiblingLook | None = None) -> BatchSummary:
+        """
+        Finish now if the batch already ended, else defer (or block) until it does. On the way, the second look for
+        a duplicate (``batches.SiblingLook``): ``look`` from the try that created the batch, else read from the
+        batch's own metadata, so a sensor downstream of a create makes it too.
+        """
         batch = self.hook.poll_batch(batch_id, PollFailures(self.poll_policy))
+        look = look or SiblingLook.of(batch)
+        if look is not None and not look.worth_it(time.time()):
+            look = None
         summary = summarize(batch)
         self.log.info(format_progress(summary))
         if is_terminal(batch.status):
@@ -234,12 +243,25 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
                     max_poll_failures=self.max_poll_failures,
                     created_at=float(batch.created_at),
                     max_poll_interval=self.max_poll_interval,
+                    sibling_look=look.to_json() if look is not None else None,
                 ),
                 method_name="execute_complete",
                 # Airflow's own backstop in case the triggerer is down at the deadline.
                 timeout=timedelta(seconds=max(0.0, end_time - time.time()) + 2 * self.poll_interval + 900),
             )
         self._waiting_on, self._waiting_ti = batch_id, context.get("ti")
+        pending = [look] if look is not None else []
+
+        def on_poll(current: Batch) -> Batch:
+            """The second look, once, when due; a lost race switches the wait to the survivor."""
+            if not pending or is_terminal(current.status) or not pending[0].due(current.created_at, time.time()):
+                return current
+            survivor = follow_survivor(self.hook, current, pending.pop(), self.log)
+            if survivor.id != current.id:
+                self._waiting_on = survivor.id
+                self.push_batch_id(context, survivor.id)
+            return survivor
+
         try:
             done = self.hook.wait_for_batch(
                 batch_id,
@@ -247,9 +269,10 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
                 end_time=end_time,
                 max_poll_interval=self.max_poll_interval,
                 max_poll_failures=self.max_poll_failures,
+                on_poll=on_poll,
             )
         except BatchTimeoutError as timed_out:
-            return self.on_deadline(batch_id, timed_out.summary or summary)
+            return self.on_deadline(self._waiting_on or batch_id, timed_out.summary or summary)
         finally:
             self._waiting_on = None
         return self.finish(summarize(done))
@@ -259,6 +282,8 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
         if not event or "status" not in event:
             raise BatchFailedError(f"The trigger returned no usable event: {event!r}")
         summary = event.get("summary")
+        if event.get("followed"):  # the trigger's second look found an older duplicate: that batch is the one
+            self.push_batch_id(context, event["batch_id"])
         if event["status"] == EVENT_TERMINAL and summary:
             return self.finish(summary)
         if event["status"] == EVENT_TIMEOUT:

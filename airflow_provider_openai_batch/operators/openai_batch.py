@@ -8,16 +8,13 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Collection, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from openai.types import Batch
 from typing_extensions import NotRequired
 
-from airflow_provider_openai_batch import idempotency
 from airflow_provider_openai_batch.batch_file import (
     MAX_BYTES_PER_FILE,
     MAX_REQUESTS_PER_FILE,
@@ -30,29 +27,13 @@ from airflow_provider_openai_batch.batch_file import (
 from airflow_provider_openai_batch.batch_status import (
     BatchSummary,
     expected_result_lines,
-    is_reusable,
     is_terminal,
-    reuse_verdict,
     summarize,
 )
+from airflow_provider_openai_batch.batches import REUSE_MODES, BatchWork, CreatePath, ReuseMode
 from airflow_provider_openai_batch.endpoints import expiry_problem
 from airflow_provider_openai_batch.exceptions import BatchNotEndedError, DownloadMismatchError, OpenAIBatchAPIError
-from airflow_provider_openai_batch.idempotency import (
-    CLOCK_SKEW,
-    DEFAULT_LOOKBACK,
-    FIRST_TRY_METADATA_KEY,
-    IDEMPOTENCY_METADATA_KEY,
-    RACE_SKEW,
-    STATE_STORE_KEY,
-    build_metadata,
-    call_once,
-    first_try,
-    idempotency_key,
-    scan_start,
-    surviving_batch,
-    task_identity,
-    work_parts,
-)
+from airflow_provider_openai_batch.idempotency import DEFAULT_LOOKBACK
 from airflow_provider_openai_batch.links.openai_batch import OpenAIBatchLink
 from airflow_provider_openai_batch.operators.base import (
     BatchWaitingOperator,
@@ -234,11 +215,6 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
         )
 
 
-#: What a re-run after a clear may use instead of creating a batch (see ``OpenAIBatchCreateOperator``).
-ReuseMode = Literal["active", "active_or_completed", "never"]
-REUSE_MODES: tuple[str, ...] = ("active", "active_or_completed", "never")
-
-
 class OpenAIBatchCreateOperator(BatchWaitingOperator):
     """
     Create a batch, at most once per task instance however often it is retried; returns the batch id.
@@ -304,25 +280,35 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
 
     def execute(self, context: Mapping[str, Any]) -> str:
         self._check_arguments()
-        key = self._idempotency_key(context)
-        first = first_try(context, self.retries)
-        metadata = build_metadata(self.metadata, key, first)
-        self._passed_over: set[str] = set()
-        batch = self._reusable_batch(context, key, first) or self._settle_duplicates(
-            self._create(context, metadata, key), key, first
+        path = CreatePath(
+            self.hook,
+            context,
+            retries=self.retries,
+            policy=self.policy,
+            reuse=self.reuse,
+            lookback=self.lookback,
+            logger=self.log,
         )
+        ensured = path.ensure(
+            BatchWork(
+                input_file_id=self.input_file_id,
+                endpoint=self.endpoint,
+                completion_window=self.completion_window,
+                metadata=self.metadata,
+                output_expires_after_seconds=_as_seconds(self.output_expires_after),
+            )
+        )
+        batch = ensured.batch
         self.record_lineage([("files", self.input_file_id)], [("batches", batch.id)])
         self.push_batch_id(context, batch.id)
-        self._remember(context, key, batch.id, first)
         if self.wait_for_completion:
-            self.wait_for(context, batch.id)
+            # The second look may find an older try's batch: the summary names the one that ran.
+            return str(self.wait_for(context, batch.id, look=ensured.look if ensured.created else None)["batch_id"])
         return batch.id
 
     def execute_complete(self, context: Mapping[str, Any], event: BatchEventPayload | None = None) -> str:
         summary = super().execute_complete(context, event)
         return str(summary["batch_id"])
-
-    # --- arguments --------------------------------------------------------------------------------
 
     def _check_arguments(self) -> None:
         if isinstance(self.input_file_id, (list, tuple)):
@@ -334,151 +320,6 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
             )
         if self.reuse not in REUSE_MODES:
             raise ValueError(f"reuse must be one of {', '.join(REUSE_MODES)}; got {self.reuse!r}")
-
-    # --- idempotency: which batch is "ours", and may we use it again? ------------------------------
-
-    def _idempotency_key(self, context: Mapping[str, Any]) -> str:
-        """Task instance identity plus everything that changes what the batch does (never the try number)."""
-        work = work_parts(
-            self.input_file_id,
-            self.endpoint,
-            self.completion_window,
-            self.metadata,
-            _as_seconds(self.output_expires_after),
-        )
-        return idempotency_key(task_identity(context), *work)
-
-    def _may_reuse(self, batch: Batch, made_in: int | None, first: int | None) -> bool:
-        """
-        Whether ``batch`` (ours by key, made during the run of tries starting at ``made_in``) may stand in for
-        a new one now. A retry (same run of tries) follows the never-pay-twice rule; a re-run after a clear
-        follows ``reuse``. Each verdict is logged with its reason.
-        """
-        retry = made_in == first
-        verdict = reuse_verdict(
-            summarize(batch), self.policy, allow_completed=retry or self.reuse == "active_or_completed"
-        )
-        if verdict.reuse and not retry and self.reuse == "never":
-            self.log.info("Not reusing %s: the task was cleared and reuse='never'; creating a new batch", batch.id)
-            return False
-        what = "a retry" if retry else "a re-run after a clear"
-        self.log.info("%s %s for %s: %s", "Reusing" if verdict.reuse else "Not reusing", batch.id, what, verdict.reason)
-        return verdict.reuse
-
-    def _reusable_batch(self, context: Mapping[str, Any], key: str, first: int | None) -> Batch | None:
-        """
-        An earlier try's batch that may stand in for a new one: the state store's record, then a bounded scan.
-        Batches seen here and not reused are remembered: they existed before this try created, so they are no
-        racer of it (``_settle_duplicates``), however close in time they were made.
-        """
-        store = context.get("task_state_store")
-        if store is not None:
-            record = store.get(STATE_STORE_KEY)
-            if isinstance(record, dict) and record.get("key") == key:
-                try:
-                    batch = self.hook.get_batch(str(record["batch_id"]))
-                except OpenAIBatchAPIError as error:
-                    if not error.not_found:
-                        raise
-                else:
-                    if self._may_reuse(batch, record.get("first_try"), first):
-                        return batch
-                    self._passed_over.add(batch.id)
-                    # Not usable; a later try may still have made one and died before recording it: scan.
-        if getattr(context.get("ti"), "try_number", None) == 1:
-            # The task instance's very first try (try numbers grow across retries and clears): no earlier try
-            # can have made a batch, so there is nothing to scan for.
-            return None
-        found = self.hook.find_batch(IDEMPOTENCY_METADATA_KEY, key, created_after=self._scan_start(context))
-        if found is None:
-            return None
-        if self._may_reuse(found, _first_try_of(found), first):
-            return found
-        self._passed_over.add(found.id)
-        return None
-
-    def _scan_start(self, context: Mapping[str, Any]) -> float:
-        return scan_start(context, self.lookback)
-
-    def _create(self, context: Mapping[str, Any], metadata: dict[str, str], key: str) -> Batch:
-        created_after = time.time() - CLOCK_SKEW.total_seconds()
-
-        def send() -> Batch:
-            batch = self.hook.create_batch(
-                self.input_file_id,
-                self.endpoint,
-                completion_window=self.completion_window,
-                metadata=metadata,
-                output_expires_after_seconds=_as_seconds(self.output_expires_after),
-                max_retries=0,
-            )
-            # Nothing is logged until _settle_duplicates has run: an orphaned try (its supervisor killed) dies
-            # at its first log line, and must have cancelled its duplicate by then.
-            return batch
-
-        def find() -> Batch | None:
-            # Only a batch this very attempt may have made (its answer lost): created since it started sending.
-            found = self.hook.find_batch(IDEMPOTENCY_METADATA_KEY, key, created_after=created_after)
-            return found if found is not None and is_reusable(found.status) else None
-
-        return call_once("batches.create", send, find)
-
-    def _settle_duplicates(self, batch: Batch, key: str, first: int | None) -> Batch:
-        """
-        Another try of this task instance may be running at the same time and have created a batch too (an
-        orphaned try whose Celery pool process died keeps running while Airflow starts the next try). Right after
-        creating, list the batches made shortly before ours (``RACE_SKEW`` on OpenAI's clock) that this try's lookup
-        did not already pass over; by ``surviving_batch``, the rule every try applies, cancel our own batch when it
-        is a duplicate and adopt the survivor. The orphan cannot log (its log socket went with its supervisor: the
-        first log line raises BrokenPipeError), so nothing is logged between the create call and the cancel.
-        """
-        time.sleep(idempotency.SETTLE_PAUSE)  # until a racer created in the same second as ours is listed too
-        # Racers are counted on OpenAI's clock (created_at), so a worker whose clock is off cannot widen the window.
-        since = float(batch.created_at)
-        cutoff = since - RACE_SKEW.total_seconds()
-        recent: list[Batch] = []
-        try:
-            for other in self.hook.list_batches():
-                if other.created_at < cutoff:
-                    break
-                recent.append(other)
-        except OpenAIBatchAPIError as error:  # after the SDK's retries: keep the batch we have, do not fail the try
-            self.log.warning("Could not list batches to look for a duplicate of %s (%s)", batch.id, error)
-            return batch
-        racers = [other for other in recent if other.id not in self._passed_over]
-        survivor = surviving_batch(batch, racers, key, since, first)
-        if survivor.id == batch.id:
-            self.log.info("Created batch %s for %s", batch.id, self.input_file_id)
-            return batch
-        try:
-            self.hook.cancel_batch(batch.id)
-        except OpenAIBatchAPIError as error:
-            if not error.refused_for_state:  # it had already ended: nothing left to stop
-                raise
-        self.log.warning(
-            "Another try of this task created batch %s first; cancelled our duplicate %s and using %s",
-            survivor.id,
-            batch.id,
-            survivor.id,
-        )
-        return survivor
-
-    @staticmethod
-    def _remember(context: Mapping[str, Any], key: str, batch_id: str, first: int | None = None) -> None:
-        store = context.get("task_state_store")
-        if store is not None:
-            store.set(STATE_STORE_KEY, {"key": key, "batch_id": batch_id, "first_try": first})
-
-
-def _first_try(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _first_try_of(batch: Batch) -> int | None:
-    return _first_try((batch.metadata or {}).get(FIRST_TRY_METADATA_KEY))
 
 
 class OpenAIBatchCancelOperator(BatchWaitingOperator):

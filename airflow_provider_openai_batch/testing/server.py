@@ -116,6 +116,7 @@ class FakeOpenAIServer:
         azure_quirks: bool = False,
         compatible_quirks: bool = False,
         compress_content: bool = False,
+        list_lag: float = 0.0,
     ) -> None:
         self.api_key = api_key
         self.host = host
@@ -124,6 +125,10 @@ class FakeOpenAIServer:
         self.latency = latency
         self.page_limit_cap = page_limit_cap
         self.compress_content = compress_content
+        #: Seconds (real time) a new batch stays out of ``GET /batches`` after its create answered: OpenAI does not
+        #: say a new batch is listed at once (CONTRACT.md L13), so tests can make the listing lag.
+        self.list_lag = list_lag
+        self._listed_after: dict[str, float] = {}
         self.state = FakeState(
             clock=self.clock,
             timings=timings,
@@ -464,10 +469,15 @@ class FakeOpenAIServer:
         if stored.purpose != "batch":
             return error_response(400, f"File {input_file_id} has purpose {stored.purpose!r}, not 'batch'.")
         batch = await run_in_threadpool(self.state.create_batch, input_file_id, endpoint, window, metadata)
+        if self.list_lag:
+            self._listed_after[batch.id] = time.monotonic() + self.list_lag
         return JSONResponse(self.state.batch_json(batch))
 
     async def _batches_list(self, request: Request) -> Response:
-        batches = _newest_first(list(self.state.batches.values()))
+        now = time.monotonic()
+        batches = _newest_first(
+            [b for b in self.state.batches.values() if self._listed_after.get(b.id, 0.0) <= now]
+        )
         limit = self._limit(request, 20, 100)
         items = [self.state.batch_json(b) for b in batches]
         return JSONResponse(_page(items, request.query_params.get("after"), limit))

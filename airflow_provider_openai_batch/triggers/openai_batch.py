@@ -11,13 +11,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any, Literal, TypedDict
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
+from typing_extensions import NotRequired
 
 from airflow_provider_openai_batch.batch_status import BatchSummary, format_progress, is_terminal, progress_key
+from airflow_provider_openai_batch.batches import SiblingLook, afollow_survivor
 from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+from airflow_provider_openai_batch.idempotency import IDEMPOTENCY_METADATA_KEY
 from airflow_provider_openai_batch.polling import (
     DEFAULT_MAX_POLL_FAILURES,
     PollFailures,
@@ -52,6 +56,8 @@ class BatchEventPayload(TypedDict):
     batch_id: str
     summary: BatchSummary | None
     message: str
+    #: ``True`` when the second look for a duplicate switched the wait to an older try's batch (``batch_id``).
+    followed: NotRequired[bool]
 
 
 class BatchTriggerEvent(TriggerEvent):
@@ -90,6 +96,8 @@ class OpenAIBatchTrigger(BaseTrigger):
     :param created_at: When the batch was created (epoch seconds); with ``max_poll_interval`` it lets the
         cadence relax as the batch ages (``PollPolicy.delay``).
     :param max_poll_interval: Upper bound of the relaxed cadence; ``None`` polls every ``poll_interval``.
+    :param sibling_look: ``batches.SiblingLook.to_json()``: once the batch is old enough, list once more for a
+        duplicate made by another try; when an older one wins, cancel this batch and wait for that one instead.
 
     Events (exactly one): a ``BatchEventPayload`` whose status is ``EVENT_TERMINAL``, ``EVENT_TIMEOUT`` or
     ``EVENT_ERROR``.
@@ -106,6 +114,7 @@ class OpenAIBatchTrigger(BaseTrigger):
         jitter_first_poll: bool = True,
         created_at: float | None = None,
         max_poll_interval: float | None = None,
+        sibling_look: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.batch_id = batch_id
@@ -117,6 +126,8 @@ class OpenAIBatchTrigger(BaseTrigger):
         self.jitter_first_poll = jitter_first_poll
         self.created_at = created_at
         self.max_poll_interval = max_poll_interval
+        self.sibling_look = sibling_look
+        self._followed = False
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -131,6 +142,7 @@ class OpenAIBatchTrigger(BaseTrigger):
                 "jitter_first_poll": self.jitter_first_poll,
                 "created_at": self.created_at,
                 "max_poll_interval": self.max_poll_interval,
+                "sibling_look": self.sibling_look,
             },
         )
 
@@ -140,7 +152,26 @@ class OpenAIBatchTrigger(BaseTrigger):
 
     def _event(self, status: EventStatus, message: str, summary: BatchSummary | None = None) -> TriggerEvent:
         payload = BatchEventPayload(status=status, batch_id=self.batch_id, summary=summary, message=message)
+        if self._followed:
+            payload["followed"] = True
         return BatchTriggerEvent(dict(payload))
+
+    async def _look_again(self, hook: OpenAIBatchHook, summary: BatchSummary) -> None:
+        """The second look for a duplicate (``batches.SiblingLook``), once; a lost race switches the wait."""
+        look = SiblingLook.from_json(self.sibling_look)
+        created_at = self.created_at
+        if look is None or created_at is None or not look.due(created_at, time.time()):
+            return
+        self.sibling_look = None
+        own = SimpleNamespace(
+            id=self.batch_id,
+            created_at=int(created_at),
+            status=summary["status"],
+            metadata={IDEMPOTENCY_METADATA_KEY: look.key},
+        )
+        survivor = await afollow_survivor(hook, own, look, self.log)
+        if survivor.id != self.batch_id:
+            self.batch_id, self.created_at, self._followed = str(survivor.id), float(survivor.created_at), True
 
     @property
     def policy(self) -> PollPolicy:
@@ -176,6 +207,11 @@ class OpenAIBatchTrigger(BaseTrigger):
                 if is_terminal(summary["status"]):
                     yield self._event(EVENT_TERMINAL, f"Batch {self.batch_id} ended: {summary['status']}", summary)
                     return
+                if self.sibling_look is not None:
+                    followed = self.batch_id
+                    await self._look_again(hook, summary)
+                    if followed != self.batch_id:
+                        continue  # poll the survivor at once
             now = time.time()
             remaining = self.end_time - now
             if remaining <= 0:

@@ -1,0 +1,443 @@
+"""
+The one create path: every batch the provider makes is made here, by the create operator and the one-task job alike.
+
+A batch costs money, so "create" is a decision, not a call. For one piece of work (``BatchWork``) of one task
+instance, in order:
+
+1. **Key.** ``airflow_idempotency_key``: a hash of the deployment salt, the task instance (never the try number) and
+   everything that changes what the batch does; ``airflow_first_try`` tells a retry from a re-run after a clear.
+2. **Lookup.** The task's ``task_state_store`` record (Airflow 3.3+), then (not on the task's first try) one scan of
+   the account's batches back to the DAG run's start for *every* batch carrying the key. Among them the live ones
+   come first, oldest first: the rule every try applies, so a third try after a settled race takes the survivor,
+   not the cancelled loser that happens to be newest.
+3. **Reuse verdict** (``batch_status.reuse_verdict``): a retry takes a working batch, or a completed one that passes
+   the outcome policy; a re-run after a clear follows ``reuse``. What the lookup saw and did not take is remembered:
+   it existed before this try created, so it is no racer.
+4. **Create once** (``idempotency.call_once``): SDK retries off; a lost answer is looked for before sending again.
+5. **Settle.** Two tries of one task instance can run at once (an orphaned Celery task process keeps running while
+   Airflow starts the next try): each may look, find nothing and create. Right after creating, each try lists the
+   batches made since *it started looking* (less ``RACE_SKEW``) and applies ``surviving_batch``: the oldest live
+   contender wins, the others cancel their own. Nothing is logged before that: an orphan dies at its first log line.
+6. **A second look** (``SiblingLook``): OpenAI does not say that a new batch is listed at once. If the listing lags a
+   create by more than ``SETTLE_PAUSE``, both tries keep their batch at step 5; so whoever waits for the batch
+   (trigger, blocking wait, sensor) lists once more when the batch is ``SIBLING_LOOK_AFTER`` old and applies the same
+   rule, cancelling its own batch and following the survivor when it lost.
+
+Guarantee (README "What the provider guarantees"): one live batch per task instance and work, provided OpenAI's
+clock and the workers' agree within ``RACE_SKEW`` and a new batch is listed within ``SIBLING_LOOK_AFTER``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from openai.types import Batch
+
+from airflow_provider_openai_batch import idempotency
+from airflow_provider_openai_batch.batch_status import (
+    OutcomePolicy,
+    can_survive_a_race,
+    is_reusable,
+    reuse_verdict,
+    summarize,
+)
+from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
+from airflow_provider_openai_batch.idempotency import (
+    CLOCK_SKEW,
+    FIRST_TRY_METADATA_KEY,
+    IDEMPOTENCY_METADATA_KEY,
+    RACE_SKEW,
+    STATE_STORE_KEY,
+    build_metadata,
+    call_once,
+    first_try,
+    idempotency_key,
+    scan_start,
+    surviving_batch,
+    task_identity,
+    work_parts,
+)
+
+log = logging.getLogger(__name__)
+
+#: What a re-run after a clear may use instead of creating a batch (see ``OpenAIBatchCreateOperator``).
+ReuseMode = Literal["active", "active_or_completed", "never"]
+REUSE_MODES: tuple[str, ...] = ("active", "active_or_completed", "never")
+#: How old a batch is when its waiter looks for a sibling once more (``SiblingLook``). OpenAI does not say how soon a
+#: new batch is listed; two minutes (twice ``RACE_SKEW``) is far beyond any lag seen, and costs one list call.
+SIBLING_LOOK_AFTER = 120.0
+#: A wait that starts later than this after the creating try began looking makes no second look (``worth_it``).
+SIBLING_LOOK_WITHIN = 1800.0
+
+
+@dataclass(frozen=True)
+class BatchWork:
+    """
+    What one batch does: everything that goes into its key besides the task instance.
+
+    ``input_identity`` names the input in the key; by default the input file id. The one-task job names a shard by
+    its content hash and place instead, so a retry finds the shard's batch before uploading the shard again.
+    """
+
+    input_file_id: str | None
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: Mapping[str, str] | None = None
+    output_expires_after_seconds: int | None = None
+    input_identity: str | None = None
+
+    def key_parts(self) -> tuple[str, ...]:
+        return work_parts(
+            self.input_identity or str(self.input_file_id),
+            self.endpoint,
+            self.completion_window,
+            self.metadata,
+            self.output_expires_after_seconds,
+        )
+
+
+@dataclass(frozen=True)
+class SiblingLook:
+    """
+    The second look for a duplicate, made by whoever waits for the batch (JSON-able: it travels in trigger kwargs).
+
+    ``key`` and ``first`` are the batch's idempotency key and first try; ``since`` when the creating try started
+    looking (epoch seconds): contenders are created after it, less ``RACE_SKEW``.
+    """
+
+    key: str
+    first: int | None
+    since: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "first": self.first, "since": self.since}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any] | None) -> SiblingLook | None:
+        if not value:
+            return None
+        first = value.get("first")
+        return cls(str(value["key"]), None if first is None else int(first), float(value["since"]))
+
+    @classmethod
+    def of(cls, batch: Batch) -> SiblingLook | None:
+        """From the batch's own metadata (a sensor that did not create it); ``None`` for a batch we did not make."""
+        metadata = batch.metadata or {}
+        key = metadata.get(IDEMPOTENCY_METADATA_KEY)
+        if not key:
+            return None
+        return cls(key, _int(metadata.get(FIRST_TRY_METADATA_KEY)), float(batch.created_at))
+
+    def due(self, created_at: float, now: float) -> bool:
+        """Whether to look now: the batch is ``SIBLING_LOOK_AFTER`` old, so a lagging list has caught up."""
+        return now - created_at >= SIBLING_LOOK_AFTER
+
+    def worth_it(self, now: float) -> bool:
+        """
+        Whether the look is still worth a listing: it reads every batch since ``since``, so a wait that starts long
+        after the create (a sensor run hours later) skips it; the racing tries' own waiters have looked by then.
+        """
+        return now - self.since <= SIBLING_LOOK_WITHIN
+
+    @property
+    def cutoff(self) -> float:
+        return self.since - RACE_SKEW.total_seconds()
+
+    def survivor(self, own: Any, listing: Iterable[Any]) -> Any:
+        """The batch that keeps running: ``own`` or an older live sibling (``idempotency.surviving_batch``)."""
+        return surviving_batch(own, listing, self.key, self.since, self.first)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def recent_batches(hook: Any, cutoff: float) -> list[Batch]:
+    """The account's batches created since ``cutoff`` (epoch seconds), newest first: a page or two."""
+    found: list[Batch] = []
+    for batch in hook.list_batches():
+        if batch.created_at < cutoff:
+            break
+        found.append(batch)
+    return found
+
+
+def follow_survivor(hook: Any, own: Batch, look: SiblingLook, logger: Any = log) -> Batch:
+    """
+    The second look, blocking: list the batches since ``look.cutoff``; when an older live sibling wins, cancel
+    ``own`` and return the survivor (re-read), else ``own``. A failed listing keeps ``own`` (logged).
+    """
+    try:
+        listing = recent_batches(hook, look.cutoff)
+    except OpenAIBatchAPIError as error:
+        logger.warning("Could not list batches to look again for a duplicate of %s (%s)", own.id, error)
+        return own
+    survivor = look.survivor(own, listing)
+    if survivor.id == own.id:
+        return own
+    cancel_duplicate(hook, own.id, survivor.id, logger)
+    return hook.get_batch(survivor.id)  # type: ignore[no-any-return]
+
+
+async def afollow_survivor(hook: Any, own: Any, look: SiblingLook, logger: Any = log) -> Any:
+    """
+    ``follow_survivor`` in a trigger. ``own`` has ``id``, ``created_at``, ``status`` and ``metadata``; returns the
+    batch to keep waiting for (``own``, or the survivor as listed).
+    """
+    listing: list[Any] = []
+    try:
+        async for batch in hook.alist_batches():
+            if batch.created_at < look.cutoff:
+                break
+            listing.append(batch)
+    except OpenAIBatchAPIError as error:
+        logger.warning("Could not list batches to look again for a duplicate of %s (%s)", own.id, error)
+        return own
+    survivor = look.survivor(own, listing)
+    if survivor.id == own.id:
+        return own
+    try:
+        await hook.acancel_batch(own.id)
+    except OpenAIBatchAPIError as error:
+        if not error.refused_for_state:
+            logger.warning("Could not cancel duplicate batch %s: %s", own.id, error)
+    logger.warning(
+        "Another try of this task created batch %s first; cancelled our duplicate %s and waiting for %s",
+        survivor.id,
+        own.id,
+        survivor.id,
+    )
+    return survivor
+
+
+def cancel_duplicate(hook: Any, own_id: str, survivor_id: str, logger: Any = log) -> None:
+    try:
+        hook.cancel_batch(own_id)
+    except OpenAIBatchAPIError as error:
+        if not error.refused_for_state:  # it had already ended: nothing left to stop
+            raise
+    logger.warning(
+        "Another try of this task created batch %s first; cancelled our duplicate %s and using %s",
+        survivor_id,
+        own_id,
+        survivor_id,
+    )
+
+
+@dataclass(frozen=True)
+class Ensured:
+    """What ``CreatePath.ensure`` decided: the batch to use, whether this try created it, and the second look."""
+
+    batch: Batch
+    created: bool
+    look: SiblingLook
+
+
+class CreatePath:
+    """
+    One task try's creates: key, lookup, reuse verdict, create once, settle (see the module docstring).
+
+    :param hook: The ``OpenAIBatchHook`` every call goes through.
+    :param context: The task's context (``ti``, ``dag_run``, ``task_state_store``).
+    :param retries: The task's ``retries`` (to compute ``airflow_first_try``).
+    :param policy: The outcome policy a completed batch must pass to be reused.
+    :param reuse: What a re-run after a clear may reuse (``ReuseMode``).
+    :param lookback: The scan window when the context has no DAG run.
+    :param logger: The task's logger.
+    """
+
+    def __init__(
+        self,
+        hook: Any,
+        context: Mapping[str, Any],
+        *,
+        retries: int | None,
+        policy: OutcomePolicy,
+        reuse: ReuseMode | str = "active",
+        lookback: Any = idempotency.DEFAULT_LOOKBACK,
+        logger: Any = log,
+    ) -> None:
+        if reuse not in REUSE_MODES:
+            raise ValueError(f"reuse must be one of {', '.join(REUSE_MODES)}; got {reuse!r}")
+        self.hook = hook
+        self.context = context
+        self.identity = task_identity(context)
+        self.first = first_try(context, retries)
+        self.policy = policy
+        self.reuse = reuse
+        self.lookback = lookback
+        self.log = logger
+        self.store = context.get("task_state_store")
+        #: When this try last looked for each key (epoch seconds): its racers were created after that.
+        self.looked: dict[str, float] = {}
+        #: Batches the lookup saw and did not take: they existed before this try created, so they are no racers.
+        self.passed_over: set[str] = set()
+
+    # --- keys ---------------------------------------------------------------------------------
+
+    def key(self, work: BatchWork) -> str:
+        return idempotency_key(self.identity, *work.key_parts())
+
+    def metadata(self, work: BatchWork, key: str) -> dict[str, str]:
+        return build_metadata(work.metadata, key, self.first)
+
+    # --- the state store record: {"batches": {key: {"batch_id", "first_try"}}} -------------------------------
+
+    def _records(self) -> dict[str, dict[str, Any]]:
+        record = self.store.get(STATE_STORE_KEY) if self.store is not None else None
+        if not isinstance(record, dict):
+            return {}
+        if "key" in record and "batch_id" in record:  # the one-batch record of provider releases before 0.4
+            return {str(record["key"]): {"batch_id": record["batch_id"], "first_try": record.get("first_try")}}
+        batches = record.get("batches")
+        return {str(k): dict(v) for k, v in batches.items() if isinstance(v, dict)} if isinstance(batches, dict) else {}
+
+    def remember(self, key: str, batch_id: str) -> None:
+        """Record ``key``'s batch in the task's state store (Airflow 3.3+), so a later try reads it without a scan."""
+        if self.store is None:
+            return
+        records = self._records()
+        records[key] = {"batch_id": batch_id, "first_try": self.first}
+        self.store.set(STATE_STORE_KEY, {"batches": records})
+
+    # --- lookup --------------------------------------------------------------------------------
+
+    def earlier(self, keys: Collection[str]) -> dict[str, Batch]:
+        """
+        For each of ``keys``, an earlier try's batch that may stand in for a new one: the state store's record,
+        then one scan for every key not settled by it. Each verdict is logged with its reason.
+        """
+        now = time.time()
+        for key in keys:
+            self.looked[key] = now
+        chosen: dict[str, Batch] = {}
+        records = self._records()
+        for key in keys:
+            record = records.get(key)
+            if record is None:
+                continue
+            try:
+                batch = self.hook.get_batch(str(record["batch_id"]))
+            except OpenAIBatchAPIError as error:
+                if not error.not_found:
+                    raise
+                continue
+            if self._may_reuse(batch, _int(record.get("first_try"))):
+                chosen[key] = batch
+            else:
+                self.passed_over.add(batch.id)  # a later try may still have made one and died before recording it
+        missing = set(keys) - set(chosen)
+        if not missing or getattr(self.context.get("ti"), "try_number", None) == 1:
+            # The task instance's very first try (try numbers grow across retries and clears): no earlier try
+            # can have made a batch, so there is nothing to scan for.
+            return chosen
+        found: dict[str, list[Batch]] = {}
+        for batch in recent_batches(self.hook, scan_start(self.context, self.lookback)):
+            key = (batch.metadata or {}).get(IDEMPOTENCY_METADATA_KEY)
+            if key in missing and batch.id not in self.passed_over:
+                found.setdefault(key, []).append(batch)
+        for key, batches in found.items():
+            pick = self._choose(batches)
+            if pick is not None:
+                chosen[key] = pick
+        return chosen
+
+    def _choose(self, batches: list[Batch]) -> Batch | None:
+        """Live batches first, oldest first (every try orders them the same way); the first one reusable wins."""
+        ordered = sorted(batches, key=lambda b: (not can_survive_a_race(b.status), b.created_at, b.id))
+        for batch in ordered:
+            if self._may_reuse(batch, _int((batch.metadata or {}).get(FIRST_TRY_METADATA_KEY))):
+                self.passed_over.update(b.id for b in batches if b.id != batch.id)
+                return batch
+            self.passed_over.add(batch.id)
+        return None
+
+    def _may_reuse(self, batch: Batch, made_in: int | None) -> bool:
+        """
+        Whether ``batch`` (made during the run of tries starting at ``made_in``) may stand in for a new one now. A
+        retry (same run of tries) follows the never-pay-twice rule; a re-run after a clear follows ``reuse``.
+        """
+        retry = made_in == self.first
+        verdict = reuse_verdict(
+            summarize(batch), self.policy, allow_completed=retry or self.reuse == "active_or_completed"
+        )
+        if verdict.reuse and not retry and self.reuse == "never":
+            self.log.info("Not reusing %s: the task was cleared and reuse='never'; creating a new batch", batch.id)
+            return False
+        what = "a retry" if retry else "a re-run after a clear"
+        self.log.info("%s %s for %s: %s", "Reusing" if verdict.reuse else "Not reusing", batch.id, what, verdict.reason)
+        return verdict.reuse
+
+    # --- create and settle -----------------------------------------------------------------------------
+
+    def create(self, work: BatchWork, key: str, *, input_file_id: str | None = None) -> Batch:
+        """Create the batch once (``call_once``) and settle a race with another try; returns the survivor."""
+        file_id = input_file_id or work.input_file_id
+        if not file_id:
+            raise ValueError("a batch needs an input file id")
+        metadata = self.metadata(work, key)
+        sent_after = time.time() - CLOCK_SKEW.total_seconds()
+
+        def send() -> Batch:
+            # Nothing is logged until the settle step has run: an orphaned try (its supervisor killed) dies at its
+            # first log line, and must have cancelled its duplicate by then.
+            batch: Batch = self.hook.create_batch(
+                file_id,
+                work.endpoint,
+                completion_window=work.completion_window,
+                metadata=metadata,
+                output_expires_after_seconds=work.output_expires_after_seconds,
+                max_retries=0,
+            )
+            return batch
+
+        def find() -> Batch | None:
+            # Only a batch this very attempt may have made (its answer lost): created since it started sending.
+            for batch in recent_batches(self.hook, sent_after):
+                if (batch.metadata or {}).get(IDEMPOTENCY_METADATA_KEY) == key and is_reusable(batch.status):
+                    return batch
+            return None
+
+        own = call_once("batches.create", send, find)
+        return self.settle(own, key)
+
+    def look(self, key: str) -> SiblingLook:
+        return SiblingLook(key, self.first, self.looked.get(key, time.time()))
+
+    def settle(self, own: Batch, key: str) -> Batch:
+        """
+        Right after creating: list the batches made since this try started looking (less ``RACE_SKEW``) that the
+        lookup did not pass over; by ``surviving_batch``, cancel our own batch when it is a duplicate and adopt the
+        survivor. A failed listing keeps the batch we have (the second look will settle it).
+        """
+        time.sleep(idempotency.SETTLE_PAUSE)  # until a racer created in the same second as ours is listed too
+        look = self.look(key)
+        try:
+            listing = recent_batches(self.hook, look.cutoff)
+        except OpenAIBatchAPIError as error:  # after the SDK's retries: keep the batch we have, do not fail the try
+            self.log.warning("Could not list batches to look for a duplicate of %s (%s)", own.id, error)
+            return own
+        survivor = look.survivor(own, [b for b in listing if b.id not in self.passed_over])
+        if survivor.id == own.id:
+            self.log.info("Created batch %s for %s", own.id, own.input_file_id)
+            return own
+        cancel_duplicate(self.hook, own.id, survivor.id, self.log)
+        return survivor  # type: ignore[no-any-return]
+
+    def ensure(self, work: BatchWork) -> Ensured:
+        """The batch for ``work``: an earlier try's (when it may be reused) or a new one, recorded in the store."""
+        key = self.key(work)
+        self.metadata(work, key)  # metadata OpenAI would refuse is refused before anything is sent
+        batch = self.earlier([key]).get(key)
+        created = batch is None
+        if batch is None:
+            batch = self.create(work, key)
+        self.remember(key, batch.id)
+        return Ensured(batch, created, self.look(key))

@@ -1,0 +1,212 @@
+"""
+The one create path holds one live batch per task instance in the races an adversarial read found: a third try
+after a settled race, an orphaned try whose create lands more than a minute late, a listing that lags a create,
+and two deployments made from one configuration.
+
+Every call is real HTTP to FakeOpenAIServer with the real SDK. Where a case needs the worker's clock and OpenAI's to
+move together by more than a test should sleep, both are one ``FakeClock``: the server's, and the one the create
+path reads (``batches.time``), which is what "the clocks agree" means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import types
+import uuid
+from typing import Any
+
+import pytest
+from airflow.providers.common.compat.sdk import TaskDeferred
+
+from airflow_provider_openai_batch import batches, idempotency
+from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+from airflow_provider_openai_batch.idempotency import IDEMPOTENCY_METADATA_KEY
+from airflow_provider_openai_batch.operators.openai_batch import OpenAIBatchCreateOperator
+from airflow_provider_openai_batch.testing import FakeClock, FakeOpenAIServer, Timings
+from tests.conftest import FAST, connection_env, jsonl, request_line
+from tests.test_idempotency import MemoryStateStore
+from tests.test_lifecycle import TI
+
+ENDPOINT = "/v1/chat/completions"
+STALL = {"fake_scenario": "stall"}
+
+
+def live(server: FakeOpenAIServer) -> list[str]:
+    """Our batches that are still working (not ended, not being cancelled)."""
+    return [
+        b.id
+        for b in server.state.batches.values()
+        if IDEMPOTENCY_METADATA_KEY in (b.metadata or {})
+        and server.state.status(b) in ("validating", "in_progress", "finalizing")
+    ]
+
+
+def create_op(file_id: str, **kwargs: Any) -> OpenAIBatchCreateOperator:
+    kwargs.setdefault("metadata", STALL)
+    return OpenAIBatchCreateOperator(task_id="create", input_file_id=file_id, endpoint=ENDPOINT, **kwargs)
+
+
+def context_of(ti: TI, store: MemoryStateStore | None) -> dict[str, Any]:
+    context: dict[str, Any] = {"ti": ti}
+    if store is not None:
+        context["task_state_store"] = store
+    return context
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """One clock for OpenAI and the worker; sleeps stay real (and short)."""
+    shared = FakeClock()
+    monkeypatch.setattr(batches, "time", types.SimpleNamespace(time=shared, sleep=time.sleep))
+    return shared
+
+
+@pytest.fixture
+def fake(clock: FakeClock, monkeypatch: pytest.MonkeyPatch):
+    with FakeOpenAIServer(timings=FAST, clock=clock) as srv:
+        monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(srv))
+        yield srv
+
+
+@pytest.mark.parametrize("with_store", [False, True], ids=["metadata_scan", "task_state_store_without_record"])
+def test_a_third_try_after_a_settled_race_waits_for_the_survivor(fake, clock, with_store):
+    """
+    Two tries raced more than a minute apart; the loser cancelled itself and is now the *newest* batch with the
+    key. A third try (the winner died before recording its batch) must take the still-running winner, not see
+    "cancelled" and pay for a third batch that nothing settles against the winner.
+    """
+    file_id = OpenAIBatchHook().upload_file(jsonl([request_line(i) for i in range(3)])).id
+    ti = TI(f"r-{uuid.uuid4()}", retries=3)
+    winner = create_op(file_id).execute(context_of(ti, None))  # try 1: its record never reached the store
+    clock.advance(61)
+    metadata = dict(fake.state.batches[winner].metadata or {})
+    hook = OpenAIBatchHook()
+    loser = hook.create_batch(file_id, ENDPOINT, metadata=metadata).id  # try 2 raced it, lost, cancelled its own
+    hook.cancel_batch(loser)
+    clock.advance(5)
+    assert fake.state.status(fake.state.batches[loser]) == "cancelled"
+
+    ti.retry()
+    ti.retry()
+    third = create_op(file_id).execute(context_of(ti, MemoryStateStore() if with_store else None))
+
+    assert third == winner
+    assert live(fake) == [winner]
+    assert len(fake.state.batches) == 2
+
+
+def test_an_orphan_whose_create_lands_62_s_late_cancels_its_duplicate(fake, clock):
+    """
+    Try 1 looked, found nothing and sent its create; the call hung (the SDK waits up to 600 s) while Airflow
+    failed the try and ran try 2, which created its batch. Try 1's create lands 62 s after try 2's: its settle
+    window starts when try 1 started looking, so it still sees try 2's batch and cancels its own.
+    """
+    file_id = OpenAIBatchHook().upload_file(jsonl([request_line(i) for i in range(3)])).id
+    ti = TI(f"r-{uuid.uuid4()}", retries=2)
+    orphan = create_op(file_id)
+    real_create = orphan.hook.create_batch
+    second: dict[str, str] = {}
+
+    def hangs_while_try_2_runs(*args: Any, **kwargs: Any) -> Any:
+        clock.advance(300)  # Airflow's heartbeat timeout: try 1 is failed, try 2 starts
+        retry = TI(ti.run_id, retries=2)
+        retry.retry()
+        second["batch"] = create_op(file_id).execute(context_of(retry, None))
+        clock.advance(62)
+        return real_create(*args, **kwargs)
+
+    orphan.hook.create_batch = hangs_while_try_2_runs  # type: ignore[method-assign]
+    returned = orphan.execute(context_of(ti, None))
+
+    assert returned == second["batch"]
+    assert live(fake) == [second["batch"]]
+    assert len(fake.state.batches) == 2
+
+
+# --- a listing that lags a create ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lagging(monkeypatch: pytest.MonkeyPatch):
+    """New batches stay out of the list for 3 s (real time), twice the settle pause; the second look at 4 s."""
+    monkeypatch.setattr(idempotency, "SETTLE_PAUSE", 1.5)
+    monkeypatch.setattr(batches, "SIBLING_LOOK_AFTER", 4.0)
+    timings = Timings(validating=0.2, in_progress=8.0, finalizing=0.2, cancelling=0.2)
+    with FakeOpenAIServer(timings=timings, list_lag=3.0) as srv:
+        monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(srv))
+        yield srv
+
+
+def race(file_id: str, run: Any) -> dict[int, Any]:
+    """Two tries that both looked and found nothing before either creates (a barrier holds each create)."""
+    ready = threading.Barrier(2, timeout=30)
+    results: dict[int, Any] = {}
+    errors: list[BaseException] = []
+
+    def one_try(number: int) -> None:
+        op = create_op(file_id, metadata=None, wait_for_completion=True, poll_interval=0.5, max_poll_interval=None)
+        real_create = op.hook.create_batch
+
+        def create_when_both_have_looked(*args: Any, **kwargs: Any) -> Any:
+            ready.wait()
+            return real_create(*args, **kwargs)
+
+        op.hook.create_batch = create_when_both_have_looked  # type: ignore[method-assign]
+        try:
+            results[number] = run(op)
+        except BaseException as error:  # surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=one_try, args=(n,)) for n in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    return results
+
+
+def test_a_lagging_listing_still_ends_with_one_batch_running_blocking(lagging):
+    file_id = OpenAIBatchHook().upload_file(jsonl([request_line(i) for i in range(3)])).id
+    run_id = f"r-{uuid.uuid4()}"
+    returned = race(file_id, lambda op: op.execute({"ti": TI(run_id)}))
+
+    made = {b.id: lagging.state.status(b) for b in lagging.state.batches.values()}
+    assert len(made) == 2, "both tries created a batch (the race happened)"
+    assert sorted(made.values()) == ["cancelled", "completed"], made
+    survivor = next(batch_id for batch_id, status in made.items() if status == "completed")
+    assert returned == {1: survivor, 2: survivor}
+
+
+def test_a_lagging_listing_still_ends_with_one_batch_running_deferred(lagging):
+    file_id = OpenAIBatchHook().upload_file(jsonl([request_line(i) for i in range(3)])).id
+    run_id = f"r-{uuid.uuid4()}"
+
+    def until_deferred(op: OpenAIBatchCreateOperator) -> tuple[OpenAIBatchCreateOperator, Any, TI]:
+        ti = TI(run_id)
+        op.deferrable = True
+        with pytest.raises(TaskDeferred) as deferred:
+            op.execute({"ti": ti})
+        return op, deferred.value.trigger, ti
+
+    deferred = race(file_id, until_deferred)
+    assert len(lagging.state.batches) == 2, "both tries created a batch (the race happened)"
+
+    async def fire(trigger: Any) -> Any:
+        async for event in trigger.run():
+            return event.payload
+
+    async def both() -> list[Any]:
+        return list(await asyncio.gather(*(fire(trigger) for _, trigger, _ in deferred.values())))
+
+    events = asyncio.run(both())
+    made = {b.id: lagging.state.status(b) for b in lagging.state.batches.values()}
+    assert sorted(made.values()) == ["cancelled", "completed"], made
+    survivor = next(batch_id for batch_id, status in made.items() if status == "completed")
+    assert {event["batch_id"] for event in events} == {survivor}
+    assert [event.get("followed", False) for event in events].count(True) == 1
+    for (op, _, ti), event in zip(deferred.values(), events, strict=True):
+        assert op.execute_complete({"ti": ti}, event) == survivor
+        assert ti.xcom["batch_id"] == survivor
