@@ -28,7 +28,7 @@ REPLY_PRIMING: Final = 3
 #: An image part: what a 1024x1024 high-detail image costs on gpt-4o (85 + 4 tiles x 170, OpenAI's vision guide),
 #: whatever its URL or data says; OpenAI does not say what an image costs in the queue.
 IMAGE_TOKENS: Final = 765
-#: Longer texts are counted in pieces of this many characters (the tokenizer refuses very long single inputs).
+#: Longer texts are counted in pieces of at most this many characters (the tokenizer refuses very long inputs).
 PIECE_CHARS: Final = 40_000
 #: Without a tokenizer: one token per this many UTF-8 bytes, rounded up (English runs near four; code and other
 #: scripts nearer three, so three counts high).
@@ -85,13 +85,19 @@ def count_text(text: str, encoding: str = "o200k_base") -> int:
     encode = _encoder(encoding)
     if encode is None:
         return _by_bytes(text)
-    total = 0
-    for start in range(0, len(text), PIECE_CHARS):
-        piece = text[start : start + PIECE_CHARS]
+    total = start = 0
+    while start < len(text):
+        end = start + PIECE_CHARS
+        if end < len(text):
+            # Cut before a space, where the tokenizer would start a new token anyway: the sum stays exact.
+            space = text.rfind(" ", start + PIECE_CHARS // 2, end)
+            end = space if space > 0 else end
+        piece = text[start:end]
         try:
             total += len(encode(piece))
         except ValueError:  # the tokenizer's own length guard, or text it cannot encode
             total += _by_bytes(piece)
+        start = end
     return total
 
 
@@ -140,7 +146,7 @@ def input_tokens(endpoint: str, body: dict[str, Any], model: str | None = None) 
         return _messages(body.get("messages"), encoding) + tools + _json(body.get("response_format"), encoding)
     if endpoint.endswith("/responses"):
         given = body.get("input")
-        items = _messages(given if isinstance(given, list) else [{"content": given}], encoding) if given else 0
+        items = _messages(given if isinstance(given, list) else [{"role": "user", "content": given}], encoding) if given else 0
         extras = _values(body.get("instructions"), encoding) + _json(body.get("tools"), encoding)
         return items + extras + _json(body.get("text"), encoding)
     if endpoint.endswith("/completions") or endpoint.endswith("/embeddings"):
