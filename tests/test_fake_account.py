@@ -84,7 +84,7 @@ def test_a_batch_over_the_limit_fails_at_the_end_of_validation(clock):
 
 
 def test_two_batches_that_fit_alone_but_not_together_the_second_fails(account, clock):
-    srv, client = account
+    _, client = account
     first, second = submit(client, rows(10)), submit(client, rows(10, start=10))
     clock.advance(3600)
     assert client.batches.retrieve(first.id).status == "completed"
@@ -129,7 +129,7 @@ def test_cancelled_batches_free_their_tokens_once_cancelled(clock):
 
 
 def test_a_batch_cancelled_while_validating_never_holds_the_queue(account, clock):
-    srv, client = account
+    _, client = account
     cancelled = submit(client, rows(10))
     client.batches.cancel(cancelled.id)
     first, second = submit(client, rows(10, start=10)), submit(client, rows(10, start=20))
@@ -287,3 +287,14 @@ def test_token_counts_follow_openais_encodings(monkeypatch):
     monkeypatch.setattr(tokens, "_encoder", lambda encoding: None)  # bpe-openai not installed
     assert tokens.tokenizer_name() == "utf-8 bytes / 3"
     assert tokens.count_text("hello world") == 4
+
+
+def test_without_limits_the_account_is_not_modelled(clock):
+    huge = rows(10, max_tokens=10_000_000)
+    with FakeOpenAIServer(clock=clock) as srv:
+        client = _client(srv)
+        batches = [submit(client, huge) for _ in range(3)]
+        clock.advance(3600)
+        assert [client.batches.retrieve(b.id).status for b in batches] == ["completed"] * 3
+        assert not srv.state.models_account and srv.state.tokens_of(batches[0].id) == 0
+        assert srv.state.refusals() == 0 and srv.state.peak_enqueued(MODEL) == 0

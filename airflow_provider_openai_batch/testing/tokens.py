@@ -145,8 +145,9 @@ def input_tokens(endpoint: str, body: dict[str, Any], model: str | None = None) 
         tools = _json(body.get("tools"), encoding) + _json(body.get("functions"), encoding)
         return _messages(body.get("messages"), encoding) + tools + _json(body.get("response_format"), encoding)
     if endpoint.endswith("/responses"):
-        given = body.get("input")
-        items = _messages(given if isinstance(given, list) else [{"role": "user", "content": given}], encoding) if given else 0
+        given = body.get("input")  # a string is one user message
+        items = _messages(given if isinstance(given, list) else [{"role": "user", "content": given}], encoding)
+        items = items if given else 0
         extras = _values(body.get("instructions"), encoding) + _json(body.get("tools"), encoding)
         return items + extras + _json(body.get("text"), encoding)
     if endpoint.endswith("/completions") or endpoint.endswith("/embeddings"):
