@@ -9,6 +9,6 @@ from __future__ import annotations
 
 from airflow_provider_openai_batch.testing.faults import Fault, FaultPlan
 from airflow_provider_openai_batch.testing.server import FakeOpenAIServer
-from airflow_provider_openai_batch.testing.state import FakeClock, HeldClock, Timings
+from airflow_provider_openai_batch.testing.state import FakeClock, HeldClock, QueueRefusal, Timings
 
-__all__ = ["FakeClock", "FakeOpenAIServer", "Fault", "FaultPlan", "HeldClock", "Timings"]
+__all__ = ["FakeClock", "FakeOpenAIServer", "Fault", "FaultPlan", "HeldClock", "QueueRefusal", "Timings"]

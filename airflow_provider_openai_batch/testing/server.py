@@ -34,7 +34,14 @@ from airflow_provider_openai_batch.endpoints import (
     batch_endpoints,
 )
 from airflow_provider_openai_batch.testing.faults import Fault, FaultPlan
-from airflow_provider_openai_batch.testing.state import FakeClock, FakeState, Timings
+from airflow_provider_openai_batch.testing.state import (
+    QUEUE_ERROR_CODE,
+    FakeClock,
+    FakeState,
+    QueueLimitExceeded,
+    QueueRefusalMode,
+    Timings,
+)
 
 Handler = Callable[[Request], Awaitable[Response]]
 MAX_BATCH_FILE_BYTES = 200 * 1024 * 1024
@@ -96,6 +103,12 @@ class FakeOpenAIServer:
     ``compatible_quirks=True`` answers as some OpenAI-compatible servers do: result bodies as JSON strings,
     errors with a ``type`` and no ``code``, a zero-byte error file. ``compress_content=True`` gzips file
     downloads with the compressed Content-Length, as a compressing proxy in front of any server does.
+
+    The account: ``queue_limits={"gpt-4o-mini": 2_000_000}`` limits the tokens a model's batches may hold enqueued
+    (``request_queue_limits`` the requests, as for embeddings models). A batch that does not fit fails as its
+    validation ends with ``token_limit_exceeded``, as OpenAI's do; with ``queue_refusal="at_create"`` (the default
+    with ``azure_quirks``) ``batches.create`` answers 400 instead, as Azure's fail-fast does. ``srv.state`` tells
+    ``peak_enqueued(model)``, ``enqueued(model)``, ``refusals()`` and ``queue_refusals``.
     Every behaviour and its source: ``CONTRACT.md`` beside this module.
     """
 
@@ -117,6 +130,10 @@ class FakeOpenAIServer:
         compatible_quirks: bool = False,
         compress_content: bool = False,
         list_lag: float = 0.0,
+        queue_limits: dict[str, int] | None = None,
+        request_queue_limits: dict[str, int] | None = None,
+        queue_refusal: QueueRefusalMode | None = None,
+        count_output_cap: bool = True,
     ) -> None:
         self.api_key = api_key
         self.host = host
@@ -138,6 +155,10 @@ class FakeOpenAIServer:
             scenario=scenario,
             azure_quirks=azure_quirks,
             compatible_quirks=compatible_quirks,
+            queue_limits=queue_limits,
+            request_queue_limits=request_queue_limits,
+            queue_refusal=queue_refusal,
+            count_output_cap=count_output_cap,
         )
         self.faults = FaultPlan()
         self.calls: Counter[str] = Counter()
@@ -344,7 +365,12 @@ class FakeOpenAIServer:
         """Call counters for a server in another process (``python -m ...testing``), e.g. for benchmarks."""
         with self._calls_lock:
             calls = dict(self.calls)
-        return JSONResponse({"calls": calls, "batches": len(self.state.batches), "files": len(self.state.files)})
+        stats: dict[str, Any] = {"calls": calls, "batches": len(self.state.batches), "files": len(self.state.files)}
+        if self.state.models_account:
+            stats["queue_refusals"] = self.state.refusals()
+            models = {batch.model for batch in self.state.batches.values() if batch.model}
+            stats["peak_enqueued"] = {model: self.state.peak_enqueued(model) for model in sorted(models)}
+        return JSONResponse(stats)
 
     # --- files -------------------------------------------------------------------------------
 
@@ -468,7 +494,10 @@ class FakeOpenAIServer:
             return error_response(404, f"No such File object: {input_file_id}", param="input_file_id")
         if stored.purpose != "batch":
             return error_response(400, f"File {input_file_id} has purpose {stored.purpose!r}, not 'batch'.")
-        batch = await run_in_threadpool(self.state.create_batch, input_file_id, endpoint, window, metadata)
+        try:
+            batch = await run_in_threadpool(self.state.create_batch, input_file_id, endpoint, window, metadata)
+        except QueueLimitExceeded as refused:
+            return error_response(400, refused.refusal.message, code=QUEUE_ERROR_CODE)
         if self.list_lag:
             self._listed_after[batch.id] = time.monotonic() + self.list_lag
         return JSONResponse(self.state.batch_json(batch))

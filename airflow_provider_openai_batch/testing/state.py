@@ -3,6 +3,10 @@ The fake server's memory: files on disk, batches, and the status machine that mo
 
 Status is derived from the clock whenever a batch is read, so tests can use a real clock (fast timings) or a
 ``FakeClock`` they advance by hand, and a batch never needs a background task to make progress.
+
+The account is modelled here too: each model's enqueued-token queue (``queue_limits``). Whether a batch gets into
+its model's queue is decided at the moment its validation ends on the clock, in the order of those moments, against
+the batches admitted before it that had not yet ended at that moment: the same outcome whichever batch is read first.
 """
 
 from __future__ import annotations
@@ -14,14 +18,25 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from itertools import count
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from airflow_provider_openai_batch.endpoints import batch_endpoints
 from airflow_provider_openai_batch.testing import responses
 from airflow_provider_openai_batch.testing.input_rules import check_input
+from airflow_provider_openai_batch.testing.tokens import batch_tokens
+
+#: When a full queue refuses a batch: OpenAI fails it at the end of validation; Azure's fail-fast answers 400 at create.
+QueueRefusalMode = Literal["at_validation", "at_create"]
+QueueUnit = Literal["tokens", "requests"]
+#: The organization OpenAI's refusal message names.
+ORGANIZATION = "org-fake"
+#: ``errors.data[].code`` of a queue refusal, and ``error.code`` of Azure's 400 at create.
+QUEUE_ERROR_CODE = "token_limit_exceeded"
 
 
 class FakeClock:
@@ -73,6 +88,32 @@ class Timings:
     expire_fraction: float = 0.5
 
 
+@dataclass(frozen=True)
+class QueueRefusal:
+    """A batch its model's full queue refused (test instrumentation: what the account turned away, and why)."""
+
+    model: str
+    #: ``"tokens"`` (``queue_limits``) or ``"requests"`` (``request_queue_limits``).
+    unit: QueueUnit
+    #: What the batch would have added, and what the queue already held at that moment, in ``unit``.
+    asked: int
+    enqueued: int
+    limit: int
+    #: The clock moment of the decision: the end of validation, or the create call (``at_create``).
+    at: float
+    #: The failed batch; ``None`` when refused at create (no batch exists).
+    batch_id: str | None
+    message: str
+
+
+class QueueLimitExceeded(Exception):
+    """``batches.create`` refused because the model's queue is full (``queue_refusal="at_create"``): a 400."""
+
+    def __init__(self, refusal: QueueRefusal) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
+
+
 @dataclass
 class StoredFile:
     id: str
@@ -118,6 +159,15 @@ class StoredBatch:
     error_file_id: str | None = None
     usage: dict[str, Any] | None = None
     final_counts: dict[str, int] | None = None
+    #: What the batch puts in its model's queue (counted only when the account is modelled).
+    tokens: int = 0
+    #: Creation order: breaks ties between batches whose validation ends at the same moment.
+    seq: int = 0
+    #: ``"pending"`` until its validation ends, then ``"admitted"`` or ``"refused"``; ``"none"`` when the batch never
+    #: reaches the queue (the account is not modelled, no model, its input fails validation, cancelled first).
+    queue: Literal["none", "pending", "admitted", "refused"] = "none"
+    #: When it entered the queue: its validation end (``at_validation``) or its creation (``at_create``).
+    admitted_at: float | None = None
 
 
 def _id(prefix: str) -> str:
@@ -126,6 +176,14 @@ def _id(prefix: str) -> str:
 
 def _errors_json(issues: list[dict[str, Any]]) -> dict[str, Any]:
     return {"object": "list", "data": list(issues)}
+
+
+def _short(limit: int) -> str:
+    """Azure's way of writing a limit in its message: ``30K``, ``2M``."""
+    for size, suffix in ((1_000_000, "M"), (1_000, "K")):
+        if limit >= size and limit % size == 0:
+            return f"{limit // size}{suffix}"
+    return str(limit)
 
 
 class FakeState:
@@ -142,7 +200,19 @@ class FakeState:
         scenario: str = "complete",
         azure_quirks: bool = False,
         compatible_quirks: bool = False,
+        queue_limits: Mapping[str, int] | None = None,
+        request_queue_limits: Mapping[str, int] | None = None,
+        queue_refusal: QueueRefusalMode | None = None,
+        count_output_cap: bool = True,
     ) -> None:
+        """
+        The account: ``queue_limits`` maps a model to the tokens its batches may hold enqueued, and
+        ``request_queue_limits`` to the requests (embeddings models); ``None`` for both (the default) does not model
+        the account at all, an empty mapping tracks the queues (``peak_enqueued``) without limiting them.
+        ``queue_refusal``: ``"at_validation"`` (OpenAI: the batch fails as its validation ends) or ``"at_create"``
+        (Azure's fail-fast: ``batches.create`` answers 400); by default ``"at_create"`` with ``azure_quirks``.
+        ``count_output_cap``: a request's output cap counts toward the queue (the stricter reading; ``tokens.py``).
+        """
         self.clock = clock
         self.azure_quirks = azure_quirks
         self.compatible_quirks = compatible_quirks
@@ -159,7 +229,22 @@ class FakeState:
         self.batches: dict[str, StoredBatch] = {}
         #: How often each transient ``fake_error`` (``"times": n``) has failed so far, by custom_id.
         self.failures: dict[str, int] = {}
+        self.queue_limits = dict(queue_limits) if queue_limits is not None else None
+        self.request_queue_limits = dict(request_queue_limits) if request_queue_limits is not None else None
+        self.queue_refusal: QueueRefusalMode = queue_refusal or ("at_create" if azure_quirks else "at_validation")
+        self.count_output_cap = count_output_cap
+        #: Every batch a full queue turned away, in the order decided.
+        self.queue_refusals: list[QueueRefusal] = []
+        self._seq = count(1)
+        self._pending: list[StoredBatch] = []
+        self._admitted: defaultdict[str, list[StoredBatch]] = defaultdict(list)
+        self._peak: defaultdict[tuple[str, QueueUnit], int] = defaultdict(int)
         self._lock = threading.RLock()
+
+    @property
+    def models_account(self) -> bool:
+        """Whether the account's queues are modelled (a limit mapping was given, even an empty one)."""
+        return self.queue_limits is not None or self.request_queue_limits is not None
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -212,35 +297,183 @@ class FakeState:
         completion_window: str,
         metadata: dict[str, str] | None,
     ) -> StoredBatch:
+        """Raises ``QueueLimitExceeded`` when the model's queue is full and refusals come at create."""
         stored = self.files[input_file_id]
         report = check_input(stored.path, endpoint)
+        tokens = 0
+        if self.models_account:
+            bodies = (body for _, body in report.requests)
+            tokens = batch_tokens(endpoint, bodies, model=report.model, with_cap=self.count_output_cap)
         with self._lock:
+            now = self.clock()
+            self._settle_queue(now)
+            queued = self.models_account and report.model is not None
+            if queued and self.queue_refusal == "at_create":
+                refusal = self._judge(report.model or "", tokens, len(report.requests), now, None)
+                if refusal is not None:
+                    raise QueueLimitExceeded(refusal)
             scripted = self.scripted_scenarios.pop(0) if self.scripted_scenarios else None
-        scenario = (metadata or {}).get("fake_scenario") or scripted or self.scenario
-        batch = StoredBatch(
-            id=_id("batch_"),
-            input_file_id=input_file_id,
-            endpoint=endpoint,
-            completion_window=completion_window,
-            metadata=metadata,
-            created_at=self.clock(),
-            scenario=scenario,
-            requests=report.requests,
-            model=report.model,
-            issues=report.errors,
-        )
-        with self._lock:
+            scenario = (metadata or {}).get("fake_scenario") or scripted or self.scenario
+            batch = StoredBatch(
+                id=_id("batch_"),
+                input_file_id=input_file_id,
+                endpoint=endpoint,
+                completion_window=completion_window,
+                metadata=metadata,
+                created_at=now,
+                scenario=scenario,
+                requests=report.requests,
+                model=report.model,
+                issues=report.errors,
+                tokens=tokens,
+                seq=next(self._seq),
+            )
+            if queued and self.queue_refusal == "at_create":
+                # Admitted as it is created: it holds its tokens while validating, whatever validation finds.
+                self._admit(batch, now)
+            elif queued and not batch.issues and scenario != "fail":
+                batch.queue = "pending"
+                self._pending.append(batch)
             self.batches[batch.id] = batch
         return batch
 
     def cancel(self, batch_id: str) -> StoredBatch:
         with self._lock:
             batch = self.batches[batch_id]
-            self._advance(batch)
+            now = self.clock()
+            self._advance(batch, now)
             if batch.final_status is None and batch.cancel_requested_at is None:
-                batch.cancel_requested_at = self.clock()
+                if batch.queue == "pending":  # cancelled while validating: it never reaches the queue
+                    self._pending.remove(batch)
+                    batch.queue = "none"
+                batch.cancel_requested_at = now
                 batch.cancelled_done = self._done_count(batch, batch.cancel_requested_at)
             return batch
+
+    # --- the account: each model's enqueued-token queue ----------------------------------------
+
+    def _ends_at(self, batch: StoredBatch) -> float:
+        """The moment ``batch`` ends on the clock as things stand (a cancel moves it); ``inf``: not foreseeable."""
+        if batch.final_status is not None and batch.finished_at is not None:
+            return batch.finished_at
+        if batch.cancel_requested_at is not None:
+            return batch.cancel_requested_at + self.timings.cancelling
+        validated, _, finalized = self._phase_times(batch)
+        if batch.issues or batch.scenario == "fail":
+            return validated
+        return math.inf if batch.scenario == "stall" else finalized
+
+    def _held(self, model: str, at: float) -> tuple[int, int]:
+        """Tokens and requests of ``model``'s queue at the moment ``at``: the admitted batches not yet ended then."""
+        tokens = requests = 0
+        for batch in self._admitted.get(model, ()):
+            if batch.admitted_at is not None and batch.admitted_at <= at < self._ends_at(batch):
+                tokens, requests = tokens + batch.tokens, requests + len(batch.requests)
+        return tokens, requests
+
+    def _judge(self, model: str, tokens: int, requests: int, at: float, batch_id: str | None) -> QueueRefusal | None:
+        """Records and returns the refusal when a batch of ``tokens`` / ``requests`` does not fit ``model``'s queue at
+        the moment ``at``; ``None`` when it fits (or the model has no limit)."""
+        held_tokens, held_requests = self._held(model, at)
+        checks: tuple[tuple[QueueUnit, int, int, dict[str, int] | None], ...] = (
+            ("tokens", tokens, held_tokens, self.queue_limits),
+            ("requests", requests, held_requests, self.request_queue_limits),
+        )
+        for unit, asked, held, limits in checks:
+            limit = (limits or {}).get(model)
+            if limit is not None and held + asked > limit:
+                refusal = QueueRefusal(
+                    model=model,
+                    unit=unit,
+                    asked=asked,
+                    enqueued=held,
+                    limit=limit,
+                    at=at,
+                    batch_id=batch_id,
+                    message=self._refusal_message(model, unit, limit),
+                )
+                self.queue_refusals.append(refusal)
+                return refusal
+        return None
+
+    def _refusal_message(self, model: str, unit: QueueUnit, limit: int) -> str:
+        if self.azure_quirks:
+            return (
+                f"The number of enqueued {unit} has surpassed the configured limit of {_short(limit)} for the "
+                f"deployment '{model}'. Please either increase the limit or try again once the current jobs have "
+                "finished."
+            )
+        kind = "token" if unit == "tokens" else "request"
+        return (
+            f"Enqueued {kind} limit reached for {model} in organization {ORGANIZATION}. Limit: {limit:,} enqueued "
+            f"{unit}. Please try again once some in_progress batches have been completed."
+        )
+
+    def _admit(self, batch: StoredBatch, at: float) -> None:
+        model = batch.model or ""
+        held_tokens, held_requests = self._held(model, at)
+        batch.queue, batch.admitted_at = "admitted", at
+        self._admitted[model].append(batch)
+        self._peak[(model, "tokens")] = max(self._peak[(model, "tokens")], held_tokens + batch.tokens)
+        self._peak[(model, "requests")] = max(self._peak[(model, "requests")], held_requests + len(batch.requests))
+
+    def _settle_queue(self, now: float) -> None:
+        """
+        Decide every batch whose validation ended by ``now``, in the order of those moments (then of creation), each
+        against the queue as it stood at its own moment: reading batches in any order gives the same outcomes.
+        """
+        due = [batch for batch in self._pending if self._phase_times(batch)[0] <= now]
+        if not due:
+            return
+        due.sort(key=lambda batch: (self._phase_times(batch)[0], batch.seq))
+        for batch in due:
+            self._pending.remove(batch)
+            validated = self._phase_times(batch)[0]
+            refusal = self._judge(batch.model or "", batch.tokens, len(batch.requests), validated, batch.id)
+            if refusal is None:
+                self._admit(batch, validated)
+                continue
+            # Failed at the end of validation, before any request ran: no usage, no files, nothing charged.
+            batch.queue = "refused"
+            batch.issues = [{"code": QUEUE_ERROR_CODE, "line": None, "message": refusal.message, "param": None}]
+            batch.final_status, batch.finished_at = "failed", validated
+
+    def enqueued(self, model: str) -> int:
+        """Tokens ``model``'s queue holds now: its admitted batches not yet ended."""
+        with self._lock:
+            now = self.clock()
+            self._settle_queue(now)
+            return self._held(model, now)[0]
+
+    def enqueued_requests(self, model: str) -> int:
+        """Requests ``model``'s queue holds now."""
+        with self._lock:
+            now = self.clock()
+            self._settle_queue(now)
+            return self._held(model, now)[1]
+
+    def peak_enqueued(self, model: str) -> int:
+        """The most tokens ``model``'s queue ever held at once (never above its limit when it has one)."""
+        with self._lock:
+            self._settle_queue(self.clock())
+            return self._peak[(model, "tokens")]
+
+    def peak_enqueued_requests(self, model: str) -> int:
+        """The most requests ``model``'s queue ever held at once."""
+        with self._lock:
+            self._settle_queue(self.clock())
+            return self._peak[(model, "requests")]
+
+    def refusals(self, model: str | None = None) -> int:
+        """How many batches a full queue refused (for ``model``, or for any), at validation or at create."""
+        with self._lock:
+            self._settle_queue(self.clock())
+            return sum(1 for refusal in self.queue_refusals if model is None or refusal.model == model)
+
+    def tokens_of(self, batch_id: str) -> int:
+        """What the batch puts in its model's queue, as this fake counts it (``tokens.py``)."""
+        with self._lock:
+            return self.batches[batch_id].tokens
 
     # --- the status machine --------------------------------------------------------------------
 
@@ -274,17 +507,19 @@ class FakeState:
         validated, processed, _ = self._phase_times(batch)
         if batch.cancel_requested_at is not None:
             return "cancelling"
-        if now < validated:
+        if now < validated or batch.queue == "pending":
             return "validating"
         if now < processed or batch.scenario == "stall":
             return "in_progress"
         return "finalizing"
 
-    def _advance(self, batch: StoredBatch) -> None:
-        """Settle a batch whose terminal moment has passed: decide its status and write its result files."""
-        if batch.final_status is not None:
+    def _advance(self, batch: StoredBatch, now: float | None = None) -> None:
+        """Settle a batch whose terminal moment has passed (by ``now``, default the clock's): decide its status and
+        write its result files. Queue admissions due by then are decided first, all of them, in their order."""
+        now = self.clock() if now is None else now
+        self._settle_queue(now)
+        if batch.final_status is not None or batch.queue == "pending":
             return
-        now = self.clock()
         validated, _, finalized = self._phase_times(batch)
         if batch.cancel_requested_at is not None:
             if now >= batch.cancel_requested_at + self.timings.cancelling:
