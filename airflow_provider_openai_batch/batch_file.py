@@ -11,7 +11,7 @@ the network speed of the upload that follows.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -405,6 +405,8 @@ class Shard:
     bytes: int
     sha256: str
     first_line: int
+    #: Estimated tokens (``line_tokens`` of ``shard_batch_file``) over the shard's requests.
+    tokens: int = 0
 
 
 def estimate_tokens(raw: bytes) -> int:
@@ -420,14 +422,17 @@ def shard_batch_file(
     allowed_endpoints: Collection[str] | None = OPENAI_BATCH_ENDPOINTS,
     limits: ShardLimits | None = None,
     max_issues: int = MAX_REPORTED_ISSUES,
+    line_tokens: Callable[[bytes], int] | None = None,
 ) -> list[Shard]:
     """
     Validate ``source`` and cut it into files that each respect ``limits``, in one streaming pass.
 
     Every problem in the whole input is reported (file, line, field) before any shard is used, and
     ``custom_id`` must be unique across all shards, since results are joined back on it. Shards keep
-    input order: shard 0 holds the first lines.
+    input order: shard 0 holds the first lines. ``line_tokens`` estimates one request line's tokens (for
+    ``limits.max_tokens`` and ``Shard.tokens``; default ``estimate_tokens``).
     """
+    count_tokens = line_tokens or estimate_tokens
     limits = limits or ShardLimits()
     name = describe(source)
     validator = BatchFileValidator(endpoint=endpoint, allowed_endpoints=allowed_endpoints, max_issues=max_issues)
@@ -442,7 +447,7 @@ def shard_batch_file(
         if out is not None:
             out.close()
             path = folder / f"shard-{len(shards):05d}.jsonl"
-            shards.append(Shard(path, count, size, digest.hexdigest(), start))
+            shards.append(Shard(path, count, size, digest.hexdigest(), start, tokens))
             out = None
 
     with open_source(source) as stream:
@@ -451,7 +456,7 @@ def shard_batch_file(
             raw = validator.check_line(lineno, line)
             if raw is None or validator.collector.issues:
                 continue  # keep reading to report every problem, but write nothing more
-            line_tokens = estimate_tokens(raw)
+            this_tokens = count_tokens(raw)
             line_inputs = validator.embedding_inputs - inputs_before
             if line_inputs > limits.max_embedding_inputs:
                 validator.collector.add(
@@ -465,7 +470,7 @@ def shard_batch_file(
             full = out is not None and (
                 count + 1 > limits.max_requests
                 or size + len(raw) + 1 > limits.max_bytes
-                or (limits.max_tokens is not None and tokens + line_tokens > limits.max_tokens)
+                or (limits.max_tokens is not None and tokens + this_tokens > limits.max_tokens)
                 or inputs + line_inputs > limits.max_embedding_inputs
             )
             if full:
@@ -477,7 +482,7 @@ def shard_batch_file(
                 start = lineno
             out.write(raw + b"\n")
             digest.update(raw + b"\n")
-            count, size, tokens = count + 1, size + len(raw) + 1, tokens + line_tokens
+            count, size, tokens = count + 1, size + len(raw) + 1, tokens + this_tokens
             inputs += line_inputs
     if out is not None:
         close()

@@ -9,8 +9,9 @@ treating it as success is how failed nightly jobs go unnoticed.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypedDict, get_args
+from typing import Any, Literal, NamedTuple, TypedDict, get_args
 
 import msgspec
 from openai.types import BatchError, BatchUsage
@@ -346,13 +347,15 @@ def _format_errors(errors: list[dict[str, Any]], limit: int = 10) -> str:
     return "\n".join(lines)
 
 
-def _over_limits(failed: int, ratio: float, max_requests: int | None, max_ratio: float | None) -> list[str]:
-    """Which failure limits ``failed`` requests (a ``ratio`` of all) exceed: one rule for batches and jobs."""
+def _over_limits(
+    failed: int, ratio: float, max_requests: int | None, max_ratio: float | None, kind: str = "failed"
+) -> list[str]:
+    """Which limits ``failed`` requests (a ``ratio`` of all) exceed: one rule for batches and jobs."""
     over = []
     if max_requests is not None and failed > max_requests:
-        over.append(f"more than max_failed_requests={max_requests}")
+        over.append(f"more than max_{kind}_requests={max_requests}")
     if max_ratio is not None and ratio > max_ratio:
-        over.append(f"more than max_failed_ratio={max_ratio}")
+        over.append(f"more than max_{kind}_ratio={max_ratio}")
     return over
 
 
@@ -390,34 +393,114 @@ def evaluate(summary: BatchSummary, policy: OutcomePolicy) -> Outcome:
     return Outcome(False, f"Batch {batch_id} is not finished (status {status!r}).")
 
 
+# --- the account's enqueued-token queue ----------------------------------------------------------------
+
+#: The error code OpenAI gives a batch refused because the model's queue is full (at the end of validation), and
+#: Azure's global batch gives ``batches.create`` (HTTP 400) for the same reason.
+QUEUE_ERROR_CODE = "token_limit_exceeded"
+_LIMIT = re.compile(r"Limit:\s*([\d,._]+)\s*(?:enqueued\s+)?(tokens?|requests?)?", re.IGNORECASE)
+_AZURE_LIMIT = re.compile(r"limit of\s*([\d,.]+)\s*([KMB]?)", re.IGNORECASE)
+_SCALE = {"": 1, "K": 1_000, "M": 1_000_000, "B": 1_000_000_000}
+
+
+@dataclass(frozen=True)
+class QueueRefusal:
+    """
+    A batch refused because the model's enqueued-token (or request) queue was full: not a failed request, and not
+    charged. ``limit`` is what OpenAI's message says the queue holds (``Limit: 2,000,000 enqueued tokens``), when it
+    says; ``unit`` is ``"tokens"`` or ``"requests"`` (embeddings queues count requests).
+    """
+
+    message: str
+    limit: int | None
+    unit: Literal["tokens", "requests"]
+    model: str | None = None
+
+
+def read_queue_refusal(message: str, model: str | None = None) -> QueueRefusal:
+    """What a queue refusal's message says about the limit (OpenAI's ``Limit: N ...`` or Azure's ``limit of 30K``)."""
+    found = _LIMIT.search(message or "")
+    if found:
+        digits = re.sub(r"[^\d]", "", found.group(1))
+        unit: Literal["tokens", "requests"] = (
+            "requests" if (found.group(2) or "").lower().startswith("request") else "tokens"
+        )
+        return QueueRefusal(message, int(digits) if digits else None, unit, model)
+    found = _AZURE_LIMIT.search(message or "")
+    if found:
+        number = float(found.group(1).replace(",", ""))
+        return QueueRefusal(message, int(number * _SCALE[found.group(2).upper()]), "tokens", model)
+    return QueueRefusal(message, None, "tokens", model)
+
+
+def queue_refusal(summary: BatchSummary) -> QueueRefusal | None:
+    """The refusal when ``summary`` is a batch that failed for the queue (``token_limit_exceeded``), else ``None``."""
+    if summary["status"] != "failed":
+        return None
+    for error in summary.get("errors") or []:
+        if error.get("code") == QUEUE_ERROR_CODE:
+            return read_queue_refusal(str(error.get("message") or ""), summary.get("model"))
+    return None
+
+
+def is_queue_refusal_code(code: str | None) -> bool:
+    """Whether an API error's code means the queue is full (Azure refuses ``batches.create`` with it)."""
+    return code == QUEUE_ERROR_CODE
+
+
 @dataclass(frozen=True)
 class JobPolicy:
     """
-    Which ended jobs (every round run, the result written) count as a task success: at most
-    ``max_failed_requests`` requests, or a ``max_failed_ratio`` share of them, did not succeed. With neither
-    set, a job fails only when no request succeeded.
+    Which ended jobs (every attempt made, the result written) count as a task success.
+
+    Requests that never ran (``missing``, ``expired``, ``cancelled``) after the last attempt fail the task unless
+    allowed: at most ``max_unrun_requests`` of them, or a ``max_unrun_ratio`` share (default: none). Requests that
+    ran and failed follow ``max_failed_requests`` / ``max_failed_ratio``; with neither set, they fail the task
+    only when no request succeeded.
     """
 
     max_failed_requests: int | None = None
     max_failed_ratio: float | None = None
+    max_unrun_requests: int | None = 0
+    max_unrun_ratio: float | None = None
 
     def __post_init__(self) -> None:
         OutcomePolicy(max_failed_requests=self.max_failed_requests, max_failed_ratio=self.max_failed_ratio)
+        OutcomePolicy(max_failed_requests=self.max_unrun_requests, max_failed_ratio=self.max_unrun_ratio)
 
 
-def evaluate_job(counts: dict[str, int], policy: JobPolicy) -> Outcome:
-    """Decide whether a job whose requests ended with ``counts`` (by request status) is a task success."""
+#: Request statuses of requests that never ran.
+UNRUN_STATUSES = ("missing", "expired", "cancelled")
+
+
+def evaluate_job(counts: dict[str, int], policy: JobPolicy, reasons: list[str] | None = None) -> Outcome:
+    """
+    Decide whether a job whose requests ended with ``counts`` (by request status) is a task success. ``reasons``
+    are OpenAI's own words on batches that did not run (e.g. a queue refusal), quoted in the message.
+    """
     total = sum(counts.values())
     succeeded = counts.get("succeeded", 0)
     unfinished = total - succeeded
+    why = ("; OpenAI said: " + " | ".join(dict.fromkeys(reasons))) if reasons else ""
     if not unfinished:
         return Outcome(True, f"All {total:,} requests succeeded.")
     ratio = unfinished / total if total else 1.0
     detail = ", ".join(f"{counts[k]:,} {k}" for k in counts if k != "succeeded" and counts[k])
     text = f"{unfinished:,} of {total:,} requests did not succeed ({100.0 * ratio:.1f} %: {detail})"
-    over = _over_limits(unfinished, ratio, policy.max_failed_requests, policy.max_failed_ratio)
-    if policy.max_failed_requests is None and policy.max_failed_ratio is None and not succeeded:
+    unrun = sum(counts.get(k, 0) for k in UNRUN_STATUSES)
+    failed = unfinished - unrun
+    over = _over_limits(failed, failed / total if total else 1.0, policy.max_failed_requests, policy.max_failed_ratio)
+    if policy.max_failed_requests is None and policy.max_failed_ratio is None and not succeeded and failed:
         over.append("no request succeeded")
+    if unrun:
+        unrun_over = _over_limits(
+            unrun, unrun / total if total else 1.0, policy.max_unrun_requests, policy.max_unrun_ratio, "unrun"
+        )
+        if unrun_over:
+            over.append(
+                f"{unrun:,} request(s) never ran ({', '.join(unrun_over)}; "
+                "set max_unrun_requests or max_unrun_ratio to allow them)"
+            )
     if over:
-        return Outcome(False, f"{text}: {' and '.join(over)}. The joined result holds every row.")
-    return Outcome(True, f"{text}; within the allowed failures. The joined result holds every row.", True)
+        return Outcome(False, f"{text}: {' and '.join(over)}{why}. The joined result holds every row.")
+    return Outcome(True, f"{text}; within the allowed failures{why}. The joined result holds every row.", True)

@@ -340,9 +340,9 @@ class CreatePath:
             return chosen
         found: dict[str, list[Batch]] = {}
         for batch in recent_batches(self.hook, scan_start(self.context, self.lookback)):
-            key = (batch.metadata or {}).get(IDEMPOTENCY_METADATA_KEY)
-            if key in missing and batch.id not in self.passed_over:
-                found.setdefault(key, []).append(batch)
+            named = (batch.metadata or {}).get(IDEMPOTENCY_METADATA_KEY)
+            if named is not None and named in missing and batch.id not in self.passed_over:
+                found.setdefault(named, []).append(batch)
         for key, batches in found.items():
             pick = self._choose(batches)
             if pick is not None:

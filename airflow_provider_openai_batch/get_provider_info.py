@@ -119,8 +119,8 @@ def get_provider_info() -> dict[str, Any]:
                         "description": (
                             "Names this deployment in every batch's idempotency key, so two Airflow deployments "
                             "on one OpenAI project never reuse (or delete the input of) each other's batches. "
-                            "The same on every worker of one deployment. Default: a random id made once and kept in the "
-                            "Airflow Variable openai_batch_deployment_id."
+                            "The same on every worker of one deployment. Default: a random id made once and kept "
+                            "in the Airflow Variable openai_batch_deployment_id."
                         ),
                         "version_added": "0.1.0",
                         "type": "string",

@@ -144,3 +144,12 @@ def task_instance_state(ti: Any) -> str | None:
         log.debug("Could not read the state of %s: %s", getattr(ti, "task_id", ti), error)
         return UNKNOWN_STATE
     return None if value is None else str(getattr(value, "value", value))
+
+
+def backoff_delay(attempt: int, base: float, cap: float, jitter: float = 0.2) -> float:
+    """
+    Seconds to wait before attempt ``attempt + 1``: ``base`` doubling per attempt up to ``cap``, spread by
+    ``jitter`` (a share either way) so that many waiters backing off together do not come back in lockstep.
+    """
+    delay = min(cap, base * 2 ** max(0, attempt - 1))
+    return delay * random.uniform(1.0 - jitter, 1.0 + jitter) if jitter else delay

@@ -487,21 +487,24 @@ def write_retry_input(joined: Source, destination: Destination) -> int:
 _MERGE_CHUNK = 900
 
 
-def iter_merged(rounds: Sequence[Source | None]) -> Iterator[JoinedRow]:
+def iter_merged(rounds: Sequence[Source | None], numbers: Sequence[int] | None = None) -> Iterator[JoinedRow]:
     """
     The first round's joined rows, in its order, each replaced by its latest retry: one row per original
-    request however many rounds ran. ``None`` entries (rounds that had nothing to retry) are skipped.
+    request however many rounds ran. ``None`` entries (rounds that had nothing to retry) are skipped. ``numbers``
+    gives each later source's round number (default: its position); a later source overrides an earlier one.
     """
-    first, later = rounds[0], [r for r in rounds[1:] if r is not None]
+    first = rounds[0]
+    later = [(n, r) for n, r in zip(numbers or range(len(rounds)), rounds, strict=False)][1:]
+    later = [(n, r) for n, r in later if r is not None]
     if not later:  # one round: its joined file is the result, passed through as it is
         return _Joined(lambda counts: _joined_lines(first, counts))  # type: ignore[arg-type]
     return _merged(first, later)  # type: ignore[arg-type]
 
 
-def _merged(first: Source, later: list[Source]) -> Iterator[JoinedRow]:
+def _merged(first: Source, later: list[tuple[int, Source]]) -> Iterator[JoinedRow]:
     decoder = msgspec.json.Decoder(JoinedRow)
     with _scratch_db("CREATE TABLE latest (custom_id TEXT PRIMARY KEY, round INTEGER, line BLOB)") as db:
-        for number, source in enumerate(later, start=1):
+        for number, source in later:
             rows = ((decoder.decode(raw).custom_id, number, raw) for raw in iter_lines(source))
             db.executemany("INSERT OR REPLACE INTO latest VALUES (?, ?, ?)", rows)
         db.commit()

@@ -129,26 +129,19 @@ def inject(op: OpenAIBatchJobOperator, point: str | None) -> None:
         setattr(op, name, crashed)
 
     if point == "after_shard":
-        after("_shards")
+        after("_start")
     elif point == "after_upload":
         after("_upload")
     elif point == "after_create":
         after("_create")
     elif point == "after_record":
-        after("_remember")
+        after("_record")
     elif point == "after_download":
-        after("_download")
+        after("_take_in")
     elif point == "after_join":
-        after("_join")
+        after("_collect")
     elif point == "round_2_create":
-        real_batches = op._batches
-
-        def batches(context: Any, work: Any, round_number: int, shards: Any) -> Any:
-            op._round = round_number  # type: ignore[attr-defined]
-            return real_batches(context, work, round_number, shards)
-
-        op._batches = batches  # type: ignore[method-assign]
-        after("_create", lambda *a: getattr(op, "_round", 0) == 1)
+        after("_create", lambda path, work, key, file_id: ":gen=1:" in str(work.input_identity))
     elif point == "before_write":
 
         def finish_crash(*args: Any, **kwargs: Any) -> Any:
@@ -172,15 +165,19 @@ def batches_by_key(server: FakeOpenAIServer, keys: set[str]) -> Counter[str]:
 
 
 def job_keys(op: OpenAIBatchJobOperator, run_id: str, work: Path) -> set[str]:
-    """The key of every (round, shard) the job ran, read back from its shard manifests."""
+    """The key of every piece (and queue attempt) the job ran, read back from its work folder's state."""
+    from airflow_provider_openai_batch.batches import BatchWork
+    from airflow_provider_openai_batch.idempotency import idempotency_key, task_identity
+    from airflow_provider_openai_batch.job_state import JobWorkFolder
+
     ti = FakeTI(run_id)
     ti.task_id = "job"
+    state = JobWorkFolder(work / "run.0").load()
+    assert state is not None
     keys = set()
-    for round_number in range(op.max_rounds):
-        manifest = work / f"round-{round_number}" / "shards.json"
-        if manifest.exists():
-            for i, shard in enumerate(json.loads(manifest.read_bytes())):
-                keys.add(op._key({"ti": ti}, round_number, i, shard["sha256"]))
+    for piece in state.pieces:
+        work_of = BatchWork(None, op.endpoint, op.completion_window, op.metadata, None, piece.identity)
+        keys.add(idempotency_key(task_identity({"ti": ti}), *work_of.key_parts()))
     return keys
 
 
@@ -379,7 +376,7 @@ def test_the_job_trigger_reads_a_rotated_key_again_after_a_401(job_server, monke
         batch_ids=[batch_id],
         conn_id="openai_default",
         poll_interval=0.05,
-        end_time=time.time() + 60,
+        end_times={batch_id: time.time() + 60},
         jitter_first_poll=False,
     )
     event = run_trigger(trigger)
@@ -396,13 +393,16 @@ def test_a_blocking_job_wait_honours_max_poll_failures(tmp_path, monkeypatch, to
     with FakeOpenAIServer(timings=FAST) as srv:
         # No SDK retries: each injected fault is one failed poll.
         monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(srv, max_retries=0))
-        waiting = OpenAIBatchHook.wait_for_batch
+        polling = OpenAIBatchHook.poll_batch
+        scripted: list[bool] = []
 
         def three_failed_polls_first(self: OpenAIBatchHook, *args: Any, **kwargs: Any) -> Any:
-            srv.faults.script("batches.retrieve", "500", "503", "500")
-            return waiting(self, *args, **kwargs)
+            if not scripted:  # the blocking wait's first poll meets three failures in a row
+                scripted.append(True)
+                srv.faults.script("batches.retrieve", "500", "503", "500")
+            return polling(self, *args, **kwargs)
 
-        monkeypatch.setattr(OpenAIBatchHook, "wait_for_batch", three_failed_polls_first)
+        monkeypatch.setattr(OpenAIBatchHook, "poll_batch", three_failed_polls_first)
         op = OpenAIBatchJobOperator(
             task_id="job",
             source=[request_line(i) for i in range(2)],

@@ -157,6 +157,7 @@ def test_trigger_serialize_round_trip():
         "jitter_first_poll",
         "created_at",
         "max_poll_interval",
+        "sibling_look",  # the batch's idempotency key (a hash), first try and when its try started looking
     }
 
 

@@ -3,7 +3,8 @@
 
 The function returns request dicts, or a path / URI / ``ObjectStoragePath`` of a JSONL file; the task is an
 ``OpenAIBatchJobOperator`` around it (registered through the provider's ``task-decorators``, like ``@task.docker``).
-The function runs once per job: after a deferral the job resumes from its work folder, not from the function.
+The function runs once per run of tries: after a deferral or a retry the job continues from its work folder; a
+clear runs the function again.
 """
 
 from __future__ import annotations
@@ -45,14 +46,17 @@ class _OpenAIBatchDecoratedOperator(DecoratedOperator, OpenAIBatchJobOperator):
     def execute(self, context: Any) -> Any:
         return OpenAIBatchJobOperator.execute(self, context)
 
+    def source_label(self) -> str:
+        return f"@task.openai_batch function {self.python_callable.__name__!r} (task {self.task_id})"
+
     def resolve_source(self, context: Mapping[str, Any]) -> Any:
         context_merge(context, self.op_kwargs)  # type: ignore[arg-type]
         kwargs = determine_kwargs(self.python_callable, self.op_args, context)
         source = self.python_callable(*self.op_args, **kwargs)
-        if source is None or (isinstance(source, str) and not source.strip()):
+        if source is None or (isinstance(source, str) and not source.strip()) or isinstance(source, Mapping):
             raise TypeError(
-                f"@task.openai_batch function {self.python_callable.__name__!r} returned {source!r}; it must return "
-                "a list of request dicts or a path, URI or ObjectStoragePath of a JSONL file"
+                f"{self.source_label()} returned {type(source).__name__} {str(source)[:80]!r}; it may return request "
+                "dicts (a list, or a generator yielding them), or a path, URI or ObjectStoragePath of a JSONL file"
             )
         return source
 

@@ -132,6 +132,24 @@ class OpenAIBatchBaseOperator(BaseOperator):
         self.cancel_on_kill = cancel_on_kill
         self.max_poll_failures = max_poll_failures
 
+    def cancel_for_kill(self, batch_ids: list[str], ti: Any) -> None:
+        """
+        The worker-side kill policy (blocking waits, poke-mode sensors, a blocking job), the same as the triggers':
+        cancel only when the task instance's state, read back now, says the user stopped the work.
+        """
+        if not batch_ids or not getattr(self, "cancel_on_kill", False):
+            return
+        cancel, reason = should_cancel_on_kill(self.cancel_on_kill, task_instance_state(ti))
+        if not cancel:
+            self.log.info("Not cancelling %s: %s", ", ".join(batch_ids), reason)
+            return
+        for batch_id in batch_ids:
+            try:
+                self.hook.cancel_batch(batch_id)
+                self.log.info("Cancelled batch %s because %s", batch_id, reason)
+            except OpenAIBatchAPIError as error:
+                self.log.warning("Could not cancel batch %s on kill: %s", batch_id, error)
+
     def push_batch_id(self, context: Mapping[str, Any], batch_id: str) -> None:
         """
         First thing once a batch id is known: the id, and what the extra link needs to name the batch's page
@@ -310,21 +328,9 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
         return summary
 
     def on_kill(self) -> None:
-        """
-        The worker-side counterpart of the trigger's ``on_kill`` (blocking waits and poke-mode sensors), with
-        the same kill policy: cancel only when the task instance's state says the user stopped the work.
-        """
-        if not self._waiting_on or not self.cancel_on_kill:
-            return
-        cancel, reason = should_cancel_on_kill(self.cancel_on_kill, task_instance_state(self._waiting_ti))
-        if not cancel:
-            self.log.info("Not cancelling batch %s: %s", self._waiting_on, reason)
-            return
-        try:
-            self.hook.cancel_batch(self._waiting_on)
-            self.log.info("Cancelled batch %s because %s", self._waiting_on, reason)
-        except OpenAIBatchAPIError as error:
-            self.log.warning("Could not cancel batch %s on kill: %s", self._waiting_on, error)
+        """The worker-side counterpart of the trigger's ``on_kill`` (blocking waits and poke-mode sensors)."""
+        if self._waiting_on:
+            self.cancel_for_kill([self._waiting_on], self._waiting_ti)
 
 
 def batch_id_of(value: Any) -> str:

@@ -1,59 +1,59 @@
 """
-OpenAIBatchJobOperator: a whole batch job in one task, deferring while OpenAI works.
+OpenAIBatchJobOperator: a whole batch job in one task, scheduled within the model's enqueued-token queue.
 
-Validate and shard → upload each shard → one batch per shard → defer on one trigger for all of them → download →
-join to the inputs in input order → resubmit what failed for a transient reason, as bounded rounds → the joined
-result at ``destination``. Built from the same hook, status policy, uploads, idempotency and results modules as
-the building blocks; nothing here talks to the SDK or decides what a status means.
+Validate and shard → submit pieces while their estimated tokens fit the queue's budget (``scheduler``) → defer on one
+trigger for the running batches, woken when one ends → collect what ended, resend its transient failures as a next
+generation (``max_rounds``), submit what now fits → join every request to its result, in input order → the result at
+``destination``. Built from the blocks: every batch is created by the one create path (``batches.CreatePath``: key,
+``airflow_first_try``, reuse verdict, ``call_once``, settle, second look), uploads by ``uploads.upload_once``, what
+a status means by ``batch_status``, the wait by the shared trigger base and poll policy, the kill policy by
+``polling``. Nothing here talks to the SDK.
 
-Crash safety comes from two records that outlive a worker. Every batch carries an idempotency key of (task
-instance, endpoint, round, shard, the shard's content hash), found again through ``task_state_store`` or a scan of
-recent batches, so a retry never creates a second batch for a shard in a round. Every step's files are written
-atomically to a work folder beside ``destination`` (shards, downloads, each round's join), so a retry or a resume
-on another worker skips what is on storage and redoes only what is not.
+Crash safety: every batch carries its piece's idempotency key (found again through ``task_state_store`` or a scan),
+and the work folder (``job_state.JobWorkFolder``) records each piece's step atomically, a create's intent included,
+so a retry or a resume on another worker continues where the last one stopped and never creates a piece's batch
+twice.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import os
 import shutil
 import tempfile
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypedDict
 
-from openai.types import Batch
-
+from airflow_provider_openai_batch import batches as create_path
+from airflow_provider_openai_batch import scheduler
 from airflow_provider_openai_batch.batch_file import (
     MAX_BYTES_PER_FILE,
     MAX_REQUESTS_PER_FILE,
     OPENAI_BATCH_ENDPOINTS,
     ShardLimits,
     encode_requests,
+    estimate_tokens,
     shard_batch_file,
 )
 from airflow_provider_openai_batch.batch_status import (
-    BatchSummary,
     JobPolicy,
+    OutcomePolicy,
     RequestCounts,
     evaluate_job,
-    format_job_progress,
+    is_queue_refusal_code,
     is_terminal,
+    queue_refusal,
+    read_queue_refusal,
     summarize,
 )
-from airflow_provider_openai_batch.exceptions import BatchFailedError, BatchTimeoutError, OpenAIBatchAPIError
-from airflow_provider_openai_batch.idempotency import (
-    DEFAULT_LOOKBACK,
-    IDEMPOTENCY_METADATA_KEY,
-    build_metadata,
-    call_once,
-    idempotency_key,
-    scan_start,
-    task_identity,
-)
+from airflow_provider_openai_batch.batches import REUSE_MODES, BatchWork, CreatePath, ReuseMode, SiblingLook
+from airflow_provider_openai_batch.exceptions import BatchFailedError, OpenAIBatchAPIError, OpenAIBatchError
+from airflow_provider_openai_batch.idempotency import DEFAULT_LOOKBACK, idempotency_key, task_identity
+from airflow_provider_openai_batch.job_state import JobState, JobWorkFolder, Piece
 from airflow_provider_openai_batch.links.openai_batch import OpenAIBatchLink
 from airflow_provider_openai_batch.operators.base import (
     DEFAULT_MAX_POLL_INTERVAL,
@@ -61,6 +61,7 @@ from airflow_provider_openai_batch.operators.base import (
     OpenAIBatchBaseOperator,
     deadline_end_time,
 )
+from airflow_provider_openai_batch.polling import DEFAULT_MAX_POLL_FAILURES, PollFailures, PollPolicy
 from airflow_provider_openai_batch.results import (
     USAGE_KEYS,
     estimate_cost,
@@ -75,20 +76,30 @@ from airflow_provider_openai_batch.storage import Source, atomic_writer, to_stor
 from airflow_provider_openai_batch.triggers.job import (
     EVENT_ENDED,
     EVENT_TIMEOUT,
+    EVENT_WAKE,
     JobEventPayload,
     OpenAIBatchJobTrigger,
 )
-from airflow_provider_openai_batch.triggers.openai_batch import DEFAULT_MAX_POLL_FAILURES
 from airflow_provider_openai_batch.uploads import upload_once
 
-#: ``task_state_store`` key of the job's record: ``{"batches": {idempotency key: batch id}}``.
-JOB_STATE_KEY = "openai_batch_job"
 REQUEST_STATUSES = ("succeeded", "failed", "expired", "cancelled", "missing")
+#: Airflow's own backstop beyond the trigger's next deadline, in case the triggerer is down then.
+DEFER_BACKSTOP = timedelta(minutes=15)
+
+
+class JobDeadlineError(OpenAIBatchError):
+    """
+    A batch of the job passed its deadline and ``cancel_on_timeout`` is off: the task fails so that Airflow retries
+    it (not a sensor timeout); the retry collects the batch's output once it has ended.
+    """
 
 
 class JobBatch(TypedDict):
+    #: 0 for the input's own pieces, 1 for the first resubmission of their transient failures, ...
     round: int
+    #: The input shard the piece comes from (``part`` when the shard was cut to fit the queue: ``"00003-01"``).
     shard: int
+    part: str
     batch_id: str
     status: str
     request_counts: RequestCounts
@@ -103,6 +114,7 @@ class JobResult(TypedDict, total=False):
     rounds: int
     usage_totals: dict[str, int]
     cost_estimate: dict[str, Any] | None
+    queue_refusals: int
 
 
 def _seconds(value: timedelta | float | None) -> float | None:
@@ -111,36 +123,57 @@ def _seconds(value: timedelta | float | None) -> float | None:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
+def is_request_data(value: Any) -> bool:
+    """Request dicts (a list, tuple, generator or any iterable of them), as opposed to a path, URI or storage path."""
+    if isinstance(value, (str, bytes, bytearray, memoryview, os.PathLike, Mapping)):
+        return False
+    if getattr(value, "resolve", None) is not None:  # an ObjectStoragePath or an XComArg
+        return False
+    return isinstance(value, Iterable)
+
+
 class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
     """
-    Run a whole batch job in one task: shard, upload, one batch per shard, wait (deferred, one trigger for all),
-    download, join in input order, resubmit transient failures, and write the joined result.
+    Run a whole batch job in one task: shard, submit within the model's queue, wait (deferred, one trigger for all
+    running batches), collect, resend transient failures, join in input order, and write the result.
 
-    :param source: A local path, a URI or ``ObjectStoragePath`` of a JSONL batch input, or a list of request dicts.
+    :param source: A local path, a URI or ``ObjectStoragePath`` of a JSONL batch input, or request dicts (a list or
+        any iterable, e.g. a generator, streamed to disk as it is read). Request dicts are data, never templates.
     :param endpoint: The batch endpoint (``/v1/chat/completions``, ``/v1/responses``, ``/v1/embeddings``, ...).
-    :param destination: Where the joined result goes: JSONL, or Parquet when it ends in ``.parquet``. Written
-        atomically once every round has ended. One row per input request, in input order.
-    :param work_dir: Where the job keeps its shards, downloads and per-round joins until it ends (default: a hidden
-        folder beside ``destination``). Put it on storage every worker reaches (as an object store is) so a resume
-        on another worker reuses them; anything missing is made again.
+    :param destination: Where the joined result goes: JSONL, or Parquet when it ends in ``.parquet`` (needs the
+        ``parquet`` extra, checked before anything is sent). One row per input request, in input order. A mapped
+        task instance writes to ``<folder>/<map_index>/<name>``, so mapped jobs never overwrite each other.
+    :param work_dir: Where the job keeps its pieces and downloads until it ends (default: a hidden folder beside
+        ``destination``, one per run of tries). Put it on storage every worker reaches (as an object store is) so a
+        resume on another worker continues from it.
     :param keep_work_dir: Keep the work folder after success (for inspection); by default it is removed.
-    :param max_rounds: Rounds in all, the first included: ``2`` sends the requests that failed for a transient
-        reason (429, 5xx, ``request_timeout``, expired, cancelled, never answered) once more.
-    :param max_failed_requests: Fail the task when more requests than this did not succeed in the end (the joined
-        result is written first, so nothing is lost).
-    :param max_failed_ratio: The same as a share of all requests (0..1). With neither set, the task fails only
-        when no request succeeded.
+    :param max_enqueued_tokens: The model's enqueued-token queue for your organization (OpenAI's batch queue limit,
+        e.g. 2,000,000 for gpt-4o-mini at tier 1): the job keeps its running batches' estimated tokens within it and
+        cuts shards to fit. Without it the job learns the limit from OpenAI's first ``token_limit_exceeded`` refusal.
+    :param max_enqueued_requests: The same for a request-counted queue (embeddings).
+    :param max_rounds: Submissions of a request in all, the first included: ``2`` sends the requests that failed for
+        a transient reason (429, 5xx, ``request_timeout``, expired, cancelled, never answered) once more. A queue
+        refusal is not a round: a refused piece waits for capacity and is sent again.
+    :param max_failed_requests: Fail the task when more requests than this ran and failed (the joined result is
+        written first, so nothing is lost). ``max_failed_ratio``: the same as a share of all requests (0..1). With
+        neither set, failed requests fail the task only when no request succeeded.
+    :param max_unrun_requests: Requests that never ran (expired, cancelled, missing) allowed after the last round;
+        default 0: a job is never green with work that was not done. ``max_unrun_ratio``: as a share.
+    :param reuse: What a re-run after a *clear* may use instead of a new batch, as for ``OpenAIBatchCreateOperator``
+        (``"active"``: batches still running; ``"active_or_completed"``; ``"never"``). A clear calls the source
+        again (the function of ``@task.openai_batch``); a retry continues the run of tries' work.
     :param price_table: ``{model: {"input": $, "cached_input": $, "output": $}}`` per million tokens, for
         ``cost_estimate``.
 
     Upload options as ``OpenAIBatchUploadOperator`` (``allowed_endpoints``, ``expires_after``, ``reuse_window``,
     ``max_requests_per_file``, ``max_bytes_per_file``, ``max_tokens_per_file``), create options as
-    ``OpenAIBatchCreateOperator`` (``completion_window``, ``metadata``, ``output_expires_after``, ``lookback``) and
-    waiting options as the sensor (``poll_interval``, ``max_poll_interval``, ``deadline``, ``deferrable``,
-    ``cancel_on_timeout``, ``cancel_on_kill``, ``max_poll_failures``).
+    ``OpenAIBatchCreateOperator`` (``completion_window``, ``metadata``, ``output_expires_after``, ``lookback``,
+    ``reuse``) and waiting options as the sensor (``poll_interval``, ``max_poll_interval``, ``deadline`` per batch
+    from its creation, ``deferrable``, ``cancel_on_timeout``, ``cancel_on_kill``, ``max_poll_failures``). What
+    retry, clear, mark success, mark failed and a deadline do: README "What happens when you ...".
 
-    Returns ``{joined_uri, counts: {succeeded, failed, expired, cancelled, missing}, batches, rounds,
-    usage_totals[, cost_estimate]}``.
+    Returns ``{joined_uri, counts: {succeeded, failed, expired, cancelled, missing}, batches, rounds, usage_totals,
+    queue_refusals[, cost_estimate]}``.
     """
 
     template_fields: Sequence[str] = ("source", "endpoint", "destination", "work_dir", "metadata", "conn_id")
@@ -161,13 +194,18 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         max_requests_per_file: int = MAX_REQUESTS_PER_FILE,
         max_bytes_per_file: int = MAX_BYTES_PER_FILE,
         max_tokens_per_file: int | None = None,
+        max_enqueued_tokens: int | None = None,
+        max_enqueued_requests: int | None = None,
         completion_window: str = "24h",
         metadata: dict[str, str] | None = None,
         output_expires_after: timedelta | int | None = None,
         lookback: timedelta = DEFAULT_LOOKBACK,
+        reuse: ReuseMode | str = "active",
         max_rounds: int = 2,
         max_failed_requests: int | None = None,
         max_failed_ratio: float | None = None,
+        max_unrun_requests: int | None = 0,
+        max_unrun_ratio: float | None = None,
         price_table: dict[str, dict[str, float]] | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         max_poll_interval: float | None = DEFAULT_MAX_POLL_INTERVAL,
@@ -183,6 +221,16 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
 
         if max_rounds < 1:
             raise ValueError(f"max_rounds must be at least 1, got {max_rounds}")
+        if reuse not in REUSE_MODES:
+            raise ValueError(f"reuse must be one of {', '.join(REUSE_MODES)}; got {reuse!r}")
+        if max_enqueued_tokens is not None and max_enqueued_requests is not None:
+            raise ValueError("give max_enqueued_tokens or max_enqueued_requests, not both")
+        for name, value in (
+            ("max_enqueued_tokens", max_enqueued_tokens),
+            ("max_enqueued_requests", max_enqueued_requests),
+        ):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
         self.source = source
         self.endpoint = endpoint
         self.destination = destination
@@ -191,32 +239,78 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         self.allowed_endpoints = allowed_endpoints
         self.expires_after_seconds = _as_seconds(_expiry("expires_after", expires_after))
         self.reuse_window = reuse_window
-        self.limits = ShardLimits(max_requests_per_file, max_bytes_per_file, max_tokens_per_file)
+        self.max_tokens_per_file = max_tokens_per_file
+        self.max_enqueued_tokens = max_enqueued_tokens
+        self.max_enqueued_requests = max_enqueued_requests
+        # A declared budget cuts the shards at sharding: a shard larger than the whole queue could never run.
+        token_caps = [t for t in (max_tokens_per_file, max_enqueued_tokens) if t is not None]
+        self.limits = ShardLimits(
+            min(max_requests_per_file, max_enqueued_requests or max_requests_per_file),
+            max_bytes_per_file,
+            min(token_caps) if token_caps else None,
+        )
         self.completion_window = completion_window
         self.metadata = metadata
         self.output_expires_after_seconds = _as_seconds(_expiry("output_expires_after", output_expires_after))
         self.lookback = lookback
+        self.reuse = reuse
         self.max_rounds = int(max_rounds)
-        self.policy = JobPolicy(max_failed_requests=max_failed_requests, max_failed_ratio=max_failed_ratio)
+        self.policy = JobPolicy(
+            max_failed_requests=max_failed_requests,
+            max_failed_ratio=max_failed_ratio,
+            max_unrun_requests=max_unrun_requests,
+            max_unrun_ratio=max_unrun_ratio,
+        )
         self.price_table = price_table
         self.init_waiting(
             poll_interval, max_poll_interval, deadline, deferrable, cancel_on_timeout, cancel_on_kill, max_poll_failures
         )
+        self._running: list[str] = []
+        self._running_ti: Any = None
+
+    # --- templating: request dicts are data ----------------------------------------------------------
+
+    def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
+        """
+        Request dicts given as ``source`` are data: Airflow's rendering would run every prompt through Jinja (a
+        ``{{ ds }}`` in a prompt replaced, a ``{% if`` failing the task). They are set aside while the other fields
+        render and put back untouched; a path, URI or XCom reference renders as usual.
+        """
+        source = self.source
+        literal = is_request_data(source)
+        if literal:
+            self.source = None
+        try:
+            super().render_template_fields(context, jinja_env)
+        finally:
+            if literal:
+                self.source = source
 
     # --- entry points -------------------------------------------------------------------------------
 
     def execute(self, context: Mapping[str, Any]) -> JobResult:
-        return self._advance(context)
+        self._check_destination()
+        folder = self._work(context)
+        state = folder.load()
+        if state is None:
+            state = self._start(context, folder)
+        else:
+            self.log.info("Continuing the job from its work folder %s", folder.root)
+        return self._advance(context, folder, state)
 
     def execute_complete(self, context: Mapping[str, Any], event: JobEventPayload | None = None) -> JobResult:
         """Where the deferred wait resumes: the batches are read again, so the event only says why it woke."""
+        folder = self._work(context)
+        state = folder.load()
+        if state is None:
+            raise BatchFailedError(f"The job's work folder {folder.root} is gone; clear the task to run it again")
         status = event.get("status") if event else None
-        if event and status == EVENT_TIMEOUT:
-            self._on_deadline([str(b) for b in event.get("batch_ids") or []])
-        elif status != EVENT_ENDED:
+        if status == EVENT_TIMEOUT:
+            self._on_deadline([str(b) for b in (event.get("batch_ids") if event else None) or []])
+        elif status not in (EVENT_ENDED, EVENT_WAKE):
             message = event.get("message") if event else None
             raise BatchFailedError(str(message or f"The job's trigger returned {event!r}"))
-        return self._advance(context)
+        return self._advance(context, folder, state)
 
     def resolve_source(self, context: Mapping[str, Any]) -> Any:
         """The job's input; ``@task.openai_batch`` overrides this to call the decorated function."""
@@ -224,321 +318,499 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             raise ValueError("source is required: a path, URI, ObjectStoragePath or a list of request dicts")
         return self.source
 
-    # --- the job, step by step (each skips what an earlier try or resume already did) ---------------
+    def source_label(self) -> str:
+        """How errors about the input name where it came from."""
+        return f"{self.task_id}: source"
 
-    def _advance(self, context: Mapping[str, Any]) -> JobResult:
-        work = self._work(context)
-        joined: list[Any] = []
-        batches: list[JobBatch] = []
-        summaries: list[BatchSummary] = []
-        round_number = 0
-        while True:
-            shards = self._shards(context, work, round_number)
-            if not shards:
-                break
-            ids = self._batches(context, work, round_number, shards)
-            ended = self._wait(context, round_number, ids)
-            self._download(work, round_number, ended)
-            joined.append(self._join(work, round_number, len(shards)))
-            batches += [
-                {
-                    "round": round_number,
-                    "shard": i,
-                    "batch_id": s["batch_id"],
-                    "status": s["status"],
-                    "request_counts": s["request_counts"],
-                }
-                for i, s in enumerate(ended)
-            ]
-            summaries += ended
-            if round_number + 1 >= self.max_rounds or not self._retry_count(work, round_number):
-                break
-            round_number += 1
-        return self._finish(work, joined, batches, summaries)
+    def on_kill(self) -> None:
+        """A blocking job stopped by the user: the same kill policy as the trigger's (``polling``)."""
+        self.cancel_for_kill(list(self._running), self._running_ti)
 
-    def _work(self, context: Mapping[str, Any]) -> Any:
-        if self.work_dir is not None:
-            return to_storage_path(self.work_dir)
+    # --- where things go -------------------------------------------------------------------------------
+
+    def _check_destination(self) -> None:
+        """A Parquet destination needs pyarrow: said before anything is sent, not after every batch is paid."""
+        if str(self.destination).endswith(".parquet"):
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                raise ValueError(
+                    f"{self.task_id}: destination {self.destination} is Parquet, which needs pyarrow: "
+                    "pip install 'airflow-provider-openai-batch[parquet]' (or write JSONL)"
+                ) from None
+
+    def _destination(self, context: Mapping[str, Any]) -> Any:
+        """``destination``, or ``<folder>/<map_index>/<name>`` for a mapped task instance (as the download does)."""
         target = to_storage_path(self.destination)
-        tag = idempotency_key(task_identity(context), "job-work")[:12]
-        return target.parent / f".{target.name}.{tag}.work"
+        map_index = getattr(context["ti"], "map_index", -1)
+        if map_index in (None, -1):
+            return target
+        return target.parent / str(map_index) / target.name
 
-    def _shards(self, context: Mapping[str, Any], work: Any, round_number: int) -> list[dict[str, Any]]:
-        """The round's input files in the work folder, made once: ``[{requests, bytes, sha256}]`` in input order."""
-        folder = work / f"round-{round_number}"
-        manifest = folder / "shards.json"
-        if manifest.exists():
-            return list(json.loads(manifest.read_bytes()))
+    def _work(self, context: Mapping[str, Any]) -> JobWorkFolder:
+        """One folder per run of tries: a retry continues it, a re-run after a clear starts a new one."""
+        from airflow_provider_openai_batch.idempotency import first_try
+
+        first = first_try(context, self.retries)
+        suffix = f".t{first}" if first is not None else ""
+        if self.work_dir is not None:
+            return JobWorkFolder(to_storage_path(self.work_dir) / f"run{suffix or '.0'}")
+        target = self._destination(context)
+        tag = idempotency_key(task_identity(context), "job-work")[:12]
+        return JobWorkFolder(target.parent / f".{target.name}.{tag}{suffix}.work")
+
+    # --- start: validate and shard once ------------------------------------------------------------
+
+    def _start(self, context: Mapping[str, Any], folder: JobWorkFolder) -> JobState:
+        state = JobState(started=time.time())
+        if self.max_enqueued_tokens is not None:
+            state.budget, state.budget_unit = self.max_enqueued_tokens, "tokens"
+        elif self.max_enqueued_requests is not None:
+            state.budget, state.budget_unit = self.max_enqueued_requests, "requests"
         with tempfile.TemporaryDirectory(prefix="openai-batch-job-") as scratch:
-            if round_number == 0:
-                source: Source = self.resolve_source(context)
-                if isinstance(source, (list, tuple)):
-                    path = Path(scratch) / "requests.jsonl"
-                    with path.open("wb") as out:
-                        out.writelines(encode_requests(source))
-                    source = path
-            else:
-                source = folder / "retry.jsonl"
+            source: Source = self.resolve_source(context)
+            if is_request_data(source):
+                path = Path(scratch) / "requests.jsonl"
+                with path.open("wb") as out:
+                    out.writelines(encode_requests(self._requests(source)))  # type: ignore[arg-type]
+                source = path
+            elif not isinstance(source, (str, os.PathLike)) and getattr(source, "open", None) is None:
+                raise TypeError(
+                    f"{self.source_label()} is a {type(source).__name__}; it may be request dicts (a list or any "
+                    "iterable of them), or a path, URI or ObjectStoragePath of a JSONL batch file"
+                )
             made = shard_batch_file(
                 source,
                 Path(scratch) / "shards",
                 endpoint=self.endpoint,
                 allowed_endpoints=self.allowed_endpoints,
                 limits=self.limits,
+                line_tokens=estimate_tokens,
             )
             for i, shard in enumerate(made):
-                with atomic_writer(folder / f"input-{i:05d}.jsonl", overwrite=True) as out, shard.path.open("rb") as f:
-                    shutil.copyfileobj(f, out, 1 << 20)
-        shards: list[dict[str, Any]] = [{"requests": s.requests, "bytes": s.bytes, "sha256": s.sha256} for s in made]
-        self._write_json(manifest, shards)
-        total = sum(s["requests"] for s in shards)
-        self.log.info("Round %d: %s requests in %d shard(s)", round_number + 1, f"{total:,}", len(shards))
-        return shards
+                piece = Piece(0, f"{i:05d}", shard.requests, shard.bytes, shard.sha256, shard.tokens)
+                self._copy(shard.path, folder.input(piece))
+                state.pieces.append(piece)
+        folder.save(state)
+        total = sum(p.requests for p in state.pieces)
+        self.log.info("Job: %s requests in %d shard(s)", f"{total:,}", len(state.pieces))
+        return state
 
-    def _key(self, context: Mapping[str, Any], round_number: int, shard: int, sha256: str) -> str:
-        return idempotency_key(
-            task_identity(context),
-            "job",
-            self.endpoint,
-            self.completion_window,
-            f"round={round_number}",
-            f"shard={shard}",
-            sha256,
+    def _requests(self, source: Iterable[Any]) -> Iterable[dict[str, Any]]:
+        for i, request in enumerate(source):
+            if not isinstance(request, Mapping):
+                raise TypeError(
+                    f"{self.source_label()}: item {i} is a {type(request).__name__}, not a request dict "
+                    '({"custom_id": ..., "method": "POST", "url": ..., "body": {...}})'
+                )
+            yield dict(request)
+
+    @staticmethod
+    def _copy(path: Path, target: Any) -> None:
+        with atomic_writer(target, overwrite=True) as out, path.open("rb") as f:
+            shutil.copyfileobj(f, out, 1 << 20)
+
+    # --- the scheduler's loop -----------------------------------------------------------------------------
+
+    def _advance(self, context: Mapping[str, Any], folder: JobWorkFolder, state: JobState) -> JobResult:
+        path = CreatePath(
+            self.hook,
+            context,
+            retries=self.retries,
+            policy=OutcomePolicy(),
+            reuse=self.reuse,
+            lookback=self.lookback,
+            logger=self.log,
+        )
+        while True:
+            self._collect(folder, state)
+            self._second_looks(path, folder, state)
+            self._cut_oversized(folder, state)
+            self._submit(context, path, folder, state)
+            if all(p.state == "done" for p in state.pieces):
+                return self._finish(context, folder, state)
+            self.log.info(scheduler.progress_line(state, time.time()))
+            if not state.in_flight():
+                # Nothing runs and nothing may be sent yet (a backoff): sleep until it may.
+                wake = scheduler.next_wake(state, time.time())
+                if wake is not None:
+                    self._wait_until(context, wake)
+                continue
+            self._wait(context, state)
+
+    def _work_of(self, piece: Piece) -> BatchWork:
+        return BatchWork(
+            input_file_id=None,
+            endpoint=self.endpoint,
+            completion_window=self.completion_window,
+            metadata=self.metadata,
+            output_expires_after_seconds=self.output_expires_after_seconds,
+            input_identity=piece.identity,
         )
 
-    def _batches(
-        self, context: Mapping[str, Any], work: Any, round_number: int, shards: list[dict[str, Any]]
-    ) -> list[str]:
-        """One batch per shard in this round, created at most once whatever happened to earlier tries."""
-        keys = [self._key(context, round_number, i, s["sha256"]) for i, s in enumerate(shards)]
-        store = context.get("task_state_store")
-        record = store.get(JOB_STATE_KEY) if store is not None else None
-        known: dict[str, str] = dict(record.get("batches") or {}) if isinstance(record, dict) else {}
-        missing = [k for k in keys if k not in known]
-        if missing:
-            found = self._scan(context, set(missing))
-            if found:
-                # An earlier try created these and was lost before it could record them (or answer lost).
-                self.log.info(
-                    "Round %d: %d batch(es) an earlier try created are used again: %s",
-                    round_number + 1,
-                    len(found),
-                    ", ".join(batch.id for batch in found.values()),
-                )
-            known.update({key: batch.id for key, batch in found.items()})
-        ids: list[str] = []
-        for i, (key, shard) in enumerate(zip(keys, shards, strict=True)):
-            if key in known:
-                ids.append(known[key])
+    def _collect(self, folder: JobWorkFolder, state: JobState) -> None:
+        """Read every submitted batch; take in those that ended (a queue refusal sends its piece back to wait)."""
+        for piece in state.by_state("submitted"):
+            assert piece.batch_id is not None
+            summary = summarize(self.hook.get_batch(piece.batch_id))
+            if not is_terminal(summary["status"]):
                 continue
-            path = work / f"round-{round_number}" / f"input-{i:05d}.jsonl"
-            file_id = self._upload(path, round_number, i, shard)
-            batch = self._create(context, file_id, key)
-            known[key] = batch.id
-            self._remember(context, known)
-            ids.append(batch.id)
-        if store is not None and (record or {}).get("batches") != known:
-            self._remember(context, known)
-        self.push_batch_id(context, ids[0])
-        return ids
+            refusal = queue_refusal(summary)
+            if refusal is not None:
+                self._refused(state, piece, refusal.message, summary["model"])
+                folder.save(state)
+                continue
+            if summary["status"] == "failed":
+                folder.save(state)
+                errors = "; ".join(f"[{e.get('code')}] {e.get('message')}" for e in summary["errors"][:5])
+                raise BatchFailedError(
+                    f"Batch {summary['batch_id']} ({piece.name}) failed as a whole: {errors or 'no error details'}",
+                    summary,
+                )
+            self._take_in(folder, state, piece, dict(summary))
+            folder.save(state)
 
-    def _scan(self, context: Mapping[str, Any], keys: set[str]) -> dict[str, Batch]:
-        """
-        Batches carrying any of ``keys``, in one pass over the recent ones (newest first), back to when the DAG
-        run started (``idempotency.scan_start``, as the create operator): no try of this run made one before.
-        """
-        cutoff = scan_start(context, self.lookback)
-        found: dict[str, Batch] = {}
-        for batch in self.hook.list_batches():
-            if batch.created_at < cutoff:
-                break
-            key = (batch.metadata or {}).get(IDEMPOTENCY_METADATA_KEY)
-            if key in keys and key not in found:
-                found[key] = batch
-                if len(found) == len(keys):
-                    break
-        return found
+    def _refused(self, state: JobState, piece: Piece, message: str, model: str | None) -> None:
+        refusal = read_queue_refusal(message, model)
+        known = state.budget is not None
+        learned = scheduler.learn(state, refusal)
+        scheduler.requeue(piece, time.time(), backoff=known and not learned)
+        state.queue_refusals += 1
+        budget = f"{state.budget:,} {state.budget_unit}" if state.budget is not None else "unknown"
+        self.log.warning(
+            "%s was refused for the queue (%s); it waits for capacity (budget %s%s)",
+            piece.name,
+            message,
+            budget,
+            ", learned from this refusal" if learned else "",
+        )
 
-    def _upload(self, path: Any, round_number: int, shard: int, stats: dict[str, Any]) -> str:
+    def _take_in(self, folder: JobWorkFolder, state: JobState, piece: Piece, summary: dict[str, Any]) -> None:
+        """Download a piece's results; resend its transient failures as the next generation, while rounds remain."""
+        if summary["output_file_id"]:
+            self.hook.download_file(summary["output_file_id"], folder.output(piece), overwrite=True)
+        if summary["error_file_id"]:
+            self.hook.download_file(summary["error_file_id"], folder.error(piece), overwrite=True, keep_empty=False)
+        piece.state, piece.summary = "done", summary
+        state.model = state.model or summary.get("model")
+        counts = summary["request_counts"]
+        whole = summary["status"] == "completed" and not counts["failed"] and counts["completed"] >= piece.requests
+        if piece.gen > 0 or (not whole and piece.gen + 1 < self.max_rounds):
+            results = [p for p in (folder.output(piece), folder.error(piece)) if p.exists()]
+            write_joined(iter_joined([folder.input(piece)], results), folder.joined(piece))
+        if whole or piece.gen + 1 >= self.max_rounds:
+            return
+        retry = Piece(piece.gen + 1, piece.part, 0, 0, "", 0)
+        sent = write_retry_input(folder.joined(piece), folder.input(retry))
+        if not sent:
+            return
+        stats = _file_stats(folder.input(retry))
+        retry.requests, retry.bytes, retry.sha256 = sent, stats[0], stats[1]
+        retry.tokens = max(1, piece.tokens * sent // max(1, piece.requests))
+        state.pieces.append(retry)
+        self.log.info("%s: %s request(s) to send again as %s", piece.name, f"{sent:,}", retry.name)
+
+    def _second_looks(self, path: CreatePath, folder: JobWorkFolder, state: JobState) -> None:
+        """The second look for a duplicate (``batches.SiblingLook``) for pieces old enough, in one listing."""
+        now = time.time()
+        due = [
+            p
+            for p in state.by_state("submitted")
+            if not p.second_look_done
+            and p.created_at is not None
+            and p.looked_at is not None
+            and now - p.created_at >= create_path.SIBLING_LOOK_AFTER
+        ]
+        if not due:
+            return
+        since = min(p.looked_at for p in due if p.looked_at is not None)
+        try:
+            listing = create_path.recent_batches(self.hook, since - create_path.RACE_SKEW.total_seconds())
+        except OpenAIBatchAPIError as error:
+            self.log.warning("Could not list batches to look again for duplicates (%s)", error)
+            return
+        for piece in due:
+            piece.second_look_done = True
+            if piece.looked_at is None or now - piece.looked_at > create_path.SIBLING_LOOK_WITHIN:
+                continue
+            look = SiblingLook(path.key(self._work_of(piece)), path.first, piece.looked_at)
+            own = SimpleNamespace(id=piece.batch_id, created_at=int(piece.created_at or 0), status="in_progress")
+            survivor = look.survivor(own, listing)
+            if survivor.id != piece.batch_id:
+                create_path.cancel_duplicate(self.hook, str(piece.batch_id), survivor.id, self.log)
+                piece.batch_id, piece.created_at = survivor.id, float(survivor.created_at)
+                path.remember(look.key, survivor.id)
+        folder.save(state)
+
+    def _cut_oversized(self, folder: JobWorkFolder, state: JobState) -> None:
+        """A waiting piece larger than the whole budget is cut into parts that fit (it could never be admitted)."""
+        for piece in scheduler.oversized(state):
+            parts = scheduler.parts_needed(piece, state)
+            with tempfile.TemporaryDirectory(prefix="openai-batch-cut-") as scratch:
+                per_part = -(-piece.requests // parts)
+                made = shard_batch_file(
+                    folder.input(piece),
+                    Path(scratch),
+                    endpoint=self.endpoint,
+                    allowed_endpoints=self.allowed_endpoints,
+                    limits=ShardLimits(max_requests=max(1, per_part)),
+                    line_tokens=estimate_tokens,
+                )
+                new = []
+                for k, shard in enumerate(made):
+                    part = Piece(piece.gen, f"{piece.part}-{k:02d}", shard.requests, shard.bytes, shard.sha256, 0)
+                    part.tokens = max(1, piece.tokens * shard.requests // max(1, piece.requests))
+                    part.queue_attempt = piece.queue_attempt
+                    self._copy(shard.path, folder.input(part))
+                    new.append(part)
+            state.pieces.remove(piece)
+            state.pieces.extend(new)
+            self.log.info(
+                "%s holds ~%s %s, more than the queue's budget of %s: cut into %d parts",
+                piece.name,
+                f"{scheduler.piece_load(piece, state.budget_unit):,}",
+                state.budget_unit,
+                f"{state.budget:,}",
+                len(new),
+            )
+            folder.save(state)
+
+    def _submit(self, context: Mapping[str, Any], path: CreatePath, folder: JobWorkFolder, state: JobState) -> None:
+        """Create the batches of what fits now; a piece an earlier try was creating is looked for first."""
+        creating = state.by_state("creating")
+        if creating:
+            keys = {path.key(self._work_of(p)): p for p in creating}
+            found = path.earlier(list(keys))
+            for key, piece in keys.items():
+                batch = found.get(key)
+                if batch is not None:
+                    self.log.info("%s: batch %s an earlier try created is used again", piece.name, batch.id)
+                    self._record(path, piece, key, batch)
+                else:
+                    piece.state = "waiting"
+            folder.save(state)
+        for piece in scheduler.to_submit(state, time.time()):
+            work = self._work_of(piece)
+            key = path.key(work)
+            path.metadata(work, key)  # metadata OpenAI would refuse is refused before anything is sent
+            file_id = self._upload(folder, piece)
+            piece.state, piece.looked_at = "creating", time.time()
+            folder.save(state)
+            path.looked[key] = piece.looked_at
+            try:
+                batch = self._create(path, work, key, file_id)
+            except OpenAIBatchAPIError as error:
+                if not is_queue_refusal_code(error.code):
+                    raise
+                self._refused(state, piece, error.message, None)
+                folder.save(state)
+                break  # the queue is full: the rest waits too
+            self._record(path, piece, key, batch)
+            folder.save(state)
+            self.push_batch_id(context, batch.id)
+
+    def _upload(self, folder: JobWorkFolder, piece: Piece) -> str:
         return upload_once(
             self.hook,
-            path,
-            f"{self.task_id}.round{round_number}.part{shard:05d}.jsonl",
-            sha256=stats["sha256"],
-            size=stats["bytes"],
+            folder.input(piece),
+            f"{self.task_id}.gen{piece.gen}.part{piece.part}.jsonl",
+            sha256=piece.sha256,
+            size=piece.bytes,
             reuse_window=self.reuse_window,
             expires_after_seconds=self.expires_after_seconds,
             logger=self.log,
         )
 
-    def _create(self, context: Mapping[str, Any], file_id: str, key: str) -> Batch:
-        metadata = build_metadata(self.metadata, key)
-
-        def send() -> Batch:
-            batch = self.hook.create_batch(
-                file_id,
-                self.endpoint,
-                completion_window=self.completion_window,
-                metadata=metadata,
-                output_expires_after_seconds=self.output_expires_after_seconds,
-                max_retries=0,
-            )
-            self.log.info("Created batch %s for %s", batch.id, file_id)
-            return batch
-
-        return call_once("batches.create", send, lambda: self._scan(context, {key}).get(key))
+    def _create(self, path: CreatePath, work: BatchWork, key: str, file_id: str) -> Any:
+        """The one create path (``batches.CreatePath.create``): create once, then settle a race with another try."""
+        return path.create(work, key, input_file_id=file_id)
 
     @staticmethod
-    def _remember(context: Mapping[str, Any], known: dict[str, str]) -> None:
-        store = context.get("task_state_store")
-        if store is not None:
-            store.set(JOB_STATE_KEY, {"batches": dict(known)})
+    def _record(path: CreatePath, piece: Piece, key: str, batch: Any) -> None:
+        piece.state, piece.batch_id, piece.created_at = "submitted", batch.id, float(batch.created_at)
+        path.remember(key, batch.id)
 
-    def _wait(self, context: Mapping[str, Any], round_number: int, ids: list[str]) -> list[BatchSummary]:
-        """The round's batches once all have ended: now, or after one deferral (or a blocking wait)."""
-        batches = [self.hook.get_batch(b) for b in ids]
-        summaries = [summarize(b) for b in batches]
-        label = f"round {round_number + 1}/{self.max_rounds}"
-        self.log.info(format_job_progress(summaries, label))
-        if all(is_terminal(s["status"]) for s in summaries):
-            return summaries
-        oldest = min(float(b.created_at) for b in batches)
-        end_time = deadline_end_time(oldest, self.completion_window, self.deadline)
-        running = [b.id for b in batches if not is_terminal(b.status)]
+    # --- waiting ---------------------------------------------------------------------------------------------
+
+    def _end_times(self, state: JobState) -> dict[str, float]:
+        return {
+            str(p.batch_id): deadline_end_time(p.created_at or time.time(), self.completion_window, self.deadline)
+            for p in state.by_state("submitted")
+        }
+
+    def _wake_at(self, state: JobState) -> float | None:
+        """When the task must act even if no batch ends: a backoff passing, or a second look falling due."""
+        now = time.time()
+        moments = [t for t in (scheduler.next_wake(state, now),) if t is not None]
+        moments += [
+            (p.created_at or now) + create_path.SIBLING_LOOK_AFTER
+            for p in state.by_state("submitted")
+            if not p.second_look_done and p.looked_at is not None
+        ]
+        return min(moments) if moments else None
+
+    def _wait(self, context: Mapping[str, Any], state: JobState) -> None:
+        """Until a batch ends (or a wake-up or deadline): deferred on one trigger, or blocking on the worker."""
+        running = [str(p.batch_id) for p in state.by_state("submitted")]
+        end_times = self._end_times(state)
+        wake_at = self._wake_at(state)
+        oldest = min((p.created_at or time.time()) for p in state.by_state("submitted"))
         if self.deferrable:
+            until = min([*end_times.values(), *([wake_at] if wake_at else [])])
             self.defer(
                 trigger=OpenAIBatchJobTrigger(
                     batch_ids=running,
                     conn_id=self.conn_id,
                     poll_interval=self.poll_interval,
-                    end_time=end_time,
+                    end_times=end_times,
                     created_at=oldest,
                     max_poll_interval=self.max_poll_interval,
                     max_poll_failures=self.max_poll_failures,
                     cancel_on_kill=self.cancel_on_kill,
-                    label=f"{self.task_id} {label}",
+                    label=self.task_id,
+                    wake_on_any_end=True,
+                    wake_at=wake_at,
                 ),
                 method_name="execute_complete",
-                timeout=timedelta(seconds=max(0.0, end_time - time.time()) + 2 * self.poll_interval + 900),
+                timeout=timedelta(seconds=max(0.0, until - time.time()) + 2 * self.poll_interval) + DEFER_BACKSTOP,
             )
-        for batch_id in running:
-            try:
-                self.hook.wait_for_batch(
-                    batch_id,
-                    self.poll_interval,
-                    end_time=end_time,
-                    max_poll_interval=self.max_poll_interval,
-                    max_poll_failures=self.max_poll_failures,
-                )
-            except BatchTimeoutError:
-                self._on_deadline(running)
-        summaries = [summarize(self.hook.get_batch(b)) for b in ids]
-        self.log.info(format_job_progress(summaries, label))
-        return summaries
+        self._running, self._running_ti = running, context.get("ti")
+        policy = PollPolicy(self.poll_interval, self.max_poll_interval, self.max_poll_failures, jitter_first_poll=False)
+        failures = {batch_id: PollFailures(policy) for batch_id in running}
+        try:
+            while True:
+                now = time.time()
+                late = [b for b, t in end_times.items() if t <= now]
+                if late:
+                    self._on_deadline(late)
+                    return
+                if wake_at is not None and now >= wake_at:
+                    return
+                moments = [*end_times.values(), *([wake_at] if wake_at else [])]
+                time.sleep(max(0.0, min(policy.delay(now - oldest), min(moments) - now)))
+                for batch_id in running:
+                    batch = self.hook.poll_batch(batch_id, failures[batch_id])
+                    if is_terminal(batch.status):
+                        return
+        finally:
+            self._running = []
+
+    def _wait_until(self, context: Mapping[str, Any], moment: float) -> None:
+        """Nothing runs; a refused piece's backoff has not passed: defer (or sleep) until it has."""
+        if self.deferrable:
+            self.defer(
+                trigger=OpenAIBatchJobTrigger(
+                    batch_ids=[],
+                    conn_id=self.conn_id,
+                    poll_interval=self.poll_interval,
+                    end_times={},
+                    wake_at=moment,
+                    label=self.task_id,
+                    jitter_first_poll=False,
+                ),
+                method_name="execute_complete",
+                timeout=timedelta(seconds=max(0.0, moment - time.time())) + DEFER_BACKSTOP,
+            )
+        time.sleep(max(0.0, moment - time.time()))
 
     def _on_deadline(self, batch_ids: list[str]) -> None:
-        message = f"{len(batch_ids)} batch(es) of the job did not end before the deadline"
-        if self.cancel_on_timeout:
-            for batch_id in batch_ids:
-                try:
-                    self.hook.cancel_batch(batch_id)
-                except OpenAIBatchAPIError as error:
-                    self.log.warning("Could not cancel batch %s: %s", batch_id, error)
-            message += "; they were cancelled (a retry collects their partial output and resubmits the rest)"
-        raise BatchTimeoutError(message + ".")
-
-    def _download(self, work: Any, round_number: int, summaries: list[BatchSummary]) -> None:
-        """Each batch's output and error files, once; ``batch-N.json`` (written last) marks a shard done."""
-        folder = work / f"round-{round_number}"
-        fetched = 0
-        for i, summary in enumerate(summaries):
-            marker = folder / f"batch-{i:05d}.json"
-            if marker.exists():
-                continue
-            fetched += 1
-            if summary["status"] == "failed":
-                # The batch was refused as a whole (its input, a quota): its requests join as missing and are
-                # sent again in the next round, if there is one.
-                self.log.warning("Batch %s failed: %s", summary["batch_id"], summary.get("errors"))
-            if summary["output_file_id"]:
-                self.hook.download_file(summary["output_file_id"], folder / f"output-{i:05d}.jsonl", overwrite=True)
-            if summary["error_file_id"]:
-                self.hook.download_file(
-                    summary["error_file_id"], folder / f"error-{i:05d}.jsonl", overwrite=True, keep_empty=False
-                )
-            self._write_json(marker, summary)
-        if fetched:
-            earlier = len(summaries) - fetched
-            self.log.info(
-                "Round %d: downloaded the results of %d batch(es)%s",
-                round_number + 1,
-                fetched,
-                f" ({earlier} downloaded before)" if earlier else "",
+        """A batch's deadline passed: cancel it (its finished requests are kept, the rest resent while rounds
+        remain), or, with ``cancel_on_timeout=False``, fail the try so that Airflow retries it."""
+        if not self.cancel_on_timeout:
+            raise JobDeadlineError(
+                f"{len(batch_ids)} batch(es) of the job did not end before their deadline ({', '.join(batch_ids)}); "
+                "they keep running (cancel_on_timeout=False): a retry collects their results once they have ended."
             )
+        for batch_id in batch_ids:
+            try:
+                self.hook.cancel_batch(batch_id)
+                self.log.warning("Batch %s did not end before its deadline: cancelled (its output is kept)", batch_id)
+            except OpenAIBatchAPIError as error:
+                if not error.refused_for_state:
+                    self.log.warning("Could not cancel batch %s: %s", batch_id, error)
 
-    def _join(self, work: Any, round_number: int, shards: int) -> Any:
-        """This round's inputs joined to its results (in input order) and the next round's input."""
-        folder = work / f"round-{round_number}"
-        joined, done = folder / "joined.jsonl", folder / "joined.json"
-        if done.exists():
-            return joined
-        inputs = [folder / f"input-{i:05d}.jsonl" for i in range(shards)]
-        results = [
-            path
-            for i in range(shards)
-            for path in (folder / f"output-{i:05d}.jsonl", folder / f"error-{i:05d}.jsonl")
-            if path.exists()
-        ]
-        counts = write_joined(iter_joined(inputs, results), joined)
-        retry = 0
-        if round_number + 1 < self.max_rounds:
-            retry = write_retry_input(joined, work / f"round-{round_number + 1}" / "retry.jsonl")
-        self._write_json(done, {"counts": counts, "retry": retry})
-        self.log.info(
-            "Round %d joined: %s; %s request(s) to send again", round_number + 1, _counts_text(counts), f"{retry:,}"
-        )
-        return joined
+    # --- the end -------------------------------------------------------------------------------------------
 
-    def _retry_count(self, work: Any, round_number: int) -> int:
-        return int(json.loads((work / f"round-{round_number}" / "joined.json").read_bytes())["retry"])
-
-    def _finish(
-        self, work: Any, joined: list[Any], batches: list[JobBatch], summaries: list[BatchSummary]
-    ) -> JobResult:
+    def _finish(self, context: Mapping[str, Any], folder: JobWorkFolder, state: JobState) -> JobResult:
+        destination = self._destination(context)
+        ordered = state.ordered()
+        first = [p for p in ordered if p.gen == 0]
+        later = [p for p in ordered if p.gen > 0]
+        inputs = [folder.input(p) for p in first]
+        results = [r for p in first for r in (folder.output(p), folder.error(p)) if r.exists()]
+        if later:
+            write_joined(iter_joined(inputs, results), folder.first_generation_joined)
+            rows = iter_merged(
+                [folder.first_generation_joined, *(folder.joined(p) for p in later)], [0, *(p.gen for p in later)]
+            )
+        else:
+            rows = iter_joined(inputs, results)
         counts = dict.fromkeys(REQUEST_STATUSES, 0)
-        counts.update(write_joined(iter_merged(joined), self.destination))
+        counts.update(write_joined(rows, destination))
         usage = dict.fromkeys(USAGE_KEYS, 0)
-        for batch, summary in zip(batches, summaries, strict=True):
+        batches: list[JobBatch] = []
+        reasons: list[str] = []
+        for piece in ordered:
+            summary = piece.summary or {}
             if summary.get("usage"):
-                part = normalize_usage(summary["usage"])
+                part_usage = normalize_usage(summary["usage"])
             else:  # a compatible server that reports no usage on the batch: summed from its output
-                output = work / f"round-{batch['round']}" / f"output-{batch['shard']:05d}.jsonl"
-                part = sum_usage(output) if output.exists() else dict.fromkeys(USAGE_KEYS, 0)
-            for key, value in part.items():
+                output = folder.output(piece)
+                part_usage = sum_usage(output) if output.exists() else dict.fromkeys(USAGE_KEYS, 0)
+            for key, value in part_usage.items():
                 usage[key] += value
+            if summary.get("status") in ("expired", "cancelled"):
+                reasons.append(f"batch {summary.get('batch_id')} {summary.get('status')}")
+            batches.append(
+                {
+                    "round": piece.gen,
+                    "shard": int(piece.part.split("-")[0]),
+                    "part": piece.part,
+                    "batch_id": str(summary.get("batch_id") or piece.batch_id),
+                    "status": str(summary.get("status")),
+                    "request_counts": summary.get("request_counts") or RequestCounts(total=0, completed=0, failed=0),
+                }
+            )
         result: JobResult = {
-            "joined_uri": str(self.destination),
+            "joined_uri": str(destination),
             "counts": counts,
             "batches": batches,
-            "rounds": len(joined),
+            "rounds": 1 + max((p.gen for p in ordered), default=0),
             "usage_totals": usage,
+            "queue_refusals": state.queue_refusals,
         }
         if self.price_table:
-            model = next((s.get("model") for s in summaries if s.get("model")), None)
-            result["cost_estimate"] = estimate_cost(usage, model, self.price_table)
-        self.log.info("Job done in %d round(s): %s → %s", len(joined), _counts_text(counts), self.destination)
+            result["cost_estimate"] = estimate_cost(usage, state.model, self.price_table)
+        self.log.info(
+            "Job done in %s: %s → %s",
+            _elapsed(time.time() - state.started),
+            _counts_text(counts),
+            destination,
+        )
         if not self.keep_work_dir:
-            _remove_tree(work)
-        outcome = evaluate_job(counts, self.policy)
+            _remove_tree(folder.root)
+        outcome = evaluate_job(counts, self.policy, reasons)
         if not outcome.ok:
             raise BatchFailedError(outcome.message)
         (self.log.warning if outcome.warning else self.log.info)(outcome.message)
         return result
 
-    @staticmethod
-    def _write_json(path: Any, value: Any) -> None:
-        with atomic_writer(path, overwrite=True) as out:
-            out.write(json.dumps(value).encode())
+
+def _file_stats(path: Any) -> tuple[int, str]:
+    import hashlib
+
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _elapsed(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _counts_text(counts: Mapping[str, int]) -> str:

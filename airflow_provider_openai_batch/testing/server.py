@@ -504,9 +504,7 @@ class FakeOpenAIServer:
 
     async def _batches_list(self, request: Request) -> Response:
         now = time.monotonic()
-        batches = _newest_first(
-            [b for b in self.state.batches.values() if self._listed_after.get(b.id, 0.0) <= now]
-        )
+        batches = _newest_first([b for b in self.state.batches.values() if self._listed_after.get(b.id, 0.0) <= now])
         limit = self._limit(request, 20, 100)
         items = [self.state.batch_json(b) for b in batches]
         return JSONResponse(_page(items, request.query_params.get("after"), limit))

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any, Literal, TypedDict
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
 from typing_extensions import NotRequired
 
 from airflow_provider_openai_batch.batch_status import BatchSummary, format_progress, is_terminal, progress_key
@@ -22,13 +22,8 @@ from airflow_provider_openai_batch.batches import SiblingLook, afollow_survivor
 from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.idempotency import IDEMPOTENCY_METADATA_KEY
-from airflow_provider_openai_batch.polling import (
-    DEFAULT_MAX_POLL_FAILURES,
-    PollFailures,
-    PollPolicy,
-    should_cancel_on_kill,
-    task_instance_state,
-)
+from airflow_provider_openai_batch.polling import DEFAULT_MAX_POLL_FAILURES, PollFailures
+from airflow_provider_openai_batch.triggers.base import OpenAIBatchBaseTrigger
 
 __all__ = [
     "DEFAULT_MAX_POLL_FAILURES",
@@ -79,29 +74,22 @@ class BatchTriggerEvent(TriggerEvent):
     __str__ = __repr__
 
 
-class OpenAIBatchTrigger(BaseTrigger):
+class OpenAIBatchTrigger(OpenAIBatchBaseTrigger):
     """
-    Poll a batch until it ends or ``end_time`` passes.
+    Poll a batch until it ends or ``end_time`` passes (connection, cadence, failures and kill policy: the base).
 
     :param batch_id: The batch to wait for.
-    :param conn_id: Airflow connection id.
-    :param poll_interval: Seconds between polls.
     :param end_time: Absolute deadline (``time.time()`` epoch seconds); a ``timeout`` event after it.
-    :param cancel_on_kill: Cancel the batch when the user stops the deferred task (mark failed). Airflow 3.3+
-        calls ``on_kill`` also on clear and mark success; the kill policy (``polling``) cancels only when the
-        task instance's state says the work is to stop. Airflow 3.0 to 3.2 never call ``on_kill``.
-    :param max_poll_failures: Transient failures in a row tolerated before an ``error`` event (``polling``);
-        403/404 end the wait at once, a 401 after one fresh read of the connection.
-    :param jitter_first_poll: Start at a random offset within the interval (``PollPolicy``).
     :param created_at: When the batch was created (epoch seconds); with ``max_poll_interval`` it lets the
         cadence relax as the batch ages (``PollPolicy.delay``).
-    :param max_poll_interval: Upper bound of the relaxed cadence; ``None`` polls every ``poll_interval``.
     :param sibling_look: ``batches.SiblingLook.to_json()``: once the batch is old enough, list once more for a
         duplicate made by another try; when an older one wins, cancel this batch and wait for that one instead.
 
     Events (exactly one): a ``BatchEventPayload`` whose status is ``EVENT_TERMINAL``, ``EVENT_TIMEOUT`` or
     ``EVENT_ERROR``.
     """
+
+    fields = ("batch_id", "end_time", "created_at", "sibling_look")
 
     def __init__(
         self,
@@ -116,39 +104,22 @@ class OpenAIBatchTrigger(BaseTrigger):
         max_poll_interval: float | None = None,
         sibling_look: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            conn_id=conn_id,
+            poll_interval=poll_interval,
+            max_poll_interval=max_poll_interval,
+            max_poll_failures=max_poll_failures,
+            jitter_first_poll=jitter_first_poll,
+            cancel_on_kill=cancel_on_kill,
+        )
         self.batch_id = batch_id
-        self.conn_id = conn_id
-        self.poll_interval = float(poll_interval)
         self.end_time = float(end_time)
-        self.cancel_on_kill = cancel_on_kill
-        self.max_poll_failures = int(max_poll_failures)
-        self.jitter_first_poll = jitter_first_poll
         self.created_at = created_at
-        self.max_poll_interval = max_poll_interval
         self.sibling_look = sibling_look
         self._followed = False
 
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "batch_id": self.batch_id,
-                "conn_id": self.conn_id,
-                "poll_interval": self.poll_interval,
-                "end_time": self.end_time,
-                "cancel_on_kill": self.cancel_on_kill,
-                "max_poll_failures": self.max_poll_failures,
-                "jitter_first_poll": self.jitter_first_poll,
-                "created_at": self.created_at,
-                "max_poll_interval": self.max_poll_interval,
-                "sibling_look": self.sibling_look,
-            },
-        )
-
-    @property
-    def hook(self) -> OpenAIBatchHook:
-        return OpenAIBatchHook(self.conn_id)
+    def batches_to_cancel(self) -> list[str]:
+        return [self.batch_id]
 
     def _event(self, status: EventStatus, message: str, summary: BatchSummary | None = None) -> TriggerEvent:
         payload = BatchEventPayload(status=status, batch_id=self.batch_id, summary=summary, message=message)
@@ -172,10 +143,6 @@ class OpenAIBatchTrigger(BaseTrigger):
         survivor = await afollow_survivor(hook, own, look, self.log)
         if survivor.id != self.batch_id:
             self.batch_id, self.created_at, self._followed = str(survivor.id), float(survivor.created_at), True
-
-    @property
-    def policy(self) -> PollPolicy:
-        return PollPolicy(self.poll_interval, self.max_poll_interval, self.max_poll_failures, self.jitter_first_poll)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = self.hook
@@ -222,25 +189,3 @@ class OpenAIBatchTrigger(BaseTrigger):
             del summary
             age = now - self.created_at if self.created_at is not None else 0.0
             await asyncio.sleep(min(policy.delay(age), remaining))
-
-    async def task_state(self) -> str | None:
-        """The deferred task instance's state now (``polling.task_instance_state``), read off the event loop."""
-        return await asyncio.to_thread(task_instance_state, self.task_instance)
-
-    async def on_kill(self) -> None:
-        """
-        Airflow 3.3 calls this when the user clears, marks failed or marks successful the deferred task: cancel
-        only when the user stopped the work (``polling.should_cancel_on_kill``), never for a clear whose re-run
-        will wait for this same batch.
-        """
-        if not self.cancel_on_kill:
-            return
-        cancel, reason = should_cancel_on_kill(self.cancel_on_kill, await self.task_state())
-        if not cancel:
-            self.log.info("Not cancelling batch %s: %s", self.batch_id, reason)
-            return
-        try:
-            await self.hook.acancel_batch(self.batch_id)
-            self.log.info("Cancelled batch %s because %s", self.batch_id, reason)
-        except OpenAIBatchAPIError as error:
-            self.log.warning("Could not cancel batch %s on kill: %s", self.batch_id, error)
