@@ -18,13 +18,16 @@ instance, in order:
    Airflow starts the next try): each may look, find nothing and create. Right after creating, each try lists the
    batches made since *it started looking* (less ``RACE_SKEW``) and applies ``surviving_batch``: the oldest live
    contender wins, the others cancel their own. Nothing is logged before that: an orphan dies at its first log line.
-6. **A second look** (``SiblingLook``): OpenAI does not say that a new batch is listed at once. If the listing lags a
-   create by more than ``SETTLE_PAUSE``, both tries keep their batch at step 5; so whoever waits for the batch
-   (trigger, blocking wait, sensor) lists once more when the batch is ``SIBLING_LOOK_AFTER`` old and applies the same
-   rule, cancelling its own batch and following the survivor when it lost.
+6. **A second look**: OpenAI does not say that a new batch is listed at once. A settle listing that does not show
+   the try's own batch is lagging, and may miss a racer too: the try lists again (a few seconds apart, up to
+   ``SETTLE_WAIT_FOR_OWN``) until its own batch shows, and then applies the rule. A listing that shows a batch shows
+   every batch created before it, so from then on no older racer can hide. If the own batch never shows, whoever
+   waits for it (trigger or blocking wait: ``SiblingLook``) lists once more when it is ``SIBLING_LOOK_AFTER`` old and
+   applies the same rule, cancelling its own batch and following the survivor when it lost. Without lag this costs
+   nothing: the first listing shows the own batch.
 
 Guarantee (README "What the provider guarantees"): one live batch per task instance and work, provided OpenAI's
-clock and the workers' agree within ``RACE_SKEW`` and a new batch is listed within ``SIBLING_LOOK_AFTER``.
+clock and the workers' agree within ``RACE_SKEW``, and a listing that shows a batch shows the older ones too.
 """
 
 from __future__ import annotations
@@ -67,9 +70,12 @@ log = logging.getLogger(__name__)
 #: What a re-run after a clear may use instead of creating a batch (see ``OpenAIBatchCreateOperator``).
 ReuseMode = Literal["active", "active_or_completed", "never"]
 REUSE_MODES: tuple[str, ...] = ("active", "active_or_completed", "never")
-#: How old a batch is when its waiter looks for a sibling once more (``SiblingLook``). OpenAI does not say how soon a
-#: new batch is listed; two minutes (twice ``RACE_SKEW``) is far beyond any lag seen, and costs one list call.
-SIBLING_LOOK_AFTER = 120.0
+#: How long the settle step lists again (``SETTLE_RELIST`` apart) while its own new batch is not listed yet.
+SETTLE_WAIT_FOR_OWN = 60.0
+SETTLE_RELIST = 2.0
+#: How old a batch whose settle never saw it listed is when its waiter looks for a sibling once more (``SiblingLook``).
+#: OpenAI does not say how soon a new batch is listed; ten minutes is far beyond any lag seen, and costs one list call.
+SIBLING_LOOK_AFTER = 600.0
 #: A wait that starts later than this after the creating try began looking makes no second look (``worth_it``).
 SIBLING_LOOK_WITHIN = 1800.0
 
@@ -122,15 +128,6 @@ class SiblingLook:
             return None
         first = value.get("first")
         return cls(str(value["key"]), None if first is None else int(first), float(value["since"]))
-
-    @classmethod
-    def of(cls, batch: Batch) -> SiblingLook | None:
-        """From the batch's own metadata (a sensor that did not create it); ``None`` for a batch we did not make."""
-        metadata = batch.metadata or {}
-        key = metadata.get(IDEMPOTENCY_METADATA_KEY)
-        if not key:
-            return None
-        return cls(key, _int(metadata.get(FIRST_TRY_METADATA_KEY)), float(batch.created_at))
 
     def due(self, created_at: float, now: float) -> bool:
         """Whether to look now: the batch is ``SIBLING_LOOK_AFTER`` old, so a lagging list has caught up."""
@@ -233,11 +230,12 @@ def cancel_duplicate(hook: Any, own_id: str, survivor_id: str, logger: Any = log
 
 @dataclass(frozen=True)
 class Ensured:
-    """What ``CreatePath.ensure`` decided: the batch to use, whether this try created it, and the second look."""
+    """What ``CreatePath.ensure`` decided: the batch to use, whether this try created it, and any second look."""
 
     batch: Batch
     created: bool
-    look: SiblingLook
+    #: The second look its waiter makes: only when the settle step never saw the new batch listed.
+    look: SiblingLook | None
 
 
 class CreatePath:
@@ -279,6 +277,8 @@ class CreatePath:
         self.looked: dict[str, float] = {}
         #: Batches the lookup saw and did not take: they existed before this try created, so they are no racers.
         self.passed_over: set[str] = set()
+        #: Keys whose new batch the settle step never saw listed: their waiter makes the second look.
+        self.unseen: set[str] = set()
 
     # --- keys ---------------------------------------------------------------------------------
 
@@ -419,11 +419,18 @@ class CreatePath:
         """
         time.sleep(idempotency.SETTLE_PAUSE)  # until a racer created in the same second as ours is listed too
         look = self.look(key)
+        give_up = time.time() + SETTLE_WAIT_FOR_OWN
         try:
             listing = recent_batches(self.hook, look.cutoff)
+            while own.id not in {b.id for b in listing} and time.time() < give_up:
+                time.sleep(SETTLE_RELIST)  # the listing lags: it may hide a racer as it hides our own batch
+                listing = recent_batches(self.hook, look.cutoff)
         except OpenAIBatchAPIError as error:  # after the SDK's retries: keep the batch we have, do not fail the try
             self.log.warning("Could not list batches to look for a duplicate of %s (%s)", own.id, error)
+            self.unseen.add(key)
             return own
+        if own.id not in {b.id for b in listing}:
+            self.unseen.add(key)
         survivor = look.survivor(own, [b for b in listing if b.id not in self.passed_over])
         if survivor.id == own.id:
             self.log.info("Created batch %s for %s", own.id, own.input_file_id)
@@ -440,4 +447,4 @@ class CreatePath:
         if batch is None:
             batch = self.create(work, key)
         self.remember(key, batch.id)
-        return Ensured(batch, created, self.look(key))
+        return Ensured(batch, created, self.look(key) if key in self.unseen else None)

@@ -130,6 +130,37 @@ class BatchFailedError(OpenAIBatchError):
         super().__init__(message)
 
 
+class BatchQueueFullError(BatchFailedError):
+    """
+    OpenAI refused the batch because the model's enqueued-token (or request) queue for the organization was full
+    (``token_limit_exceeded``). Nothing ran and nothing was charged. ``model``, ``limit`` and ``unit`` are what
+    OpenAI's message names.
+    """
+
+    def __init__(
+        self, message: str, summary: BatchSummary | None = None, *, model: str | None, limit: int | None, unit: str
+    ) -> None:
+        self.model, self.limit, self.unit = model, limit, unit
+        queue = f"{limit:,} enqueued {unit}" if limit is not None else "its enqueued-token limit"
+        text = (
+            f"{message}\nThe queue of {model or 'the model'} is full ({queue}); the batch was refused "
+            "(token_limit_exceeded) and not charged. Send it again once running batches end: create with "
+            "wait_for_completion=True (it creates again when there is room), keep mapped creates within the queue "
+            "with an Airflow pool, or use OpenAIBatchJobOperator / @task.openai_batch, which schedules within it."
+        )
+        super().__init__(text, summary)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_queue_error, (str(self), self.summary, self.model, self.limit, self.unit))
+
+
+def _rebuild_queue_error(text: str, summary: Any, model: str | None, limit: int | None, unit: str) -> Any:
+    error = BatchQueueFullError.__new__(BatchQueueFullError)
+    Exception.__init__(error, text)
+    error.summary, error.model, error.limit, error.unit = summary, model, limit, unit
+    return error
+
+
 class BatchTimeoutError(BatchFailedError, AirflowSensorTimeout):
     """The batch did not end before the task's absolute deadline (a sensor timeout, so ``soft_fail`` applies)."""
 

@@ -128,13 +128,23 @@ def test_an_orphan_whose_create_lands_62_s_late_cancels_its_duplicate(fake, cloc
 # --- a listing that lags a create ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def lagging(monkeypatch: pytest.MonkeyPatch):
-    """New batches stay out of the list for 3 s (real time), twice the settle pause; the second look at 4 s."""
+@pytest.fixture(params=["settle", "waiter"])
+def lagging(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """
+    New batches stay out of the list for a while (real time), longer than the settle pause. ``settle``: 3 s, and the
+    settle step lists again until its own batch shows. ``waiter``: 4 s, longer than the settle step waits (1 s here),
+    so the waiter's second look (at 5 s) settles it.
+    """
     monkeypatch.setattr(idempotency, "SETTLE_PAUSE", 1.5)
-    monkeypatch.setattr(batches, "SIBLING_LOOK_AFTER", 4.0)
+    monkeypatch.setattr(batches, "SETTLE_RELIST", 0.5)
+    lag = 3.0
+    if request.param == "waiter":
+        monkeypatch.setattr(batches, "SETTLE_WAIT_FOR_OWN", 1.0)
+        monkeypatch.setattr(batches, "SIBLING_LOOK_AFTER", 5.0)
+        lag = 4.0
     timings = Timings(validating=0.2, in_progress=8.0, finalizing=0.2, cancelling=0.2)
-    with FakeOpenAIServer(timings=timings, list_lag=3.0) as srv:
+    with FakeOpenAIServer(timings=timings, list_lag=lag) as srv:
+        srv.who_settles = request.param  # type: ignore[attr-defined]
         monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(srv))
         yield srv
 
@@ -206,7 +216,8 @@ def test_a_lagging_listing_still_ends_with_one_batch_running_deferred(lagging):
     assert sorted(made.values()) == ["cancelled", "completed"], made
     survivor = next(batch_id for batch_id, status in made.items() if status == "completed")
     assert {event["batch_id"] for event in events} == {survivor}
-    assert [event.get("followed", False) for event in events].count(True) == 1
+    followed = 1 if lagging.who_settles == "waiter" else 0  # else the loser's settle adopted the survivor already
+    assert [event.get("followed", False) for event in events].count(True) == followed
     for (op, _, ti), event in zip(deferred.values(), events, strict=True):
         assert op.execute_complete({"ti": ti}, event) == survivor
         assert ti.xcom["batch_id"] == survivor

@@ -67,8 +67,9 @@ def run_trigger(trigger: OpenAIBatchJobTrigger) -> dict[str, Any]:
 class Driver:
     """Airflow's part: tries, deferrals and resumes of one task instance, counting what the job did."""
 
-    def __init__(self, make: Any, run_id: str, store: MemoryStateStore | None) -> None:
+    def __init__(self, make: Any, run_id: str, store: MemoryStateStore | None, max_deferrals: int = 20) -> None:
         self.make = make
+        self.max_deferrals = max_deferrals
         self.ti = FakeTI(run_id)
         self.ti.task_id = "job"
         self.store = store
@@ -96,7 +97,9 @@ class Driver:
     def _resume(self, deferred: TaskDeferred, crash: str | None) -> dict[str, Any] | None:
         while True:
             self.deferrals += 1
-            assert self.deferrals <= 20, "the job keeps deferring: each resume made new batches instead of finding them"
+            assert self.deferrals <= self.max_deferrals, (
+                "the job keeps deferring: each resume made new batches instead of finding them"
+            )
             trigger = deferred.trigger
             assert isinstance(trigger, OpenAIBatchJobTrigger)
             self.triggers.append(trigger)

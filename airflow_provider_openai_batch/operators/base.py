@@ -22,10 +22,16 @@ from airflow_provider_openai_batch.batch_status import (
     evaluate,
     format_progress,
     is_terminal,
+    queue_refusal,
     summarize,
 )
 from airflow_provider_openai_batch.batches import SiblingLook, follow_survivor
-from airflow_provider_openai_batch.exceptions import BatchFailedError, BatchTimeoutError, OpenAIBatchAPIError
+from airflow_provider_openai_batch.exceptions import (
+    BatchFailedError,
+    BatchQueueFullError,
+    BatchTimeoutError,
+    OpenAIBatchAPIError,
+)
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.links.openai_batch import BATCH_ID_XCOM_KEY, OpenAIBatchLink
 from airflow_provider_openai_batch.polling import (
@@ -238,11 +244,9 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
     def wait_for(self, context: Mapping[str, Any], batch_id: str, look: SiblingLook | None = None) -> BatchSummary:
         """
         Finish now if the batch already ended, else defer (or block) until it does. On the way, the second look for
-        a duplicate (``batches.SiblingLook``): ``look`` from the try that created the batch, else read from the
-        batch's own metadata, so a sensor downstream of a create makes it too.
+        a duplicate (``batches.SiblingLook``) when the try that created the batch asks for it.
         """
         batch = self.hook.poll_batch(batch_id, PollFailures(self.poll_policy))
-        look = look or SiblingLook.of(batch)
         if look is not None and not look.worth_it(time.time()):
             look = None
         summary = summarize(batch)
@@ -323,6 +327,11 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
         """Apply the outcome policy: return the summary on success, raise with the reason otherwise."""
         outcome = evaluate(summary, self.policy)
         if not outcome.ok:
+            refusal = queue_refusal(summary)
+            if refusal is not None:
+                raise BatchQueueFullError(
+                    outcome.message, summary, model=summary["model"], limit=refusal.limit, unit=refusal.unit
+                )
             raise BatchFailedError(outcome.message, summary)
         (self.log.warning if outcome.warning else self.log.info)(outcome.message)
         return summary

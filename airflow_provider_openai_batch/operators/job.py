@@ -628,6 +628,8 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
     @staticmethod
     def _record(path: CreatePath, piece: Piece, key: str, batch: Any) -> None:
         piece.state, piece.batch_id, piece.created_at = "submitted", batch.id, float(batch.created_at)
+        # The second look is owed only when the settle step never saw the new batch listed (``batches``).
+        piece.second_look_done = key not in path.unseen
         path.remember(key, batch.id)
 
     # --- waiting ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Collection, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -32,7 +33,12 @@ from airflow_provider_openai_batch.batch_status import (
 )
 from airflow_provider_openai_batch.batches import REUSE_MODES, BatchWork, CreatePath, ReuseMode
 from airflow_provider_openai_batch.endpoints import expiry_problem
-from airflow_provider_openai_batch.exceptions import BatchNotEndedError, DownloadMismatchError, OpenAIBatchAPIError
+from airflow_provider_openai_batch.exceptions import (
+    BatchNotEndedError,
+    BatchQueueFullError,
+    DownloadMismatchError,
+    OpenAIBatchAPIError,
+)
 from airflow_provider_openai_batch.idempotency import DEFAULT_LOOKBACK
 from airflow_provider_openai_batch.links.openai_batch import OpenAIBatchLink
 from airflow_provider_openai_batch.operators.base import (
@@ -40,11 +46,14 @@ from airflow_provider_openai_batch.operators.base import (
     OpenAIBatchBaseOperator,
     batch_id_of,
 )
+from airflow_provider_openai_batch.polling import backoff_delay
 from airflow_provider_openai_batch.results import estimate_cost, normalize_usage, sum_usage
 from airflow_provider_openai_batch.storage import Source, source_name, source_size, to_storage_path
 from airflow_provider_openai_batch.triggers.openai_batch import BatchEventPayload
 from airflow_provider_openai_batch.uploads import upload_once
 
+#: First wait (seconds) before a create that waits sends a batch the queue refused again (``polling.backoff_delay``).
+QUEUE_RETRY_DELAY = 60.0
 #: The download operator pushes each result file's location under its own key, besides the summary.
 RESULT_LOCATION_KEYS = ("output_uri", "error_uri")
 
@@ -279,6 +288,39 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
         self.lookback = lookback
 
     def execute(self, context: Mapping[str, Any]) -> str:
+        while True:
+            try:
+                return self._create_and_wait(context)
+            except BatchQueueFullError as refused:
+                if not self.wait_for_completion:
+                    raise
+                self._after_queue_refusal(context, refused)
+
+    def _after_queue_refusal(self, context: Mapping[str, Any], refused: BatchQueueFullError) -> None:
+        """
+        The batch was refused for the queue (not charged): wait a backoff, then create again (a new batch: the
+        refused one is dead). Deferred, the wait is a timer in the triggerer; blocking, a sleep.
+        """
+        delay = backoff_delay(1, QUEUE_RETRY_DELAY, QUEUE_RETRY_DELAY * 30)
+        self.log.warning(
+            "Batch %s was refused for the queue of %s (limit %s %s); creating it again in %.0f s",
+            refused.summary["batch_id"] if refused.summary else None,
+            refused.model,
+            f"{refused.limit:,}" if refused.limit is not None else "unknown",
+            refused.unit,
+            delay,
+        )
+        if self.deferrable:
+            from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
+
+            self.defer(trigger=TimeDeltaTrigger(timedelta(seconds=delay)), method_name="execute_again")
+        time.sleep(delay)
+
+    def execute_again(self, context: Mapping[str, Any], event: Any = None) -> str:
+        """After a queue refusal's backoff (deferred): create again."""
+        return self.execute(context)
+
+    def _create_and_wait(self, context: Mapping[str, Any]) -> str:
         self._check_arguments()
         path = CreatePath(
             self.hook,
@@ -303,11 +345,15 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
         self.push_batch_id(context, batch.id)
         if self.wait_for_completion:
             # The second look may find an older try's batch: the summary names the one that ran.
-            return str(self.wait_for(context, batch.id, look=ensured.look if ensured.created else None)["batch_id"])
+            return str(self.wait_for(context, batch.id, look=ensured.look)["batch_id"])
         return batch.id
 
     def execute_complete(self, context: Mapping[str, Any], event: BatchEventPayload | None = None) -> str:
-        summary = super().execute_complete(context, event)
+        try:
+            summary = super().execute_complete(context, event)
+        except BatchQueueFullError as refused:
+            self._after_queue_refusal(context, refused)
+            return self.execute(context)
         return str(summary["batch_id"])
 
     def _check_arguments(self) -> None:
