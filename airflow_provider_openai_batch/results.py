@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -449,6 +450,11 @@ RETRYABLE_STATUS_CODES = frozenset({408, 409, 429, 500, 502, 503, 504})
 RETRYABLE_ERROR_CODES = frozenset({"rate_limit_exceeded", "server_error", "request_timeout", "timeout"})
 
 
+#: How some compatible servers report an upstream HTTP failure: ``{"type": "request_failed", "message": "Error code:
+#: 500 - ..."}`` (the status only in the message).
+_STATUS_IN_MESSAGE = re.compile(r"\bError code:\s*(\d{3})\b")
+
+
 def is_retryable(row: JoinedRow) -> bool:
     """Worth sending again: never ran (expired, cancelled, missing) or failed with a transient error."""
     if row.status in ("expired", "cancelled", "missing"):
@@ -457,6 +463,9 @@ def is_retryable(row: JoinedRow) -> bool:
         return False
     code = row.error.get("status_code")
     kind = row.error.get("code") or row.error.get("type")
+    if not isinstance(code, int):
+        found = _STATUS_IN_MESSAGE.search(str(row.error.get("message") or ""))
+        code = int(found.group(1)) if found else None
     return (isinstance(code, int) and code in RETRYABLE_STATUS_CODES) or kind in RETRYABLE_ERROR_CODES
 
 

@@ -1,0 +1,194 @@
+"""
+The one-task job's lifecycle is the blocks' table (README "What happens when you ..."): a clear or mark success of a
+deferred job leaves its batches running, mark failed cancels them (deferred and blocking); a retry continues, a clear
+runs the source again; mapped jobs keep their results apart; request dicts are data, never templates; a generator
+streams; a Parquet destination without pyarrow is refused before anything is sent; requests that never ran fail
+the job unless allowed; a compatible server's transient failure is resent.
+
+Real HTTP to FakeOpenAIServer; ``test_job``'s driver plays Airflow's part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_provider_openai_batch.exceptions import BatchFailedError
+from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+from airflow_provider_openai_batch.operators.job import OpenAIBatchJobOperator
+from airflow_provider_openai_batch.results import JoinedRow, is_retryable
+from airflow_provider_openai_batch.triggers.job import OpenAIBatchJobTrigger
+from tests.conftest import jsonl, request_line
+from tests.test_job import CLOCK, Driver, job_server  # noqa: F401  (the module's server fixture)
+from tests.test_lifecycle import TI
+
+ENDPOINT = "/v1/chat/completions"
+
+
+def job(tmp_path: Path, source: Any, **kwargs: Any) -> OpenAIBatchJobOperator:
+    kwargs.setdefault("destination", str(tmp_path / "joined.jsonl"))
+    kwargs.setdefault("deferrable", True)
+    return OpenAIBatchJobOperator(task_id="job", source=source, endpoint=ENDPOINT, poll_interval=0.05, **kwargs)
+
+
+@pytest.mark.parametrize(("state", "cancelled"), [("failed", True), (None, False), ("success", False)])
+def test_a_deferred_job_is_cancelled_only_when_the_user_stopped_it(job_server, state, cancelled, monkeypatch):
+    """Airflow 3.3 calls on_kill on clear, mark failed and mark success alike: the task's state tells them apart."""
+    hook = OpenAIBatchHook()
+    file_id = hook.upload_file(jsonl([request_line(0)])).id
+    ids = [hook.create_batch(file_id, ENDPOINT, metadata={"fake_scenario": "stall"}).id for _ in range(2)]
+    trigger = OpenAIBatchJobTrigger(batch_ids=ids, conn_id="openai_default", poll_interval=1, end_times={})
+
+    async def state_now() -> str | None:
+        return state
+
+    monkeypatch.setattr(trigger, "task_state", state_now)
+    before = job_server.count("batches.cancel")
+    asyncio.run(trigger.on_kill())
+    assert job_server.count("batches.cancel") - before == (2 if cancelled else 0)
+
+
+@pytest.mark.parametrize(("state", "cancelled"), [("failed", True), (None, False)])
+def test_a_blocking_job_follows_the_same_kill_policy(job_server, tmp_path, state, cancelled, monkeypatch):
+    from airflow_provider_openai_batch.operators import base
+
+    hook = OpenAIBatchHook()
+    batch_id = hook.create_batch(hook.upload_file(jsonl([request_line(0)])).id, ENDPOINT).id
+    op = job(tmp_path, [request_line(0)], deferrable=False)
+    op._running, op._running_ti = [batch_id], TI("r")
+    monkeypatch.setattr(base, "task_instance_state", lambda ti: state)
+    before = job_server.count("batches.cancel")
+    op.on_kill()
+    assert job_server.count("batches.cancel") - before == (1 if cancelled else 0)
+
+
+def test_mapped_jobs_with_one_destination_keep_their_results_apart(job_server, tmp_path):
+    run_id = f"run-{uuid.uuid4()}"
+    results = {}
+    for index in (0, 1):
+        rows = [request_line(i + 10 * index) for i in range(3)]
+        driver = Driver(lambda rows=rows: job(tmp_path, rows), run_id, None)
+        driver.ti.map_index = index
+        results[index] = driver.attempt()
+    paths = {index: Path(str(result["joined_uri"])) for index, result in results.items() if result}
+    assert paths[0] != paths[1]
+    for index, path in paths.items():
+        ids = [json.loads(line)["custom_id"] for line in path.read_text().splitlines()]
+        assert ids == [f"req-{i + 10 * index}" for i in range(3)]
+
+
+def test_request_dicts_are_never_templates(job_server, tmp_path):
+    """A ``{{ ds }}`` in a prompt stays as written and a ``{% if`` does not fail the task."""
+    rows = [
+        request_line(0, messages=[{"role": "user", "content": "Summarise {{ ds }} for me"}]),
+        request_line(1, messages=[{"role": "user", "content": "Keep {% if x %} as text"}]),
+    ]
+    op = job(tmp_path, rows)
+    op.render_template_fields({"ds": "2026-01-01"})
+    assert op.source is rows
+    result = Driver(lambda: op, f"run-{uuid.uuid4()}", None).attempt()
+    assert result is not None and result["counts"]["succeeded"] == 2
+
+
+def test_a_generator_is_streamed(job_server, tmp_path):
+    result = Driver(lambda: job(tmp_path, (request_line(i) for i in range(5))), f"run-{uuid.uuid4()}", None).attempt()
+    assert result is not None and result["counts"]["succeeded"] == 5
+
+
+def test_a_wrong_source_names_what_it_may_be(job_server, tmp_path):
+    before = job_server.count("files.create")
+    with pytest.raises(TypeError, match=r"item 1 is a int, not a request dict"):
+        job(tmp_path, [request_line(0), 3]).execute({"ti": TI("r")})
+    assert job_server.count("files.create") == before
+
+
+def test_the_decorator_names_the_function_and_what_it_may_return(job_server, tmp_path):
+    from airflow_provider_openai_batch.decorators.openai_batch import _OpenAIBatchDecoratedOperator
+
+    def build_prompts() -> dict[str, str]:
+        return {"custom_id": "x"}
+
+    op = _OpenAIBatchDecoratedOperator(
+        task_id="job", python_callable=build_prompts, endpoint=ENDPOINT, destination=str(tmp_path / "out.jsonl")
+    )
+    with pytest.raises(TypeError, match=r"'build_prompts'.*returned dict.*may return request dicts"):
+        op.resolve_source({})
+
+
+def test_parquet_without_pyarrow_is_refused_before_anything_is_sent(job_server, tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_pyarrow(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "pyarrow" or name.startswith("pyarrow."):
+            raise ImportError("No module named 'pyarrow'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pyarrow)
+    before = job_server.count("files.create")
+    with pytest.raises(ValueError, match=r"parquet.*pip install 'airflow-provider-openai-batch\[parquet\]'"):
+        job(tmp_path, [request_line(0)], destination=str(tmp_path / "out.parquet")).execute({"ti": TI("r")})
+    assert job_server.count("files.create") == before
+
+
+def test_requests_that_never_ran_fail_the_job_unless_allowed(job_server, tmp_path):
+    job_server.script_batches("expire")  # half of the batch's requests never run
+    driver = Driver(lambda: job(tmp_path, [request_line(i) for i in range(4)], max_rounds=1), f"r-{uuid.uuid4()}", None)
+    with pytest.raises(BatchFailedError, match=r"2 request\(s\) never ran.*max_unrun_requests.*expired"):
+        driver.attempt()
+    assert (tmp_path / "joined.jsonl").exists(), "the joined result is written first: nothing is lost"
+    job_server.script_batches("expire")
+    allowed = Driver(
+        lambda: job(tmp_path, [request_line(i) for i in range(4)], max_rounds=1, max_unrun_requests=2),
+        f"r-{uuid.uuid4()}",
+        None,
+    ).attempt()
+    assert allowed is not None and allowed["counts"]["expired"] == 2
+
+
+def test_a_clear_runs_the_source_again_and_a_retry_continues(job_server, tmp_path):
+    calls: list[int] = []
+
+    class Counting(OpenAIBatchJobOperator):
+        def resolve_source(self, context: Any) -> Any:
+            calls.append(1)
+            return [request_line(i, messages=[{"role": "user", "content": f"v{len(calls)}"}]) for i in range(2)]
+
+    def make() -> OpenAIBatchJobOperator:
+        return Counting(
+            task_id="job",
+            endpoint=ENDPOINT,
+            destination=str(tmp_path / "joined.jsonl"),
+            poll_interval=0.05,
+            deferrable=True,
+            retries=2,
+        )
+
+    driver = Driver(make, f"r-{uuid.uuid4()}", None)
+    driver.ti = TI(driver.ti.run_id, retries=2)
+    driver.ti.task_id = "job"
+    assert driver.attempt(crash="deferred") is None  # try 1 died while deferred
+    driver.ti.retry()
+    assert driver.attempt() is not None
+    assert len(calls) == 1, "a retry continues from the work folder"
+    driver.ti.clear(retries=2)
+    assert driver.attempt() is not None
+    assert len(calls) == 2, "a clear means run it again: the source is read again"
+
+
+def test_a_compatible_servers_upstream_5xx_is_resent():
+    """Some compatible servers report an upstream 500 as ``{"type": "request_failed", "message": "Error code: 500"}``."""
+    row = JoinedRow(
+        custom_id="a",
+        status="failed",
+        request={},
+        error={"type": "request_failed", "message": "Error code: 500 - {'error': 'upstream'}"},
+    )
+    assert is_retryable(row)
+    row.error = {"type": "request_failed", "message": "Error code: 400 - bad request"}
+    assert not is_retryable(row)
