@@ -14,6 +14,7 @@ import asyncio
 import builtins
 import json
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,21 @@ from airflow_provider_openai_batch.exceptions import BatchFailedError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.operators.job import OpenAIBatchJobOperator
 from airflow_provider_openai_batch.results import JoinedRow, is_retryable
+from airflow_provider_openai_batch.testing import FakeOpenAIServer
 from airflow_provider_openai_batch.triggers.job import OpenAIBatchJobTrigger
-from tests.conftest import jsonl, request_line
-from tests.test_job import CLOCK, Driver, job_server  # noqa: F401  (the module's server fixture)
+from tests.conftest import FAST, connection_env, jsonl, request_line
+from tests.test_job import CLOCK, Driver
 from tests.test_lifecycle import TI
 
 ENDPOINT = "/v1/chat/completions"
+
+
+@pytest.fixture
+def job_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAIServer]:
+    """A server on ``test_job``'s clock, which its driver moves while the job is deferred."""
+    with FakeOpenAIServer(timings=FAST, clock=CLOCK) as srv:
+        monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(srv))
+        yield srv
 
 
 def job(tmp_path: Path, source: Any, **kwargs: Any) -> OpenAIBatchJobOperator:
@@ -182,7 +192,7 @@ def test_a_clear_runs_the_source_again_and_a_retry_continues(job_server, tmp_pat
 
 
 def test_a_compatible_servers_upstream_5xx_is_resent():
-    """Some compatible servers report an upstream 500 as ``{"type": "request_failed", "message": "Error code: 500"}``."""
+    """Some compatible servers report an upstream 500 as ``{type: request_failed, message: "Error code: 500 ..."}``."""
     row = JoinedRow(
         custom_id="a",
         status="failed",
