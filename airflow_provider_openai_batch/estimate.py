@@ -98,7 +98,11 @@ _decoder = msgspec.json.Decoder(_Line)
 
 
 class _ShardCounter:
-    """The cut rule of ``batch_file.shard_batch_file``, applied to counts instead of writing files."""
+    """
+    The cut rule of ``batch_file.shard_batch_file``, applied to counts instead of writing files. Its token limit is
+    applied to ``tokens.request_tokens`` counts; ``shard_batch_file`` still measures a line's tokens as bytes / 4,
+    so with ``max_tokens`` (or a budget) the two agree once the sharder counts with ``tokens.py`` too.
+    """
 
     def __init__(self, limits: ShardLimits) -> None:
         self.limits = limits
