@@ -11,7 +11,6 @@ decisions over ``job_state.JobState``: no I/O here.
 
 from __future__ import annotations
 
-import math
 import time
 
 from airflow_provider_openai_batch.batch_status import QueueRefusal
@@ -61,12 +60,6 @@ def oversized(state: JobState) -> list[Piece]:
     if state.budget is None:
         return []
     return [p for p in state.by_state("waiting") if piece_load(p, state.budget_unit) > state.budget and p.requests > 1]
-
-
-def parts_needed(piece: Piece, state: JobState) -> int:
-    """Into how many parts ``piece`` is cut so that each fits the budget."""
-    assert state.budget is not None
-    return max(2, math.ceil(piece_load(piece, state.budget_unit) / state.budget))
 
 
 def learn(state: JobState, refusal: QueueRefusal) -> bool:

@@ -49,6 +49,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
+import msgspec
+
 log = logging.getLogger(__name__)
 
 Tokenizer = Literal["o200k_base", "cl100k_base", "heuristic"]
@@ -465,3 +467,20 @@ def request_tokens(body: Mapping[str, Any], endpoint: str | None, counter: TextC
 def input_tokens(body: Mapping[str, Any], endpoint: str | None, counter: TextCounter | None = None) -> int:
     """The input tokens of one request body (``request_tokens(...).input_tokens``)."""
     return request_tokens(body, endpoint, counter).input_tokens
+
+
+class _Line(msgspec.Struct):
+    body: dict[str, Any] = {}
+
+
+_line_decoder = msgspec.json.Decoder(_Line)
+
+
+def queue_tokens(raw: bytes, endpoint: str | None) -> int:
+    """
+    What one request line holds in its model's enqueued-token queue: its input tokens plus its output cap when it
+    sets one. OpenAI does not say whether the cap counts; this takes the stricter reading (the job then never
+    plans a batch the queue would refuse on that account).
+    """
+    counted = request_tokens(_line_decoder.decode(raw).body, endpoint)
+    return max(1, counted.input_tokens + (counted.max_output_tokens or 0))

@@ -34,6 +34,7 @@ _ROUTES = (
     ("POST", re.compile(r"/files$"), "files.create"),
     ("GET", re.compile(r"/files/[^/]+/content$"), "files.content"),
     ("POST", re.compile(r"/batches$"), "batches.create"),
+    ("GET", re.compile(r"/batches$"), "batches.list"),
     ("GET", re.compile(r"/batches/[^/]+$"), "batches.retrieve"),
 )
 
@@ -151,10 +152,11 @@ class Controls:
 class ScenarioServer:
     """A fake OpenAI for one scenario: its connection JSON, its controls, and what it holds."""
 
-    def __init__(self, name: str, conn_id: str) -> None:
+    def __init__(self, name: str, conn_id: str, **options: Any) -> None:
         self.name = name
         self.conn_id = conn_id
-        self.server = FakeOpenAIServer(timings=Timings(validating=0.5, in_progress=3.0, finalizing=0.5, cancelling=0.5))
+        timings = Timings(validating=0.5, in_progress=3.0, finalizing=0.5, cancelling=0.5)
+        self.server = FakeOpenAIServer(timings=timings, **options)
         self.controls = Controls(self.server.app)
         self.server.app = self.controls  # type: ignore[assignment]
 

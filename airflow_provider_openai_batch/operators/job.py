@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -73,6 +73,7 @@ from airflow_provider_openai_batch.results import (
     write_retry_input,
 )
 from airflow_provider_openai_batch.storage import Source, atomic_writer, to_storage_path
+from airflow_provider_openai_batch.tokens import queue_tokens
 from airflow_provider_openai_batch.triggers.job import (
     EVENT_ENDED,
     EVENT_TIMEOUT,
@@ -385,7 +386,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                 endpoint=self.endpoint,
                 allowed_endpoints=self.allowed_endpoints,
                 limits=self.limits,
-                line_tokens=estimate_tokens,
+                line_tokens=self._line_tokens(state),
             )
             for i, shard in enumerate(made):
                 piece = Piece(0, f"{i:05d}", shard.requests, shard.bytes, shard.sha256, shard.tokens)
@@ -395,6 +396,24 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         total = sum(p.requests for p in state.pieces)
         self.log.info("Job: %s requests in %d shard(s)", f"{total:,}", len(state.pieces))
         return state
+
+    def _line_tokens(self, state: JobState) -> Callable[[bytes], int]:
+        """
+        How a request line's queue tokens are counted: with the model's tokenizer (input plus output cap, as
+        ``tokens.queue_tokens``) once a token budget is known, since the queue is planned on it; before that a
+        byte estimate, so a job that never meets its queue pays nothing for counting.
+        """
+        if state.budget is None or state.budget_unit != "tokens":
+            return estimate_tokens
+        endpoint = self.endpoint
+        return lambda raw: queue_tokens(raw, endpoint)
+
+    def _recount(self, folder: JobWorkFolder, state: JobState) -> None:
+        """A budget was just learned: the waiting pieces' tokens are counted again, exactly (``_line_tokens``)."""
+        count = self._line_tokens(state)
+        for piece in state.by_state("waiting"):
+            with folder.input(piece).open("rb") as lines:
+                piece.tokens = sum(count(line.rstrip(b"\r\n")) for line in lines if line.strip())
 
     def _requests(self, source: Iterable[Any]) -> Iterable[dict[str, Any]]:
         for i, request in enumerate(source):
@@ -457,7 +476,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                 continue
             refusal = queue_refusal(summary)
             if refusal is not None:
-                self._refused(state, piece, refusal.message, summary["model"])
+                self._refused(folder, state, piece, refusal.message, summary["model"])
                 folder.save(state)
                 continue
             if summary["status"] == "failed":
@@ -470,10 +489,12 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             self._take_in(folder, state, piece, dict(summary))
             folder.save(state)
 
-    def _refused(self, state: JobState, piece: Piece, message: str, model: str | None) -> None:
+    def _refused(self, folder: JobWorkFolder, state: JobState, piece: Piece, message: str, model: str | None) -> None:
         refusal = read_queue_refusal(message, model)
         known = state.budget is not None
         learned = scheduler.learn(state, refusal)
+        if learned and not known:
+            self._recount(folder, state)
         scheduler.requeue(piece, time.time(), backoff=known and not learned)
         state.queue_refusals += 1
         budget = f"{state.budget:,} {state.budget_unit}" if state.budget is not None else "unknown"
@@ -506,7 +527,9 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             return
         stats = _file_stats(folder.input(retry))
         retry.requests, retry.bytes, retry.sha256 = sent, stats[0], stats[1]
-        retry.tokens = max(1, piece.tokens * sent // max(1, piece.requests))
+        count = self._line_tokens(state)
+        with folder.input(retry).open("rb") as lines:
+            retry.tokens = sum(count(line.rstrip(b"\r\n")) for line in lines if line.strip())
         state.pieces.append(retry)
         self.log.info("%s: %s request(s) to send again as %s", piece.name, f"{sent:,}", retry.name)
 
@@ -545,21 +568,25 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
     def _cut_oversized(self, folder: JobWorkFolder, state: JobState) -> None:
         """A waiting piece larger than the whole budget is cut into parts that fit (it could never be admitted)."""
         for piece in scheduler.oversized(state):
-            parts = scheduler.parts_needed(piece, state)
+            assert state.budget is not None
+            if state.budget_unit == "tokens":
+                limits = ShardLimits(max_tokens=state.budget)
+            else:
+                limits = ShardLimits(max_requests=min(state.budget, MAX_REQUESTS_PER_FILE))
             with tempfile.TemporaryDirectory(prefix="openai-batch-cut-") as scratch:
-                per_part = -(-piece.requests // parts)
                 made = shard_batch_file(
                     folder.input(piece),
                     Path(scratch),
                     endpoint=self.endpoint,
                     allowed_endpoints=self.allowed_endpoints,
-                    limits=ShardLimits(max_requests=max(1, per_part)),
-                    line_tokens=estimate_tokens,
+                    limits=limits,
+                    line_tokens=self._line_tokens(state),
                 )
                 new = []
                 for k, shard in enumerate(made):
-                    part = Piece(piece.gen, f"{piece.part}-{k:02d}", shard.requests, shard.bytes, shard.sha256, 0)
-                    part.tokens = max(1, piece.tokens * shard.requests // max(1, piece.requests))
+                    part = Piece(
+                        piece.gen, f"{piece.part}-{k:02d}", shard.requests, shard.bytes, shard.sha256, shard.tokens
+                    )
                     part.queue_attempt = piece.queue_attempt
                     self._copy(shard.path, folder.input(part))
                     new.append(part)
@@ -602,7 +629,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             except OpenAIBatchAPIError as error:
                 if not is_queue_refusal_code(error.code):
                     raise
-                self._refused(state, piece, error.message, None)
+                self._refused(folder, state, piece, error.message, None)
                 folder.save(state)
                 break  # the queue is full: the rest waits too
             self._record(path, piece, key, batch)
