@@ -476,12 +476,12 @@ UNRUN_STATUSES = ("missing", "expired", "cancelled")
 def evaluate_job(counts: dict[str, int], policy: JobPolicy, reasons: list[str] | None = None) -> Outcome:
     """
     Decide whether a job whose requests ended with ``counts`` (by request status) is a task success. ``reasons``
-    are OpenAI's own words on batches that did not run (e.g. a queue refusal), quoted in the message.
+    say why work did not run (a batch expired or was cancelled, a budget stopped submissions), quoted in the message.
     """
     total = sum(counts.values())
     succeeded = counts.get("succeeded", 0)
     unfinished = total - succeeded
-    why = ("; OpenAI said: " + " | ".join(dict.fromkeys(reasons))) if reasons else ""
+    why = ("; why: " + " | ".join(dict.fromkeys(reasons))) if reasons else ""
     if not unfinished:
         return Outcome(True, f"All {total:,} requests succeeded.")
     ratio = unfinished / total if total else 1.0
@@ -504,3 +504,40 @@ def evaluate_job(counts: dict[str, int], policy: JobPolicy, reasons: list[str] |
     if over:
         return Outcome(False, f"{text}: {' and '.join(over)}{why}. The joined result holds every row.")
     return Outcome(True, f"{text}; within the allowed failures{why}. The joined result holds every row.", True)
+
+
+# --- the cost budget ----------------------------------------------------------------------------------------------
+
+
+def cost_verdict(estimated: dict[str, Any] | None, max_cost: float) -> Outcome:
+    """
+    May a job whose estimate is ``estimated`` (``estimate.Estimate["cost"]``: ``{currency, low, high}``) be sent
+    under ``max_cost``? Only when its upper bound is known and within it: an unknown bound (no price for the model, or
+    requests without an output cap) is refused too, since nothing then says the bill stays within the budget.
+    """
+    if estimated is None:
+        return Outcome(False, f"max_cost={max_cost} needs a price for the model: the price table has none")
+    high, currency = estimated.get("high"), estimated.get("currency", "USD")
+    if high is None:
+        return Outcome(
+            False,
+            f"max_cost={max_cost} {currency}: the cost has no upper bound (some requests set no output cap: "
+            "max_completion_tokens / max_tokens / max_output_tokens); the estimate starts at "
+            f"{estimated.get('low', 0):.4f} {currency}",
+        )
+    if high > max_cost:
+        return Outcome(
+            False,
+            f"the estimate is {estimated.get('low', 0):.4f} to {high:.4f} {currency}, above max_cost={max_cost}",
+        )
+    return Outcome(True, f"the estimate is {estimated.get('low', 0):.4f} to {high:.4f} {currency}, within {max_cost}")
+
+
+def spend_verdict(spent: float, projected: float, max_cost: float, currency: str = "USD") -> Outcome:
+    """Mid-job: may more be submitted, having spent ``spent`` and with ``projected`` more to come from what runs?"""
+    if spent + projected > max_cost:
+        return Outcome(
+            False,
+            f"{spent:.4f} {currency} spent and about {projected:.4f} more running would pass max_cost={max_cost}",
+        )
+    return Outcome(True, f"{spent:.4f} {currency} spent of max_cost={max_cost}")

@@ -161,6 +161,10 @@ def _rebuild_queue_error(text: str, summary: Any, model: str | None, limit: int 
     return error
 
 
+class CostBudgetError(OpenAIBatchError):
+    """The job's cost estimate (or its spend so far) is over ``max_cost``: nothing more was sent."""
+
+
 class BatchTimeoutError(BatchFailedError, AirflowSensorTimeout):
     """The batch did not end before the task's absolute deadline (a sensor timeout, so ``soft_fail`` applies)."""
 

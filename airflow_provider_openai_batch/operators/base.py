@@ -16,6 +16,7 @@ from typing import Any
 from airflow.providers.common.compat.sdk import BaseOperator, conf
 from openai.types import Batch
 
+from airflow_provider_openai_batch import metrics
 from airflow_provider_openai_batch.batch_status import (
     BatchSummary,
     OutcomePolicy,
@@ -325,6 +326,14 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
 
     def finish(self, summary: BatchSummary) -> BatchSummary:
         """Apply the outcome policy: return the summary on success, raise with the reason otherwise."""
+        tags = metrics.metric_tags(
+            model=summary["model"], endpoint=summary["endpoint"], dag_id=self.dag_id, task_id=self.task_id
+        )
+        metrics.batch_ended(summary["status"], tags)
+        if queue_refusal(summary) is not None:
+            metrics.queue_refused(tags)
+        requests = summary["request_counts"]
+        metrics.requests_ended({"succeeded": requests["completed"], "failed": requests["failed"]}, tags)
         outcome = evaluate(summary, self.policy)
         if not outcome.ok:
             refusal = queue_refusal(summary)

@@ -29,7 +29,7 @@ from types import SimpleNamespace
 from typing import Any, TypedDict
 
 from airflow_provider_openai_batch import batches as create_path
-from airflow_provider_openai_batch import scheduler
+from airflow_provider_openai_batch import metrics, scheduler
 from airflow_provider_openai_batch.batch_file import (
     MAX_BYTES_PER_FILE,
     MAX_REQUESTS_PER_FILE,
@@ -43,15 +43,23 @@ from airflow_provider_openai_batch.batch_status import (
     JobPolicy,
     OutcomePolicy,
     RequestCounts,
+    cost_verdict,
     evaluate_job,
     is_queue_refusal_code,
     is_terminal,
     queue_refusal,
     read_queue_refusal,
+    spend_verdict,
     summarize,
 )
 from airflow_provider_openai_batch.batches import REUSE_MODES, BatchWork, CreatePath, ReuseMode, SiblingLook
-from airflow_provider_openai_batch.exceptions import BatchFailedError, OpenAIBatchAPIError, OpenAIBatchError
+from airflow_provider_openai_batch.estimate import Estimate, estimate_file, render_estimate
+from airflow_provider_openai_batch.exceptions import (
+    BatchFailedError,
+    CostBudgetError,
+    OpenAIBatchAPIError,
+    OpenAIBatchError,
+)
 from airflow_provider_openai_batch.idempotency import DEFAULT_LOOKBACK, idempotency_key, task_identity
 from airflow_provider_openai_batch.job_state import JobState, JobWorkFolder, Piece
 from airflow_provider_openai_batch.links.openai_batch import OpenAIBatchLink
@@ -163,8 +171,14 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
     :param reuse: What a re-run after a *clear* may use instead of a new batch, as for ``OpenAIBatchCreateOperator``
         (``"active"``: batches still running; ``"active_or_completed"``; ``"never"``). A clear calls the source
         again (the function of ``@task.openai_batch``); a retry continues the run of tries' work.
-    :param price_table: ``{model: {"input": $, "cached_input": $, "output": $}}`` per million tokens, for
-        ``cost_estimate``.
+    :param price_table: ``{model: {"input": $, "cached_input": $, "output": $}}`` per million tokens (batch
+        prices), for ``cost_estimate``, ``dry_run``'s cost range and ``max_cost``.
+    :param dry_run: Validate, shard and estimate (``estimate.Estimate``: requests, shards, tokens counted with the
+        model's tokenizer, output caps, queue fills under the budget, a cost range) and return it without sending
+        anything.
+    :param max_cost: Refuse to send a job whose estimated upper cost is above this (before any upload); while it
+        runs, stop submitting once the spend so far and what runs would pass it (what never ran then fails the job
+        as unrun). Needs ``price_table``. ``cancel_on_budget``: also cancel what runs when the budget is passed.
 
     Upload options as ``OpenAIBatchUploadOperator`` (``allowed_endpoints``, ``expires_after``, ``reuse_window``,
     ``max_requests_per_file``, ``max_bytes_per_file``, ``max_tokens_per_file``), create options as
@@ -208,6 +222,9 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         max_unrun_requests: int | None = 0,
         max_unrun_ratio: float | None = None,
         price_table: dict[str, dict[str, float]] | None = None,
+        dry_run: bool = False,
+        max_cost: float | None = None,
+        cancel_on_budget: bool = False,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         max_poll_interval: float | None = DEFAULT_MAX_POLL_INTERVAL,
         deadline: timedelta | float | None = None,
@@ -262,7 +279,12 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             max_unrun_requests=max_unrun_requests,
             max_unrun_ratio=max_unrun_ratio,
         )
+        if max_cost is not None and not price_table:
+            raise ValueError("max_cost needs a price_table: {model: {'input': $, 'output': $}} per million tokens")
         self.price_table = price_table
+        self.estimate_only = dry_run  # BaseOperator.dry_run is a method of its own
+        self.max_cost = max_cost
+        self.cancel_on_budget = cancel_on_budget
         self.init_waiting(
             poll_interval, max_poll_interval, deadline, deferrable, cancel_on_timeout, cancel_on_kill, max_poll_failures
         )
@@ -289,8 +311,10 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
 
     # --- entry points -------------------------------------------------------------------------------
 
-    def execute(self, context: Mapping[str, Any]) -> JobResult:
+    def execute(self, context: Mapping[str, Any]) -> Any:
         self._check_destination()
+        if self.estimate_only:
+            return self._dry_run(context)
         folder = self._work(context)
         state = folder.load()
         if state is None:
@@ -369,17 +393,9 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         elif self.max_enqueued_requests is not None:
             state.budget, state.budget_unit = self.max_enqueued_requests, "requests"
         with tempfile.TemporaryDirectory(prefix="openai-batch-job-") as scratch:
-            source: Source = self.resolve_source(context)
-            if is_request_data(source):
-                path = Path(scratch) / "requests.jsonl"
-                with path.open("wb") as out:
-                    out.writelines(encode_requests(self._requests(source)))  # type: ignore[arg-type]
-                source = path
-            elif not isinstance(source, (str, os.PathLike)) and getattr(source, "open", None) is None:
-                raise TypeError(
-                    f"{self.source_label()} is a {type(source).__name__}; it may be request dicts (a list or any "
-                    "iterable of them), or a path, URI or ObjectStoragePath of a JSONL batch file"
-                )
+            source = self._materialized(context, Path(scratch))
+            if self.max_cost is not None:
+                self._check_budget(context, self._estimate(context, source))
             made = shard_batch_file(
                 source,
                 Path(scratch) / "shards",
@@ -396,6 +412,92 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         total = sum(p.requests for p in state.pieces)
         self.log.info("Job: %s requests in %d shard(s)", f"{total:,}", len(state.pieces))
         return state
+
+    def _materialized(self, context: Mapping[str, Any], scratch: Path) -> Source:
+        """The source as something to read: request dicts (any iterable, a generator streamed) written to a file."""
+        source: Source = self.resolve_source(context)
+        if is_request_data(source):
+            path = scratch / "requests.jsonl"
+            with path.open("wb") as out:
+                out.writelines(encode_requests(self._requests(source)))  # type: ignore[arg-type]
+            return path
+        if not isinstance(source, (str, os.PathLike)) and getattr(source, "open", None) is None:
+            raise TypeError(
+                f"{self.source_label()} is a {type(source).__name__}; it may be request dicts (a list or any "
+                "iterable of them), or a path, URI or ObjectStoragePath of a JSONL batch file"
+            )
+        return source
+
+    def _estimate(self, context: Mapping[str, Any], source: Source) -> Estimate:
+        estimated = estimate_file(
+            source,
+            self.endpoint,
+            self.price_table,
+            self.max_enqueued_tokens,
+            limits=self.limits,
+            allowed_endpoints=self.allowed_endpoints,
+            completion_window=self.completion_window,
+        )
+        self.log.info("Estimate:\n%s", render_estimate(estimated))
+        if estimated["cost"] is not None:
+            cost_range = estimated["cost"]
+            tags = metrics.tags_from_context(context, model=estimated["model"], endpoint=self.endpoint)
+            metrics.estimated_cost(cost_range["low"], cost_range["high"], cost_range["currency"], tags)
+        return estimated
+
+    def _dry_run(self, context: Mapping[str, Any]) -> Estimate:
+        """Validate, shard and estimate; nothing is uploaded or created."""
+        with tempfile.TemporaryDirectory(prefix="openai-batch-dry-run-") as scratch:
+            estimated = self._estimate(context, self._materialized(context, Path(scratch)))
+        if self.max_cost is not None:
+            verdict = cost_verdict(dict(estimated["cost"]) if estimated["cost"] else None, self.max_cost)
+            self.log.info("Budget: %s", verdict.message)
+        self.log.info("Dry run: nothing was sent")
+        return estimated
+
+    def _check_budget(self, context: Mapping[str, Any], estimated: Estimate) -> None:
+        assert self.max_cost is not None
+        verdict = cost_verdict(dict(estimated["cost"]) if estimated["cost"] else None, self.max_cost)
+        if not verdict.ok:
+            raise CostBudgetError(f"{self.task_id}: not sent: {verdict.message}")
+        self.log.info("Budget: %s", verdict.message)
+
+    def _spent(self, state: JobState) -> tuple[float, float, str]:
+        """Cost of what ended (from its usage) and, at the same price per request, of what runs and goes next."""
+        assert self.price_table is not None
+        usage = dict.fromkeys(USAGE_KEYS, 0)
+        done = 0
+        for piece in state.by_state("done"):
+            for key, value in normalize_usage((piece.summary or {}).get("usage")).items():
+                usage[key] += value
+            done += piece.requests
+        priced = estimate_cost(usage, state.model, self.price_table) if state.model else None
+        if not priced or not done:
+            return 0.0, 0.0, "USD"
+        per_request = float(priced["total"]) / done
+        running = sum(p.requests for p in state.in_flight())
+        upcoming = scheduler.to_submit(state)
+        coming = running + (upcoming[0].requests if upcoming else 0)
+        return float(priced["total"]), per_request * coming, str(priced["currency"])
+
+    def _within_budget(self, state: JobState) -> bool:
+        """Mid-job: whether to keep submitting under ``max_cost`` (when passed, what waits never runs)."""
+        if self.max_cost is None:
+            return True
+        spent, projected, currency = self._spent(state)
+        verdict = spend_verdict(spent, projected, self.max_cost, currency)
+        if verdict.ok:
+            return True
+        waiting = state.by_state("waiting")
+        if waiting:
+            self.log.warning("Budget: %s; %d piece(s) will not be sent", verdict.message, len(waiting))
+            for piece in waiting:
+                piece.state, piece.summary = "done", {"status": "not_sent", "batch_id": None}
+        if self.cancel_on_budget:
+            for piece in state.by_state("submitted"):
+                with contextlib.suppress(OpenAIBatchAPIError):
+                    self.hook.cancel_batch(str(piece.batch_id))
+        return False
 
     def _line_tokens(self, state: JobState) -> Callable[[bytes], int]:
         """
@@ -442,10 +544,12 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             logger=self.log,
         )
         while True:
-            self._collect(folder, state)
+            self._collect(context, folder, state)
             self._second_looks(path, folder, state)
-            self._cut_oversized(folder, state)
-            self._submit(context, path, folder, state)
+            if self._within_budget(state):
+                self._cut_oversized(folder, state)
+                self._submit(context, path, folder, state)
+            folder.save(state)
             if all(p.state == "done" for p in state.pieces):
                 return self._finish(context, folder, state)
             self.log.info(scheduler.progress_line(state, time.time()))
@@ -467,15 +571,18 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             input_identity=piece.identity,
         )
 
-    def _collect(self, folder: JobWorkFolder, state: JobState) -> None:
+    def _collect(self, context: Mapping[str, Any], folder: JobWorkFolder, state: JobState) -> None:
         """Read every submitted batch; take in those that ended (a queue refusal sends its piece back to wait)."""
         for piece in state.by_state("submitted"):
             assert piece.batch_id is not None
             summary = summarize(self.hook.get_batch(piece.batch_id))
             if not is_terminal(summary["status"]):
                 continue
+            tags = metrics.tags_from_context(context, model=summary["model"], endpoint=self.endpoint)
+            metrics.batch_ended(summary["status"], tags)
             refusal = queue_refusal(summary)
             if refusal is not None:
+                metrics.queue_refused(tags)
                 self._refused(folder, state, piece, refusal.message, summary["model"])
                 folder.save(state)
                 continue
@@ -635,6 +742,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             self._record(path, piece, key, batch)
             folder.save(state)
             self.push_batch_id(context, batch.id)
+            metrics.batch_created(metrics.tags_from_context(context, model=state.model, endpoint=self.endpoint))
 
     def _upload(self, folder: JobWorkFolder, piece: Piece) -> str:
         return upload_once(
@@ -764,7 +872,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         destination = self._destination(context)
         ordered = state.ordered()
         first = [p for p in ordered if p.gen == 0]
-        later = [p for p in ordered if p.gen > 0]
+        later = [p for p in ordered if p.gen > 0 and (p.summary or {}).get("status") != "not_sent"]
         inputs = [folder.input(p) for p in first]
         results = [r for p in first for r in (folder.output(p), folder.error(p)) if r.exists()]
         if later:
@@ -779,8 +887,13 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         usage = dict.fromkeys(USAGE_KEYS, 0)
         batches: list[JobBatch] = []
         reasons: list[str] = []
+        not_sent = [p for p in ordered if (p.summary or {}).get("status") == "not_sent"]
+        if not_sent:
+            reasons.append(f"max_cost={self.max_cost} would have been passed: {len(not_sent)} piece(s) not sent")
         for piece in ordered:
             summary = piece.summary or {}
+            if summary.get("status") == "not_sent":
+                continue
             if summary.get("usage"):
                 part_usage = normalize_usage(summary["usage"])
             else:  # a compatible server that reports no usage on the batch: summed from its output
@@ -808,8 +921,13 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             "usage_totals": usage,
             "queue_refusals": state.queue_refusals,
         }
+        tags = metrics.tags_from_context(context, model=state.model, endpoint=self.endpoint)
+        metrics.requests_ended(counts, tags)
+        metrics.tokens_used(usage, tags)
         if self.price_table:
             result["cost_estimate"] = estimate_cost(usage, state.model, self.price_table)
+            if result["cost_estimate"]:
+                metrics.cost(result["cost_estimate"]["total"], result["cost_estimate"]["currency"], tags)
         self.log.info(
             "Job done in %s: %s → %s",
             _elapsed(time.time() - state.started),

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from typing_extensions import NotRequired
 
+from airflow_provider_openai_batch import metrics
 from airflow_provider_openai_batch.batch_file import (
     MAX_BYTES_PER_FILE,
     MAX_REQUESTS_PER_FILE,
@@ -341,6 +342,8 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
             )
         )
         batch = ensured.batch
+        if ensured.created:
+            metrics.batch_created(metrics.tags_from_context(context, model=batch.model, endpoint=self.endpoint))
         self.record_lineage([("files", self.input_file_id)], [("batches", batch.id)])
         self.push_batch_id(context, batch.id)
         if self.wait_for_completion:
@@ -522,6 +525,10 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
         if self.check_counts:
             self._check_counts(result)
         self._add_usage(result)
+        tags = metrics.tags_from_context(context, model=result["model"], endpoint=result["endpoint"])
+        metrics.tokens_used(result["usage_totals"], tags)
+        if result.get("cost_estimate"):
+            metrics.cost(result["cost_estimate"]["total"], result["cost_estimate"]["currency"], tags)  # type: ignore[index]
         self._describe_asset_events(context, result)
         self.record_lineage(
             [("files", file_id) for file_id in (summary["output_file_id"], summary["error_file_id"]) if file_id],
