@@ -16,13 +16,12 @@ from typing import Any, Literal, NamedTuple, TypedDict, get_args
 import msgspec
 from openai.types import BatchError, BatchUsage
 
-ACTIVE_STATUSES = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
 #: Ended without output: a new batch is the only way forward, so an idempotent create may make one.
 DEAD_STATUSES = frozenset({"failed", "expired", "cancelled"})
 #: Still working towards its results: an earlier try's batch in one of these can be waited for again.
 #: ``cancelling`` is not here: a dying batch ends ``cancelled`` whatever we do, so waiting for it again only
-#: turns the re-run into a failure (issue 11: a clear that cancelled the batch, then a re-run that reused it).
+#: turns the re-run into a failure (a clear that cancelled the batch, then a re-run that waited for it).
 WORKING_STATUSES = frozenset({"validating", "in_progress", "finalizing"})
 
 
@@ -36,8 +35,8 @@ class RequestCounts(TypedDict):
 
 class BatchSummary(TypedDict):
     """
-    What we keep of OpenAI's Batch object: what the trigger yields, the sensor and the create operator return,
-    and the download starts from. JSON-able, so it travels through XCom and trigger events as it is.
+    What we keep of OpenAI's Batch object: what the trigger yields, the sensor and cancel return, and the download
+    starts from (the create operator returns the batch id). JSON-able: it travels through XCom and trigger events.
     """
 
     batch_id: str
@@ -53,11 +52,6 @@ class BatchSummary(TypedDict):
     usage: dict[str, Any] | None
     #: ``errors.data`` (validation errors of a ``failed`` batch), each as ``BatchError.model_dump()``.
     errors: list[dict[str, Any]]
-
-
-def is_active(status: str) -> bool:
-    """Still moving: keep waiting. Unknown statuses count as active so a new API status never ends a wait."""
-    return status not in TERMINAL_STATUSES
 
 
 def is_terminal(status: str) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from airflow.providers.common.compat.sdk import AirflowException, AirflowSensorTimeout
 
@@ -13,6 +13,18 @@ if TYPE_CHECKING:
 
 class OpenAIBatchError(AirflowException):
     """Base class of every error this provider raises on purpose."""
+
+
+#: 4xx statuses that may pass when sent again: request timeout, conflict, rate limit.
+TRANSIENT_CLIENT_STATUSES = frozenset({408, 409, 429})
+
+
+def is_transient_status(status: int) -> bool:
+    """
+    The one definition of a transient HTTP status, for an API call (``OpenAIBatchAPIError.retryable``) and for a
+    request inside a batch (``results.is_retryable``): 408, 409, 429 and every 5xx.
+    """
+    return status in TRANSIENT_CLIENT_STATUSES or status >= 500
 
 
 class OpenAIBatchAPIError(OpenAIBatchError):
@@ -51,8 +63,7 @@ class OpenAIBatchAPIError(OpenAIBatchError):
     @property
     def retryable(self) -> bool:
         """Rate limits, server errors and transport errors may pass; auth, permission and 4xx do not."""
-        status = self.http_status
-        return status is None or status in (408, 409, 429) or status >= 500
+        return self.http_status is None or is_transient_status(self.http_status)
 
     @property
     def not_found(self) -> bool:
@@ -190,3 +201,30 @@ class BatchNotEndedError(OpenAIBatchError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.batch_id, self.status))
+
+
+class APIErrorPayload(TypedDict):
+    """An ``OpenAIBatchAPIError`` as JSON (a trigger event carries it; the task raises it again when it resumes)."""
+
+    operation: str
+    message: str
+    status_code: int | None
+    request_id: str | None
+    code: str | None
+
+
+def api_error_payload(error: OpenAIBatchAPIError) -> APIErrorPayload:
+    return APIErrorPayload(
+        operation=error.operation,
+        message=error.message,
+        status_code=error.http_status,
+        request_id=error.request_id,
+        code=error.code,
+    )
+
+
+def api_error_from_payload(payload: APIErrorPayload) -> OpenAIBatchAPIError:
+    """The same error the trigger gave up on: a deferred wait fails as a blocking one does."""
+    return _rebuild_api_error(
+        payload["operation"], payload["message"], payload["status_code"], payload["request_id"], payload["code"]
+    )

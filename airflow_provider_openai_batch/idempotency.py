@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 
 from airflow_provider_openai_batch.batch_status import can_survive_a_race
 from airflow_provider_openai_batch.exceptions import BatchInputError, InputIssue, OpenAIBatchAPIError
+from airflow_provider_openai_batch.polling import backoff_delay
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -265,7 +266,7 @@ def call_once(
         except OpenAIBatchAPIError as error:
             if not error.retryable or attempt == attempts:
                 raise
-            delay = min(RETRY_BASE_DELAY * 2 ** (attempt - 1), 8.0)
+            delay = backoff_delay(attempt, RETRY_BASE_DELAY, 8.0)
             log.warning("%s failed (%s); checking whether it took effect before retrying", operation, error)
             time.sleep(delay)
             found = find()

@@ -1,10 +1,10 @@
 """
-The one poll policy and the one kill policy, for every way of waiting for a batch.
+The one poll policy, the one poll step and the one kill policy, for every way of waiting for a batch.
 
-A batch is waited for in four ways: deferred (the trigger), blocking (``hook.wait_for_batch``, used by the
-operators' non-deferred wait), and a sensor's ``poke`` / ``reschedule`` modes. Each used to decide on its own how
-often to poll, how many failed polls to tolerate and whether to cancel when the task is stopped, so the same
-network blip ended one kind of wait and not another. Here each of those decisions is made once.
+A batch is waited for deferred (the triggers), blocking (``hook.wait_for_batch``, the one-task job's blocking wait)
+and by a sensor's ``poke`` / ``reschedule`` modes. How often to poll, how many failed polls to tolerate, what one
+failed poll means (``read_once`` / ``aread_once``) and whether to cancel when the task is stopped are decided here,
+so the same network blip ends every kind of wait the same way.
 
 Kill policy, from what Airflow 3.3 does (``airflow/jobs/triggerer_job_runner.py``, ``TriggerRunner.run_trigger``
 and ``cancel_triggers``): a trigger is cancelled with the "user action" message, and then its ``on_kill`` is
@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from datetime import timedelta
+from typing import Any, Literal, TypeVar
 
 from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
 
@@ -38,6 +40,13 @@ log = logging.getLogger(__name__)
 
 #: Consecutive failed polls (after the SDK's own retries) tolerated before a wait gives up.
 DEFAULT_MAX_POLL_FAILURES = 10
+#: Seconds between polls while a batch is young.
+DEFAULT_POLL_INTERVAL = 60.0
+#: The relaxed cadence's ceiling: a long batch is polled at least every 10 minutes.
+DEFAULT_MAX_POLL_INTERVAL = 600.0
+#: Airflow's own backstop past a deferred wait's deadline, in case the triggerer is down then: twice the poll
+#: interval plus this.
+DEFER_BACKSTOP = timedelta(minutes=15)
 #: Task-instance states that mean the user wants the work stopped.
 STOP_STATES = frozenset({"failed", "skipped", "upstream_failed", "removed"})
 #: The state could not be read back (no Task SDK channel, an older Airflow, an API error).
@@ -93,6 +102,8 @@ class PollFailures:
     policy: PollPolicy
     count: int = 0
     reread: bool = field(default=False)
+    #: The last failure (a blocking wait past its deadline raises it).
+    last: OpenAIBatchAPIError | None = None
 
     def failed(self, error: OpenAIBatchAPIError) -> PollStep:
         if error.unauthorized and not self.reread:
@@ -106,6 +117,63 @@ class PollFailures:
 
     def succeeded(self) -> None:
         self.count, self.reread = 0, False
+
+
+T = TypeVar("T")
+
+
+def keep_client() -> None:
+    """The ``reset`` of an async read: the hook drops its async client on a 401 itself (``OpenAIBatchHook._acall``)."""
+
+
+def _failed(
+    failures: PollFailures, error: OpenAIBatchAPIError, what: str, reset: Callable[[], None], logger: Any
+) -> bool:
+    """What one failed read means: ``True``: read again at once (after a 401); ``False``: wait; give-up raises."""
+    failures.last = error
+    step = failures.failed(error)
+    if step == "give_up":
+        raise error
+    if step == "retry_now":
+        logger.warning("Polling %s was refused (%s); re-reading the connection", what, error)
+        reset()
+        return True
+    logger.warning("Polling %s failed (%s); attempt %d", what, error, failures.count)
+    return False
+
+
+def read_once(
+    read: Callable[[], T], failures: PollFailures, what: str, reset: Callable[[], None], logger: Any = log
+) -> T | None:
+    """
+    One poll under the policy: the value read, or ``None`` after a failure the policy tolerates (logged; the caller
+    waits its interval and polls again). A 401 drops the client (``reset``) and reads once more at once; a failure
+    past the policy's tolerance (``give_up``) raises the ``OpenAIBatchAPIError``, however the caller waits.
+    """
+    while True:
+        try:
+            value = read()
+        except OpenAIBatchAPIError as error:
+            if _failed(failures, error, what, reset, logger):
+                continue
+            return None
+        failures.succeeded()
+        return value
+
+
+async def aread_once(
+    read: Callable[[], Awaitable[T]], failures: PollFailures, what: str, reset: Callable[[], None], logger: Any = log
+) -> T | None:
+    """``read_once`` for a trigger's event loop."""
+    while True:
+        try:
+            value = await read()
+        except OpenAIBatchAPIError as error:
+            if _failed(failures, error, what, reset, logger):
+                continue
+            return None
+        failures.succeeded()
+        return value
 
 
 def should_cancel_on_kill(cancel_on_kill: bool, state: str | None) -> tuple[bool, str]:

@@ -25,6 +25,7 @@ from typing import IO, Any, Literal
 import msgspec
 
 from airflow_provider_openai_batch.batch_file import ResultLine, iter_lines
+from airflow_provider_openai_batch.exceptions import is_transient_status
 from airflow_provider_openai_batch.storage import Destination, Source, atomic_writer, open_source
 
 RequestStatus = Literal["succeeded", "failed", "expired", "cancelled", "missing"]
@@ -82,7 +83,7 @@ def response_body(response: dict[str, Any] | None) -> Any:
 def _scratch_db(schema: str) -> Iterator[sqlite3.Connection]:
     """A throw-away SQLite file: an index on disk, so memory does not grow with the number of requests."""
     with tempfile.TemporaryDirectory(prefix="openai-batch-index-") as folder:
-        # Used by one thread at a time: the join hands each lookup to a helper thread and waits for it.
+        # Opened without the same-thread check: a generator that holds it may be resumed from another thread.
         db = sqlite3.connect(Path(folder) / "index.sqlite", check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=OFF")
@@ -443,8 +444,6 @@ def _write_parquet(rows: Iterator[JoinedRow], out: Any, chunk: int = 50_000) -> 
 
 # --- failed requests, resubmitted -----------------------------------------------------------------
 
-#: HTTP statuses of a failed request that may pass when sent again.
-RETRYABLE_STATUS_CODES = frozenset({408, 409, 429, 500, 502, 503, 504})
 #: Error codes of a failed request that may pass when sent again (``request_timeout``: the request ran out of time
 #: at OpenAI). A compatible server that sends only an error ``type`` is read by its type instead.
 RETRYABLE_ERROR_CODES = frozenset({"rate_limit_exceeded", "server_error", "request_timeout", "timeout"})
@@ -466,7 +465,7 @@ def is_retryable(row: JoinedRow) -> bool:
     if not isinstance(code, int):
         found = _STATUS_IN_MESSAGE.search(str(row.error.get("message") or ""))
         code = int(found.group(1)) if found else None
-    return (isinstance(code, int) and code in RETRYABLE_STATUS_CODES) or kind in RETRYABLE_ERROR_CODES
+    return (isinstance(code, int) and is_transient_status(code)) or kind in RETRYABLE_ERROR_CODES
 
 
 def write_retry_input(joined: Source, destination: Destination) -> int:

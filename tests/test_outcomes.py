@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_openai_batch.exceptions import BatchFailedError, BatchTimeoutError
+from airflow_provider_openai_batch.exceptions import BatchFailedError, BatchTimeoutError, OpenAIBatchAPIError
 from airflow_provider_openai_batch.sensors.openai_batch import OpenAIBatchSensor
 from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchTrigger
 from tests.conftest import SUMMARY_KEYS, jsonl, request_line
@@ -131,9 +131,18 @@ def test_trigger_survives_transient_errors(hook, conn_id, server):
 
 
 def test_trigger_gives_up_on_not_found(conn_id, server):
-    with pytest.raises(BatchFailedError, match="HTTP 404"):
+    """A deferred wait that gives up raises what a blocking one raises: the API error, status and request id."""
+    with pytest.raises(OpenAIBatchAPIError, match="HTTP 404") as deferred:
         wait("batch_does_not_exist", conn_id)
     assert server.count("batches.retrieve") == 1
+    assert deferred.value.not_found and deferred.value.request_id
+    from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+    from airflow_provider_openai_batch.polling import PollFailures, PollPolicy
+
+    with pytest.raises(OpenAIBatchAPIError) as blocking:
+        OpenAIBatchHook().poll_batch("batch_does_not_exist", PollFailures(PollPolicy(0.01)))
+    assert type(blocking.value) is type(deferred.value)
+    assert blocking.value.http_status == deferred.value.http_status == 404
 
 
 def test_trigger_serialize_round_trip():

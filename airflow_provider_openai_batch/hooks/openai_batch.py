@@ -19,7 +19,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx2
 import openai
@@ -39,7 +39,7 @@ from airflow_provider_openai_batch.exceptions import BatchTimeoutError, OpenAIBa
 from airflow_provider_openai_batch.get_provider_info import DEFAULT_BASE_URL
 from airflow_provider_openai_batch.hooks.poll_request import PollHttpClient, RepeatedPolls
 from airflow_provider_openai_batch.links.openai_batch import BATCH_LINK_CHOICES
-from airflow_provider_openai_batch.polling import DEFAULT_MAX_POLL_FAILURES, PollFailures, PollPolicy
+from airflow_provider_openai_batch.polling import DEFAULT_MAX_POLL_FAILURES, PollFailures, PollPolicy, read_once
 from airflow_provider_openai_batch.storage import (
     Destination,
     Source,
@@ -71,9 +71,6 @@ class Downloaded:
 
     bytes: int
     lines: int
-
-
-T = TypeVar("T")
 
 
 class _EmptyFile(Exception):
@@ -238,7 +235,9 @@ class OpenAIBatchHook(BaseHook):
 
     Connection: password = API key, host = base URL (default ``https://api.openai.com/v1``, or any
     OpenAI-compatible server), extra: ``organization``, ``project``, ``timeout``, ``max_retries``,
-    ``default_headers``, ``api_type`` (``openai`` | ``azure``), ``api_version`` (Azure's classic endpoint).
+    ``default_headers``, ``api_type`` (``openai`` | ``azure``), ``api_version`` (Azure's classic endpoint),
+    ``batch_link`` (``auto`` | ``openai`` | ``none``: the extra link), and the official OpenAI provider's
+    ``openai_client_kwargs`` (passed to the SDK client as they are).
 
     :param conn_id: Airflow connection id (``openai_default``).
     :param max_retries: Override the connection's retry bound for this hook's calls.
@@ -511,28 +510,26 @@ class OpenAIBatchHook(BaseHook):
                 found.append(batch)
         return found
 
+    def reset_client(self) -> None:
+        """Drop the cached sync client: the next call reads the connection again (after a 401: a rotated key)."""
+        self.__dict__.pop("_client", None)
+
     def poll_batch(self, batch_id: str, failures: PollFailures, *, deadline: float | None = None) -> Batch:
         """
-        One status read under the poll policy (``polling``): a failed read is retried ``poll_interval`` apart
-        until the policy gives up (then the last error is raised), a 401 after one fresh read of the connection.
+        One status read under the poll policy (``polling.read_once``): a failed read is retried ``poll_interval``
+        apart until the policy gives up (then the last error is raised), a 401 after one fresh read of the
+        connection; past ``deadline`` the last error is raised.
         """
         while True:
-            try:
-                batch = self.get_batch(batch_id)
-            except OpenAIBatchAPIError as error:
-                step = failures.failed(error)
-                if step == "give_up" or (deadline is not None and time.time() >= deadline):
-                    raise
-                if step == "retry_now":
-                    self.log.warning("Polling batch %s was refused (%s); re-reading the connection", batch_id, error)
-                    self.__dict__.pop("_client", None)
-                    continue
-                self.log.warning("Polling batch %s failed (%s); attempt %d", batch_id, error, failures.count)
-                pause = failures.policy.poll_interval
-                time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.time())))
-                continue
-            failures.succeeded()
-            return batch
+            batch = read_once(
+                lambda: self.get_batch(batch_id), failures, f"batch {batch_id}", self.reset_client, self.log
+            )
+            if batch is not None:
+                return batch
+            if deadline is not None and time.time() >= deadline and failures.last is not None:
+                raise failures.last
+            pause = failures.policy.poll_interval
+            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.time())))
 
     def wait_for_batch(
         self,

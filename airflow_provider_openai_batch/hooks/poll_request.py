@@ -3,7 +3,7 @@ A batch's status read sent again as the SDK last sent it: what keeps a trigger's
 
 The SDK builds every request anew (an options model, headers merged, the URL joined and parsed twice, its retry and
 response wrappers), which costs about as much CPU as the GET itself; at 1,000 waits on one triggerer that doubles
-what a poll costs every other trigger in the deployment (issue 15). A poll asks the same question every time, so the
+what a poll costs every other trigger in the deployment. A poll asks the same question every time, so the
 first read of a batch goes through the SDK and the exact request it sent (URL, headers with the key, timeout) is
 kept; the next reads send that request again through the same HTTP client, which httpx sends "as-is, unmodified".
 

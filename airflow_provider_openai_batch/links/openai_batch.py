@@ -27,7 +27,7 @@ from airflow.providers.common.compat.sdk import BaseOperatorLink
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import TaskInstanceKey
 
-#: The batch id itself, also pushed under this key (DESIGN.md's XCom contract for the create operator).
+#: The batch id itself, pushed under this key by every operator that knows one, before it waits (DESIGN.md).
 BATCH_ID_XCOM_KEY = "batch_id"
 
 Console = Literal["openai", "azure"]

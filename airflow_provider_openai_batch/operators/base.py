@@ -32,11 +32,15 @@ from airflow_provider_openai_batch.exceptions import (
     BatchQueueFullError,
     BatchTimeoutError,
     OpenAIBatchAPIError,
+    api_error_from_payload,
 )
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.links.openai_batch import BATCH_ID_XCOM_KEY, OpenAIBatchLink
 from airflow_provider_openai_batch.polling import (
     DEFAULT_MAX_POLL_FAILURES,
+    DEFAULT_MAX_POLL_INTERVAL,
+    DEFAULT_POLL_INTERVAL,
+    DEFER_BACKSTOP,
     PollFailures,
     PollPolicy,
     should_cancel_on_kill,
@@ -51,9 +55,6 @@ from airflow_provider_openai_batch.triggers.openai_batch import (
 
 #: Added to the completion window for the default deadline: OpenAI may take a little past it to finalize.
 DEADLINE_MARGIN = timedelta(hours=1)
-DEFAULT_POLL_INTERVAL = 60.0
-#: The relaxed cadence's ceiling: a long batch is polled at least every 10 minutes.
-DEFAULT_MAX_POLL_INTERVAL = 600.0
 
 
 def default_deferrable() -> bool:
@@ -270,7 +271,7 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
                 ),
                 method_name="execute_complete",
                 # Airflow's own backstop in case the triggerer is down at the deadline.
-                timeout=timedelta(seconds=max(0.0, end_time - time.time()) + 2 * self.poll_interval + 900),
+                timeout=timedelta(seconds=max(0.0, end_time - time.time()) + 2 * self.poll_interval) + DEFER_BACKSTOP,
             )
         self._waiting_on, self._waiting_ti = batch_id, context.get("ti")
         pending = [look] if look is not None else []
@@ -311,6 +312,8 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
             return self.finish(summary)
         if event["status"] == EVENT_TIMEOUT:
             return self.on_deadline(event["batch_id"], summary)
+        if event.get("error"):  # polling gave up: the same error a blocking wait raises
+            raise api_error_from_payload(event["error"])
         raise BatchFailedError(str(event.get("message") or event), summary)
 
     def on_deadline(self, batch_id: str, summary: BatchSummary | None) -> BatchSummary:

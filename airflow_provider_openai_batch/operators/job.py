@@ -59,17 +59,20 @@ from airflow_provider_openai_batch.exceptions import (
     CostBudgetError,
     OpenAIBatchAPIError,
     OpenAIBatchError,
+    api_error_from_payload,
 )
 from airflow_provider_openai_batch.idempotency import DEFAULT_LOOKBACK, idempotency_key, task_identity
 from airflow_provider_openai_batch.job_state import JobState, JobWorkFolder, Piece
 from airflow_provider_openai_batch.links.openai_batch import OpenAIBatchLink
-from airflow_provider_openai_batch.operators.base import (
+from airflow_provider_openai_batch.operators.base import OpenAIBatchBaseOperator, deadline_end_time
+from airflow_provider_openai_batch.polling import (
+    DEFAULT_MAX_POLL_FAILURES,
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
-    OpenAIBatchBaseOperator,
-    deadline_end_time,
+    DEFER_BACKSTOP,
+    PollFailures,
+    PollPolicy,
 )
-from airflow_provider_openai_batch.polling import DEFAULT_MAX_POLL_FAILURES, PollFailures, PollPolicy
 from airflow_provider_openai_batch.results import (
     USAGE_KEYS,
     estimate_cost,
@@ -92,8 +95,6 @@ from airflow_provider_openai_batch.triggers.job import (
 from airflow_provider_openai_batch.uploads import upload_once
 
 REQUEST_STATUSES = ("succeeded", "failed", "expired", "cancelled", "missing")
-#: Airflow's own backstop beyond the trigger's next deadline, in case the triggerer is down then.
-DEFER_BACKSTOP = timedelta(minutes=15)
 
 
 class JobDeadlineError(OpenAIBatchError):
@@ -333,6 +334,8 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         if status == EVENT_TIMEOUT:
             self._on_deadline([str(b) for b in (event.get("batch_ids") if event else None) or []])
         elif status not in (EVENT_ENDED, EVENT_WAKE):
+            if event and event.get("error"):  # polling gave up: the same error a blocking wait raises
+                raise api_error_from_payload(event["error"])
             message = event.get("message") if event else None
             raise BatchFailedError(str(message or f"The job's trigger returned {event!r}"))
         return self._advance(context, folder, state)

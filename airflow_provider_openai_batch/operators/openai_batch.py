@@ -1,6 +1,7 @@
 """
 The batch workflow as operators: upload, create, download, cancel. Thin on purpose: the hook talks to the API,
-``batch_file`` checks input, ``batch_status`` judges outcomes, ``idempotency`` keeps retries from paying twice.
+``batch_file`` checks input, ``batch_status`` judges outcomes, ``batches`` (the one create path) keeps retries and
+racing tries from paying twice.
 """
 
 from __future__ import annotations

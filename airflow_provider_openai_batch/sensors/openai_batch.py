@@ -15,13 +15,8 @@ from typing import Any
 from airflow.providers.common.compat.sdk import BaseSensorOperator, PokeReturnValue
 
 from airflow_provider_openai_batch.batch_status import BatchSummary, format_progress, is_terminal, summarize
-from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
-from airflow_provider_openai_batch.operators.base import (
-    DEFAULT_POLL_INTERVAL,
-    BatchWaitingOperator,
-    batch_id_of,
-)
-from airflow_provider_openai_batch.polling import PollFailures
+from airflow_provider_openai_batch.operators.base import BatchWaitingOperator, batch_id_of
+from airflow_provider_openai_batch.polling import DEFAULT_POLL_INTERVAL, PollFailures, read_once
 from airflow_provider_openai_batch.triggers.openai_batch import BatchEventPayload
 
 
@@ -60,17 +55,13 @@ class OpenAIBatchSensor(BatchWaitingOperator, BaseSensorOperator):
         self._waiting_on, self._waiting_ti = batch_id, context.get("ti")
         if self._poll_failures is None:
             self._poll_failures = PollFailures(self.poll_policy)
-        try:
-            batch = self.hook.get_batch(batch_id)
-        except OpenAIBatchAPIError as error:
-            # The same tolerance as the trigger's and the blocking wait's (counted within one worker process:
-            # a reschedule-mode sensor starts each poke afresh, and its deadline still bounds the wait).
-            step = self._poll_failures.failed(error)
-            if step == "give_up":
-                raise
-            if step == "retry_now":
-                self.hook.__dict__.pop("_client", None)
-            self.log.warning("Polling batch %s failed (%s); will poll again", batch_id, error)
+        # The same poll step as the trigger's and the blocking wait's (counted within one worker process: a
+        # reschedule-mode sensor starts each poke afresh, and its deadline still bounds the wait).
+        hook = self.hook
+        batch = read_once(
+            lambda: hook.get_batch(batch_id), self._poll_failures, f"batch {batch_id}", hook.reset_client, self.log
+        )
+        if batch is None:
             return False
         self._poll_failures.succeeded()
         summary = summarize(batch)

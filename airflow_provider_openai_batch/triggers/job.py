@@ -17,10 +17,11 @@ from collections.abc import AsyncIterator
 from typing import Literal, TypedDict
 
 from airflow.triggers.base import TriggerEvent
+from typing_extensions import NotRequired
 
 from airflow_provider_openai_batch.batch_status import BatchSummary, format_job_progress, is_terminal
-from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
-from airflow_provider_openai_batch.polling import DEFAULT_MAX_POLL_FAILURES, PollFailures
+from airflow_provider_openai_batch.exceptions import APIErrorPayload, OpenAIBatchAPIError, api_error_payload
+from airflow_provider_openai_batch.polling import DEFAULT_MAX_POLL_FAILURES, PollFailures, aread_once, keep_client
 from airflow_provider_openai_batch.triggers.base import OpenAIBatchBaseTrigger
 
 #: Polls in flight at once: a job of 200 shards does not open 200 connections at the same moment.
@@ -43,6 +44,8 @@ class JobEventPayload(TypedDict):
     status: JobEventStatus
     batch_ids: list[str]
     message: str
+    #: With ``EVENT_ERROR``: the poll's last failure, raised again as the same ``OpenAIBatchAPIError``.
+    error: NotRequired[APIErrorPayload]
 
 
 class OpenAIBatchJobTrigger(OpenAIBatchBaseTrigger):
@@ -95,8 +98,13 @@ class OpenAIBatchJobTrigger(OpenAIBatchBaseTrigger):
     def batches_to_cancel(self) -> list[str]:
         return [b for b in self.batch_ids if b not in self._ended]
 
-    def _event(self, status: JobEventStatus, batch_ids: list[str], message: str) -> TriggerEvent:
-        return TriggerEvent(dict(JobEventPayload(status=status, batch_ids=batch_ids, message=message)))
+    def _event(
+        self, status: JobEventStatus, batch_ids: list[str], message: str, error: OpenAIBatchAPIError | None = None
+    ) -> TriggerEvent:
+        payload = JobEventPayload(status=status, batch_ids=batch_ids, message=message)
+        if error is not None:
+            payload["error"] = api_error_payload(error)
+        return TriggerEvent(dict(payload))
 
     def _until(self, now: float) -> float:
         """Seconds until the next deadline or wake-up."""
@@ -117,33 +125,24 @@ class OpenAIBatchJobTrigger(OpenAIBatchBaseTrigger):
 
         async def poll(batch_id: str) -> None:
             async with limit:
-                while True:
-                    try:
-                        latest[batch_id] = await hook.aget_batch_summary(batch_id)
-                    except OpenAIBatchAPIError as error:
-                        step = failures[batch_id].failed(error)
-                        if step == "give_up":
-                            raise
-                        if step == "retry_now":
-                            # The hook dropped the client that holds the refused key: this poll reads it again.
-                            self.log.warning(
-                                "Polling batch %s was refused (%s); re-reading the connection", batch_id, error
-                            )
-                            continue
-                        self.log.warning(
-                            "Polling batch %s failed (%s); attempt %d", batch_id, error, failures[batch_id].count
-                        )
-                        return
-                    failures[batch_id].succeeded()
-                    if is_terminal(latest[batch_id]["status"]):
-                        self._ended.add(batch_id)
-                    return
+                # The poll step of every wait (``polling.aread_once``); a 401 drops the client in the hook itself.
+                summary = await aread_once(
+                    lambda: hook.aget_batch_summary(batch_id),
+                    failures[batch_id],
+                    f"batch {batch_id}",
+                    keep_client,
+                    self.log,
+                )
+            if summary is not None:
+                latest[batch_id] = summary
+                if is_terminal(summary["status"]):
+                    self._ended.add(batch_id)
 
         while True:
             try:
                 await asyncio.gather(*(poll(b) for b in self.batch_ids if b not in self._ended))
             except OpenAIBatchAPIError as error:
-                yield self._event(EVENT_ERROR, [], f"Polling the job's batches failed: {error}")
+                yield self._event(EVENT_ERROR, [], f"Polling the job's batches failed: {error}", error)
                 return
             if len(latest) == len(self.batch_ids):
                 line = format_job_progress([latest[b] for b in self.batch_ids], self.label)

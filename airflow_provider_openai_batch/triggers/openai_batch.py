@@ -19,10 +19,10 @@ from typing_extensions import NotRequired
 
 from airflow_provider_openai_batch.batch_status import BatchSummary, format_progress, is_terminal, progress_key
 from airflow_provider_openai_batch.batches import SiblingLook, afollow_survivor
-from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
+from airflow_provider_openai_batch.exceptions import APIErrorPayload, OpenAIBatchAPIError, api_error_payload
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.idempotency import IDEMPOTENCY_METADATA_KEY
-from airflow_provider_openai_batch.polling import DEFAULT_MAX_POLL_FAILURES, PollFailures
+from airflow_provider_openai_batch.polling import DEFAULT_MAX_POLL_FAILURES, PollFailures, aread_once, keep_client
 from airflow_provider_openai_batch.triggers.base import OpenAIBatchBaseTrigger
 
 __all__ = [
@@ -53,6 +53,8 @@ class BatchEventPayload(TypedDict):
     message: str
     #: ``True`` when the second look for a duplicate switched the wait to an older try's batch (``batch_id``).
     followed: NotRequired[bool]
+    #: With ``EVENT_ERROR``: the poll's last failure, raised again as the same ``OpenAIBatchAPIError`` when it resumes.
+    error: NotRequired[APIErrorPayload]
 
 
 class BatchTriggerEvent(TriggerEvent):
@@ -121,10 +123,18 @@ class OpenAIBatchTrigger(OpenAIBatchBaseTrigger):
     def batches_to_cancel(self) -> list[str]:
         return [self.batch_id]
 
-    def _event(self, status: EventStatus, message: str, summary: BatchSummary | None = None) -> TriggerEvent:
+    def _event(
+        self,
+        status: EventStatus,
+        message: str,
+        summary: BatchSummary | None = None,
+        error: OpenAIBatchAPIError | None = None,
+    ) -> TriggerEvent:
         payload = BatchEventPayload(status=status, batch_id=self.batch_id, summary=summary, message=message)
         if self._followed:
             payload["followed"] = True
+        if error is not None:
+            payload["error"] = api_error_payload(error)
         return BatchTriggerEvent(dict(payload))
 
     async def _look_again(self, hook: OpenAIBatchHook, summary: BatchSummary) -> None:
@@ -153,21 +163,18 @@ class OpenAIBatchTrigger(OpenAIBatchBaseTrigger):
         while True:
             summary: BatchSummary | None = None
             try:
-                summary = await hook.aget_batch_summary(self.batch_id)
+                # A 401 drops the client in the hook itself (``_acall``): nothing to reset here.
+                summary = await aread_once(
+                    lambda: hook.aget_batch_summary(self.batch_id),
+                    failures,
+                    f"batch {self.batch_id}",
+                    keep_client,
+                    self.log,
+                )
             except OpenAIBatchAPIError as error:
-                step = failures.failed(error)
-                if step == "give_up":
-                    yield self._event(EVENT_ERROR, f"Polling batch {self.batch_id} failed: {error}")
-                    return
-                if step == "retry_now":
-                    # The hook dropped the client that holds the refused key: the next poll reads the connection.
-                    self.log.warning(
-                        "Polling batch %s was refused (%s); re-reading the connection", self.batch_id, error
-                    )
-                    continue
-                self.log.warning("Polling batch %s failed (%s); attempt %d", self.batch_id, error, failures.count)
-            else:
-                failures.succeeded()
+                yield self._event(EVENT_ERROR, f"Polling batch {self.batch_id} failed: {error}", error=error)
+                return
+            if summary is not None:
                 if progress_key(summary) != last_progress:
                     last_progress = progress_key(summary)
                     self.log.info(format_progress(summary))
