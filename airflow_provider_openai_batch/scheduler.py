@@ -20,8 +20,8 @@ from airflow_provider_openai_batch.polling import backoff_delay
 #: First wait after a queue refusal, doubling per refusal of the same piece, up to ``QUEUE_BACKOFF_MAX``.
 QUEUE_BACKOFF_BASE = 60.0
 QUEUE_BACKOFF_MAX = 1800.0
-#: A learned limit is used at this share: the job's token estimate and OpenAI's count differ a little, and other
-#: jobs of the organization may hold some of the queue.
+#: A learned token limit is used at this share: the job's token count and OpenAI's may differ a little (OpenAI does
+#: not document how it counts). A request limit is exact, and used whole.
 LEARNED_BUDGET_SHARE = 0.9
 
 
@@ -70,7 +70,8 @@ def learn(state: JobState, refusal: QueueRefusal) -> bool:
     """
     if refusal.limit is None or (state.budget is not None and not state.budget_learned):
         return False
-    learned = int(refusal.limit * LEARNED_BUDGET_SHARE)
+    share = LEARNED_BUDGET_SHARE if refusal.unit == "tokens" else 1.0
+    learned = int(refusal.limit * share)
     if state.budget is not None and state.budget_unit == refusal.unit and learned >= state.budget:
         learned = int(state.budget * LEARNED_BUDGET_SHARE)
     state.budget, state.budget_unit, state.budget_learned = learned, refusal.unit, True

@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--source", required=True)
     parser.add_argument("--destination", required=True)
     parser.add_argument("--stats-url", required=True)
+    parser.add_argument("--max-shard", type=int, default=50_000, help="requests per shard")
     args = parser.parse_args()
     from airflow.providers.common.compat.sdk import TaskDeferred
 
@@ -69,6 +70,7 @@ def main() -> None:
             poll_interval=0.5,
             max_poll_interval=1.0,
             deferrable=True,
+            max_requests_per_file=args.max_shard,
         )
 
     context: dict[str, Any] = {"ti": _TaskInstance()}
@@ -101,6 +103,8 @@ def main() -> None:
             "batches_per_trigger": [len(t.batch_ids) for t in triggers],
             "counts": result["counts"],
             "batches": len(result["batches"]),
+            "queue_refusals": result.get("queue_refusals", 0),
+            "total_wall": own + waiting,
         }
     )
 

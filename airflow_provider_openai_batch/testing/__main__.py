@@ -19,7 +19,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finalizing", type=float, default=0.2, help="seconds a batch spends finalizing")
     parser.add_argument("--scenario", default="complete", choices=["complete", "expire", "fail", "stall"])
     parser.add_argument("--chaos", type=float, default=0.0, help="share of calls failing with transient faults")
+    parser.add_argument(
+        "--queue-limit", action="append", default=[], metavar="MODEL=TOKENS", help="a model's enqueued-token queue"
+    )
+    parser.add_argument(
+        "--request-queue-limit", action="append", default=[], metavar="MODEL=REQUESTS", help="a request queue"
+    )
     args = parser.parse_args(argv)
+
+    def limits(values: list[str]) -> dict[str, int] | None:
+        pairs = [value.rsplit("=", 1) for value in values]
+        return {model: int(number) for model, number in pairs} if pairs else None
+
     server = FakeOpenAIServer(
         api_key=args.api_key or None,
         host=args.host,
@@ -27,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
         latency=args.latency,
         scenario=args.scenario,
         timings=Timings(validating=args.validating, in_progress=args.in_progress, finalizing=args.finalizing),
+        queue_limits=limits(args.queue_limit),
+        request_queue_limits=limits(args.request_queue_limit),
     )
     if args.chaos:
         server.faults.chaos(args.chaos)
