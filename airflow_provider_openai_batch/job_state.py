@@ -55,6 +55,9 @@ class Piece:
     looked_at: float | None = None
     #: Whether the second look for a duplicate was made (``batches.SiblingLook``).
     second_look_done: bool = False
+    #: Whether it was sent under a known budget: a refusal then means others share the queue (back off), not that
+    #: the job had yet to learn the limit.
+    planned: bool = False
     #: The batch summary once the piece is done.
     summary: dict[str, Any] | None = None
 

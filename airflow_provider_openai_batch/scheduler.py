@@ -86,7 +86,7 @@ def requeue(piece: Piece, now: float, *, backoff: bool = True) -> None:
     """
     piece.queue_attempt += 1
     piece.state, piece.batch_id, piece.created_at, piece.looked_at = "waiting", None, None, None
-    piece.second_look_done = False
+    piece.second_look_done = piece.planned = False
     piece.not_before = (
         now + backoff_delay(piece.queue_attempt, QUEUE_BACKOFF_BASE, QUEUE_BACKOFF_MAX) if backoff else 0.0
     )

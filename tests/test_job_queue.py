@@ -103,10 +103,8 @@ def assert_every_request_ran_once(server: FakeOpenAIServer, result: dict[str, An
 
 @pytest.mark.parametrize("queue", [1], indirect=True)
 def test_a_job_ten_times_the_queue_with_a_declared_budget_is_never_refused(queue, tmp_path):
-    from airflow_provider_openai_batch.batch_file import estimate_tokens
-
-    per_shard = max(sum(estimate_tokens(json.dumps(r).encode()) for r in rows()[i : i + PER_SHARD]) for i in (0,))
-    result, driver = run_job(queue, tmp_path, max_enqueued_tokens=per_shard + PER_SHARD)
+    """The user declares the organization's limit (the fake's): the job counts tokens as OpenAI does and fits."""
+    result, driver = run_job(queue, tmp_path, max_enqueued_tokens=shard_tokens())
     assert_every_request_ran_once(queue, result, tmp_path)
     assert queue.state.refusals(MODEL) == 0
     assert queue.state.peak_enqueued(MODEL) <= shard_tokens()

@@ -605,7 +605,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         learned = scheduler.learn(state, refusal)
         if learned and not known:
             self._recount(folder, state)
-        scheduler.requeue(piece, time.time(), backoff=known and not learned)
+        scheduler.requeue(piece, time.time(), backoff=piece.planned and not learned)
         state.queue_refusals += 1
         budget = f"{state.budget:,} {state.budget_unit}" if state.budget is not None else "unknown"
         self.log.warning(
@@ -731,7 +731,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             key = path.key(work)
             path.metadata(work, key)  # metadata OpenAI would refuse is refused before anything is sent
             file_id = self._upload(folder, piece)
-            piece.state, piece.looked_at = "creating", time.time()
+            piece.state, piece.looked_at, piece.planned = "creating", time.time(), state.budget is not None
             folder.save(state)
             path.looked[key] = piece.looked_at
             try:
