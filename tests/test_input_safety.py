@@ -9,6 +9,7 @@ naming the source file and line, raised before the first request.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openai.resources.files import Files
 
 from airflow_provider_openai_batch import batch_file
 from airflow_provider_openai_batch.batch_file import (
@@ -105,7 +107,7 @@ def test_a_verified_upload_stops_before_its_last_bytes_when_the_content_differs(
     expected = hashlib.sha256(b"y" + content[1:]).hexdigest()
     reader = as_io(io.BytesIO(content), len(content), sha256=expected, source="in.jsonl")
     sent = bytearray()
-    with pytest.raises(BatchInputError, match="in.jsonl.*changed between validation and upload"):
+    with pytest.raises(BatchInputError, match=r"in\.jsonl.*changed between validation and upload"):
         while chunk := reader.read(4096):
             sent += chunk
     assert len(sent) < len(content)
@@ -114,20 +116,27 @@ def test_a_verified_upload_stops_before_its_last_bytes_when_the_content_differs(
     assert same.read() == content and same.read() == b""
 
 
-def test_an_upload_answered_without_the_checked_bytes_is_deleted(server, conn_id, input_file, monkeypatch):
-    """A transport that answered before the body was read to its end: the file it made is removed, and refused."""
+@pytest.mark.parametrize("answer", ["despite_the_stop", "after_part_of_the_body"])
+def test_an_upload_answered_without_the_checked_bytes_is_deleted(server, conn_id, input_file, monkeypatch, answer):
+    """A transport that carried on past the reader's stop, or answered early: the file it made is removed."""
     hook = OpenAIBatchHook(conn_id)
-    client = hook.get_conn()
-    real_create = client.files.create
+    real_create = Files.create
 
-    def create_early(*, file: Any, **kwargs: Any) -> Any:
+    def create_anyway(self: Files, *, file: Any, **kwargs: Any) -> Any:
         name, stream, kind = file
-        head = stream.read(20)  # the server answers after a part of the body
-        return real_create(file=(name, head, kind), **kwargs)
+        if answer == "after_part_of_the_body":
+            return real_create(self, file=(name, stream.read(20), kind), **kwargs)
+        sent = bytearray()
+        with contextlib.suppress(BatchInputError):
+            while chunk := stream.read(64):
+                sent += chunk
+        return real_create(self, file=(name, bytes(sent), kind), **kwargs)
 
-    monkeypatch.setattr(client.files, "create", create_early)
+    monkeypatch.setattr(Files, "create", create_anyway)
     good = input_file.read_bytes()
-    with pytest.raises(BatchInputError, match="changed between validation and upload"):
+    if answer == "despite_the_stop":
+        _same_size_rewrite(input_file)
+    with pytest.raises(BatchInputError, match=r"changed between validation and upload.*nothing was kept"):
         hook.upload_file(
             input_file,
             filename="in.jsonl",
@@ -152,7 +161,11 @@ def test_the_job_refuses_a_work_file_changed_after_sharding(tmp_path, server, co
 
     monkeypatch.setattr(OpenAIBatchJobOperator, "_shards", shard_then_rewrite)
     op = OpenAIBatchJobOperator(
-        task_id="job", source=str(source), endpoint="/v1/chat/completions", destination=str(tmp_path / "out.jsonl"), poll_interval=0.1
+        task_id="job",
+        source=str(source),
+        endpoint="/v1/chat/completions",
+        destination=str(tmp_path / "out.jsonl"),
+        poll_interval=0.1,
     )
     ti = FakeTI(f"run-{uuid.uuid4().hex[:6]}")
     with pytest.raises(BatchInputError, match="changed between validation and upload"):
@@ -254,9 +267,9 @@ def test_a_request_nested_too_deep_is_an_input_error_naming_file_and_line(tmp_pa
     ):
         with pytest.raises(BatchInputError) as raised:
             check()
-        assert f"{path}:line 2" in str(raised.value) and f"nested more than {batch_file.MAX_NESTING_DEPTH} levels" in str(
+        assert f"{path}:line 2" in str(
             raised.value
-        )
+        ) and f"nested more than {batch_file.MAX_NESTING_DEPTH} levels" in str(raised.value)
 
 
 def test_nesting_within_the_bound_is_accepted(tmp_path):
@@ -278,16 +291,22 @@ def test_brackets_inside_strings_do_not_count_as_nesting(tmp_path):
     assert validate_batch_file(path, endpoint="/v1/chat/completions").requests == 1
 
 
-def test_rows_nested_too_deep_are_an_input_error_naming_the_row(server, conn_id):
+def _deep_dict(depth: int) -> dict[str, Any]:
     deep: dict[str, Any] = {}
     cursor = deep
-    for _ in range(2_000):
+    for _ in range(depth):
         cursor["a"] = {}
         cursor = cursor["a"]
-    rows = [request_line(0), request_line(1, extra=deep)]
-    with pytest.raises(BatchInputError, match=r"line 2.*nested more than") as raised:
+    return deep
+
+
+def test_rows_nested_too_deep_are_an_input_error_naming_the_row(server, conn_id):
+    rows = [request_line(0), request_line(1, extra=_deep_dict(2_000))]  # deeper than the encoder can go
+    with pytest.raises(BatchInputError, match=r"<rows>:line 2.*nested more than") as raised:
         list(encode_requests(rows))
     assert "RecursionError" not in str(raised.value)
+    # Rows an operator can be given (Airflow itself walks its arguments), nested past the bound.
+    rows = [request_line(0), request_line(1, extra=_deep_dict(300))]
     op = OpenAIBatchUploadOperator(task_id="upload", source=rows, endpoint="/v1/chat/completions")
     with pytest.raises(BatchInputError, match=r"line 2.*nested more than"):
         op.execute({"ti": FakeTI("run")})

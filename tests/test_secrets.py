@@ -221,3 +221,15 @@ def test_a_full_run_at_debug_level_never_shows_a_custom_header(monkeypatch, capf
     assert "Sending HTTP Request" in logs  # the run really logged at DEBUG
     assert HEADER_SECRET not in logs and SECRET not in logs
     assert HEADER_SECRET not in _everything_stored(run)
+
+
+def test_a_password_in_a_storage_uri_stays_out_of_lineage():
+    pytest.importorskip("airflow.providers.openlineage")
+    from airflow_provider_openai_batch.lineage import storage_dataset
+
+    dataset = storage_dataset("ftp://etl:hunter2-pass@files.example.com/batches/in.jsonl")
+    assert dataset.namespace == "ftp://files.example.com" and dataset.name == "batches/in.jsonl"
+    # An "@" that is part of the location (a container on an account) is not a credential.
+    assert storage_dataset("abfs://inputs@acct.dfs.core.windows.net/in.jsonl").namespace == (
+        "abfs://inputs@acct.dfs.core.windows.net"
+    )
