@@ -120,12 +120,23 @@ def nested_deeper_than(raw: bytes, limit: int = MAX_NESTING_DEPTH) -> bool:
     """
     Whether the JSON in ``raw`` nests arrays and objects more than ``limit`` levels deep, without parsing it.
 
-    Cheap for ordinary lines: ``limit`` brackets or fewer cannot nest deeper. Otherwise strings are cut out, the
-    brackets left become parentheses, and each round deletes every innermost ``()`` pair: a line still holding a
-    pair after ``limit`` rounds nests deeper (each round is one C-speed pass over the brackets).
+    Cheap for ordinary lines: ``limit`` opening brackets or fewer cannot nest deeper, and finding them is a
+    ``memchr`` per bracket (a line's few brackets cost less than counting every byte would). Otherwise strings are
+    cut out, the brackets left become parentheses, and each round deletes every innermost ``()`` pair: a line
+    still holding a pair after ``limit`` rounds nests deeper (each round is one C-speed pass over the brackets).
     """
-    if raw.count(b"[") + raw.count(b"{") <= limit:
-        return False
+    seen = 0
+    for opener in b"[{":
+        at = raw.find(opener)
+        while at >= 0:
+            seen += 1
+            if seen > limit:
+                return _deeper_than(raw, limit)
+            at = raw.find(opener, at + 1)
+    return False
+
+
+def _deeper_than(raw: bytes, limit: int) -> bool:
     structure = _JSON_STRING.sub(b"", raw).translate(_AS_PARENTHESES, _NOT_A_BRACKET)
     for _ in range(limit):
         if b"()" not in structure:
@@ -311,7 +322,8 @@ class BatchFileValidator:
             add(blank, None, "blank line between requests; every line must hold one request", "invalid_json_line")
         self._blank_lines.clear()
         try:
-            raw.decode("utf-8")
+            if not raw.isascii():  # ASCII is UTF-8: most lines are checked without building a string of them
+                raw.decode("utf-8")
         except UnicodeDecodeError as error:
             add(lineno, None, f"not valid UTF-8 (byte {error.start + 1} of the line)", "invalid_encoding")
             return None
