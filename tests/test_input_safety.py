@@ -152,14 +152,14 @@ def test_the_job_refuses_a_work_file_changed_after_sharding(tmp_path, server, co
     """The job's shard files are the validated content too: a changed one is never sent under its hash."""
     source = tmp_path / "in.jsonl"
     source.write_bytes(jsonl([request_line(i) for i in range(4)]))
-    real = OpenAIBatchJobOperator._shards
+    real = OpenAIBatchJobOperator._start
 
-    def shard_then_rewrite(self: Any, context: Any, work: Any, round_number: int) -> Any:
-        made = real(self, context, work, round_number)
-        _same_size_rewrite(Path(work / f"round-{round_number}" / "input-00000.jsonl"))
-        return made
+    def shard_then_rewrite(self: Any, context: Any, folder: Any) -> Any:
+        state = real(self, context, folder)
+        _same_size_rewrite(Path(folder.input(state.pieces[0])))
+        return state
 
-    monkeypatch.setattr(OpenAIBatchJobOperator, "_shards", shard_then_rewrite)
+    monkeypatch.setattr(OpenAIBatchJobOperator, "_start", shard_then_rewrite)
     op = OpenAIBatchJobOperator(
         task_id="job",
         source=str(source),
