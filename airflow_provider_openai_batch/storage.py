@@ -177,20 +177,14 @@ class VerifiedRead(_Limited):
         self.error = self.failure(what)
         raise self.error
 
-    def failure(self, what: str | None = None, *, kept: str | None = None) -> Exception:
-        """
-        The error for a read that did not send exactly the validated bytes: ``what`` happened (default: it was
-        not read to its end), and ``kept`` names a file the server made anyway that could not be removed.
-        """
+    def failure(self, what: str) -> Exception:
+        """The error for a read whose bytes are not the validated ones: ``what`` differs."""
         from airflow_provider_openai_batch.exceptions import BatchInputError, InputIssue
 
-        what = what or f"only {self._read:,} of its {self.length:,} validated bytes were read for the upload"
-        outcome = (
-            f"the file OpenAI made anyway ({kept}) could not be deleted: delete it" if kept else "nothing was kept"
-        )
         message = (
-            f"changed between validation and upload ({what}); {outcome}. Something rewrote the input while the "
-            "task ran: write it before the task starts, or under a new name, then retry"
+            f"changed between validation and upload ({what}); the upload was stopped before its end, so OpenAI "
+            "kept nothing. Something rewrote the input while the task ran: write it before the task starts, or "
+            "under a new name, then retry"
         )
         return BatchInputError(self.source, [InputIssue(0, None, message, "source_changed")])
 

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from airflow_provider_openai_batch.batch_file import (
     shard_batch_file,
     validate_batch_file,
 )
-from airflow_provider_openai_batch.exceptions import BatchInputError
+from airflow_provider_openai_batch.exceptions import BatchInputError, OpenAIBatchAPIError, OpenAIBatchError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.idempotency import content_filename
 from airflow_provider_openai_batch.operators import openai_batch as operators
@@ -35,6 +36,7 @@ from airflow_provider_openai_batch.operators.job import OpenAIBatchJobOperator
 from airflow_provider_openai_batch.operators.openai_batch import OpenAIBatchUploadOperator
 from airflow_provider_openai_batch.storage import as_io
 from airflow_provider_openai_batch.testing import FakeOpenAIServer
+from airflow_provider_openai_batch.uploads import upload_once
 from tests.conftest import jsonl, request_line
 from tests.test_idempotency import FakeTI
 
@@ -134,9 +136,12 @@ def test_an_upload_answered_without_the_checked_bytes_is_deleted(server, conn_id
 
     monkeypatch.setattr(Files, "create", create_anyway)
     good = input_file.read_bytes()
-    if answer == "despite_the_stop":
+    if answer == "despite_the_stop":  # the source changed: an input error
         _same_size_rewrite(input_file)
-    with pytest.raises(BatchInputError, match=r"changed between validation and upload.*nothing was kept"):
+        expected: Any = pytest.raises(BatchInputError, match="changed between validation and upload")
+    else:  # the transport's fault: retryable, and nothing is left for the retry to find and reuse
+        expected = pytest.raises(OpenAIBatchAPIError, match="kept 20 of the")
+    with expected as raised:
         hook.upload_file(
             input_file,
             filename="in.jsonl",
@@ -144,8 +149,33 @@ def test_an_upload_answered_without_the_checked_bytes_is_deleted(server, conn_id
             sha256=hashlib.sha256(good).hexdigest(),
             max_retries=0,
         )
+    assert isinstance(raised.value, BatchInputError) or raised.value.retryable
     assert server.count("files.create") == 1 and server.count("files.delete") == 1
     assert _files_at(server) == []
+
+
+def test_a_bad_upload_that_cannot_be_deleted_is_named_and_not_retried(server, conn_id, input_file, monkeypatch):
+    """A retry would find the file by its content name and reuse it: the error names it, and nothing retries."""
+    real_create = Files.create
+    monkeypatch.setattr(
+        Files,
+        "create",
+        lambda self, *, file, **kwargs: real_create(self, file=(file[0], file[1].read(20), file[2]), **kwargs),
+    )
+    server.faults.script("files.delete", "403")
+    good = input_file.read_bytes()
+    with pytest.raises(OpenAIBatchError, match=r"could not be deleted.*delete it before retrying") as raised:
+        upload_once(
+            OpenAIBatchHook(conn_id),
+            input_file,
+            "in.jsonl",
+            sha256=hashlib.sha256(good).hexdigest(),
+            size=len(good),
+            reuse_window=timedelta(hours=1),
+        )
+    assert not isinstance(raised.value, OpenAIBatchAPIError)  # call_once retries those
+    (kept,) = _files_at(server)
+    assert kept.id in str(raised.value) and server.count("files.create") == 1
 
 
 def test_the_job_refuses_a_work_file_changed_after_sharding(tmp_path, server, conn_id, monkeypatch):

@@ -37,7 +37,7 @@ from airflow_provider_openai_batch.batch_status import (
     summarize,
     summarize_json,
 )
-from airflow_provider_openai_batch.exceptions import BatchTimeoutError, OpenAIBatchAPIError
+from airflow_provider_openai_batch.exceptions import BatchTimeoutError, OpenAIBatchAPIError, OpenAIBatchError
 from airflow_provider_openai_batch.get_provider_info import DEFAULT_BASE_URL
 from airflow_provider_openai_batch.hooks.poll_request import PollHttpClient, RepeatedPolls
 from airflow_provider_openai_batch.links.openai_batch import BATCH_LINK_CHOICES
@@ -45,6 +45,7 @@ from airflow_provider_openai_batch.polling import DEFAULT_MAX_POLL_FAILURES, Pol
 from airflow_provider_openai_batch.storage import (
     Destination,
     Source,
+    VerifiedRead,
     as_io,
     atomic_writer,
     copy_chunks,
@@ -84,8 +85,16 @@ class _EmptyFile(Exception):
 #: Client arguments, headers and query parameters whose values are credentials, whatever else their names say
 #: (``api_key``, ``webhook_secret``, ``azure_ad_token``, ``subscription-key``, ``X-Auth-Token``, ...).
 _SECRET_NAME = re.compile(r"key|token|secret|passw|auth|credential|signature|cookie", re.IGNORECASE)
-#: An ``Authorization``-style value: the credential after the scheme is masked on its own too.
-_AUTH_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*\s+(?P<credential>\S.*)$")
+#: An ``Authorization``-style value (``Bearer …``, ``Basic …``): the credential after the scheme is masked on its own
+#: too. Only known schemes: splitting any value at a space would mask ordinary words of ordinary headers.
+_AUTH_SCHEME = re.compile(
+    r"^(?:bearer|basic|token|digest|apikey|api-key|key|sharedkey|ssws|negotiate|hawk|aws4-hmac-sha256)\s+"
+    r"(?P<credential>\S.*)$",
+    re.IGNORECASE,
+)
+#: Airflow's masker skips (with a warning) values shorter than its ``min_length_masked_secret`` (5 by default): a
+#: header such as ``X-Debug: 1`` is no secret, and is left out instead of causing that warning in every task log.
+_SHORTEST_HEADER_SECRET = 5
 
 
 def _mask(secret: Any) -> None:
@@ -122,7 +131,13 @@ def _client_secrets(kwargs: Mapping[str, Any]) -> list[Any]:
     base URL (``https://user:pass@host``).
     """
     found: list[Any] = [kwargs.get("api_key")]
-    found += list((kwargs.get("default_headers") or {}).values())
+    headers = kwargs.get("default_headers")
+    if isinstance(headers, Mapping):
+        found += [
+            value
+            for header, value in headers.items()
+            if _SECRET_NAME.search(str(header)) or len(str(value)) >= _SHORTEST_HEADER_SECRET
+        ]
     for name, value in kwargs.items():
         if name in ("api_key", "default_headers"):
             continue
@@ -437,16 +452,34 @@ class OpenAIBatchHook(BaseHook):
                 if check is not None and check.error is not None:  # however the transport reported the stop
                     raise check.error from None
                 raise
-        if check is not None and (not check.verified or uploaded.bytes != length):
-            # The server answered without the whole checked body (a transport that went on past the reader's stop,
-            # or an answer before the end): its file holds something other than the validated bytes, under their
-            # name. It must not stay to be reused.
-            try:
-                self.delete_file(uploaded.id)
-            except OpenAIBatchAPIError as error:
-                if not error.not_found:
-                    raise check.failure(kept=uploaded.id) from None
-            raise check.failure()
+        if check is not None:
+            self._keep_only_checked(uploaded, check, length)
+        return uploaded
+
+    def _keep_only_checked(self, uploaded: FileObject, check: VerifiedRead, length: int | None) -> None:
+        """
+        An upload answered although the body was not sent whole as checked: a transport that went on past the
+        reader's stop (the source changed: ``BatchInputError``), an answer before the end, or a server that kept
+        fewer bytes than were sent (``OpenAIBatchAPIError``, retryable: nothing is left to be found). Its file holds
+        something other than the validated bytes under their name, so it is deleted; one that cannot be is named
+        in an ``OpenAIBatchError`` that nothing retries (a retry would find it by that name and reuse it).
+        """
+        stored = uploaded.bytes
+        short = isinstance(stored, int) and stored > 0 and stored != length  # a compatible server may say 0
+        if check.verified and not short:
+            return
+        try:
+            self.delete_file(uploaded.id)
+        except OpenAIBatchAPIError as error:
+            if not error.not_found:
+                raise OpenAIBatchError(
+                    f"{check.source}: the upload {uploaded.id} ({uploaded.filename}) does not hold the validated "
+                    f"bytes and could not be deleted ({error}); delete it before retrying, or a retry reuses it"
+                ) from None
+        if check.error is not None:
+            raise check.error
+        what = f"kept {stored:,} of the {length:,} bytes sent" if short else "answered before the file was sent whole"
+        raise OpenAIBatchAPIError("files.create", f"the server {what}; the file it made ({uploaded.id}) was deleted")
         return uploaded
 
     def get_file(self, file_id: str) -> FileObject:
