@@ -5,12 +5,15 @@ Validation runs before anything is uploaded, so a bad file costs nothing but the
 line (a 200 MB file never sits in memory), keeps only the ``custom_id`` set, and collects the first several
 problems with their line and field, because fixing one problem per paid-for attempt is not a workflow.
 Lines are parsed with msgspec into structs that skip the request body, which keeps validation well above
-the network speed of the upload that follows.
+the network speed of the upload that follows. Errors quote a bad value only in part (``MAX_SHOWN_CHARS``), and a
+line nested deeper than ``MAX_NESTING_DEPTH`` is refused before it is parsed, since the parser recurses once per
+level and would otherwise fail with a bare ``RecursionError`` that names no file or line.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,12 @@ MAX_REQUESTS_PER_FILE = 50_000
 MAX_BYTES_PER_FILE = 200 * 1024 * 1024
 #: How many problems an error lists before it stops counting them individually.
 MAX_REPORTED_ISSUES = 20
+#: How deep arrays and objects may sit within each other in one line (the line's own object is level 1). OpenAI's
+#: requests need a few levels, a JSON Schema for structured outputs a few dozen (OpenAI allows 10 schema levels);
+#: the bound stays far below where the parser (one C recursion per level, within Python's recursion limit) fails.
+MAX_NESTING_DEPTH = 128
+#: How much of a bad value an error message quotes: a 2 MB value repeated on 20 lines is not a 40 MB error.
+MAX_SHOWN_CHARS = 200
 
 _BOM = b"\xef\xbb\xbf"
 
@@ -92,8 +101,58 @@ def _json_type(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
+def shown(value: Any) -> str:
+    """``repr(value)`` for an error message, cut to ``MAX_SHOWN_CHARS`` with the value's full size after it."""
+    text = repr(value)
+    if len(text) <= MAX_SHOWN_CHARS:
+        return text
+    size = len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else len(text)
+    return f"{text[:MAX_SHOWN_CHARS]}… ({size:,} bytes)"
+
+
+#: A JSON string (the unrolled form: no backtracking per character), so brackets inside strings do not count.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_AS_PARENTHESES = bytes.maketrans(b"[]{}", b"()()")
+_NOT_A_BRACKET = bytes(byte for byte in range(256) if byte not in b"[]{}")
+
+
+def nested_deeper_than(raw: bytes, limit: int = MAX_NESTING_DEPTH) -> bool:
+    """
+    Whether the JSON in ``raw`` nests arrays and objects more than ``limit`` levels deep, without parsing it.
+
+    Cheap for ordinary lines: ``limit`` opening brackets or fewer cannot nest deeper, and finding them is a
+    ``memchr`` per bracket (a line's few brackets cost less than counting every byte would). Otherwise strings are
+    cut out, the brackets left become parentheses, and each round deletes every innermost ``()`` pair: a line
+    still holding a pair after ``limit`` rounds nests deeper (each round is one C-speed pass over the brackets).
+    """
+    seen = 0
+    for opener in b"[{":
+        at = raw.find(opener)
+        while at >= 0:
+            seen += 1
+            if seen > limit:
+                return _deeper_than(raw, limit)
+            at = raw.find(opener, at + 1)
+    return False
+
+
+def _deeper_than(raw: bytes, limit: int) -> bool:
+    structure = _JSON_STRING.sub(b"", raw).translate(_AS_PARENTHESES, _NOT_A_BRACKET)
+    for _ in range(limit):
+        if b"()" not in structure:
+            return False
+        structure = structure.replace(b"()", b"")
+    return b"()" in structure
+
+
+def _too_deep(limit: int = MAX_NESTING_DEPTH) -> str:
+    return f"the request is nested more than {limit} levels deep (arrays and objects within each other)"
+
+
 def _explain_decode_error(error: Exception) -> tuple[str | None, str]:
     text = str(error)
+    if len(text) > MAX_SHOWN_CHARS:  # the parser's own words, which may quote the input
+        text = f"{text[:MAX_SHOWN_CHARS]}…"
     if isinstance(error, msgspec.ValidationError):
         if text.startswith("Expected `object`") and "at `$" not in text:
             return None, f"a line must be one JSON object ({text.split(' - ')[0].lower()})"
@@ -131,11 +190,21 @@ class BatchFileValidator:
             self.collector.add(
                 0,
                 "endpoint",
-                f"unsupported endpoint {endpoint!r}; supported: {', '.join(sorted(self.allowed_endpoints))}",
+                f"unsupported endpoint {shown(endpoint)}; supported: {', '.join(sorted(self.allowed_endpoints))}",
             )
 
     def check(self, lineno: int, raw: bytes) -> str | None:
         """Validate one raw line (without its newline); return its ``custom_id`` when it has a usable one."""
+        if nested_deeper_than(raw):
+            self.collector.add(lineno, None, _too_deep(), "invalid_json_line")
+            return None
+        try:
+            return self._check(lineno, raw)
+        except RecursionError:  # a stack already deep when validation began: still the line's fault, and named
+            self.collector.add(lineno, None, _too_deep(), "invalid_json_line")
+            return None
+
+    def _check(self, lineno: int, raw: bytes) -> str | None:
         add = self.collector.add
         try:
             line = _line_decoder.decode(raw)
@@ -152,7 +221,7 @@ class BatchFileValidator:
         elif not custom_id:
             add(lineno, "custom_id", "must not be empty")
         elif custom_id in self.custom_ids:
-            add(lineno, "custom_id", f"duplicate custom_id {custom_id!r}", "duplicate_custom_id")
+            add(lineno, "custom_id", f"duplicate custom_id {shown(custom_id)}", "duplicate_custom_id")
         else:
             self.custom_ids.add(custom_id)
             result = custom_id
@@ -160,7 +229,7 @@ class BatchFileValidator:
         if method is msgspec.UNSET:
             add(lineno, "method", "missing", "missing_required_parameter")
         elif method != "POST":
-            add(lineno, "method", f"must be 'POST', got {method!r}", "invalid_method")
+            add(lineno, "method", f"must be 'POST', got {shown(method)}", "invalid_method")
         self._check_url(lineno, line.url)
         self._check_body(lineno, line.body, line.url)
         return result
@@ -177,14 +246,14 @@ class BatchFileValidator:
             add(
                 lineno,
                 "url",
-                f"{url!r} differs from the batch endpoint {self.endpoint!r}",
+                f"{shown(url)} differs from the batch endpoint {shown(self.endpoint)}",
                 "mismatched_endpoint",
             )
         elif self.allowed_endpoints is not None and url not in self.allowed_endpoints:
             add(
                 lineno,
                 "url",
-                f"unsupported endpoint {url!r}; supported: {', '.join(sorted(self.allowed_endpoints))}",
+                f"unsupported endpoint {shown(url)}; supported: {', '.join(sorted(self.allowed_endpoints))}",
                 "invalid_url",
             )
         elif self.url is None:
@@ -193,7 +262,7 @@ class BatchFileValidator:
             add(
                 lineno,
                 "url",
-                f"{url!r} differs from {self.url!r} on line {self.url_line}; one endpoint per file",
+                f"{shown(url)} differs from {shown(self.url)} on line {self.url_line}; one endpoint per file",
                 "mismatched_endpoint",
             )
 
@@ -227,7 +296,7 @@ class BatchFileValidator:
             add(
                 lineno,
                 "body.model",
-                f"{model!r} differs from {self.model!r} on line {self.model_line}; one model per file",
+                f"{shown(model)} differs from {shown(self.model)} on line {self.model_line}; one model per file",
                 "mismatched_model",
             )
 
@@ -253,7 +322,8 @@ class BatchFileValidator:
             add(blank, None, "blank line between requests; every line must hold one request", "invalid_json_line")
         self._blank_lines.clear()
         try:
-            raw.decode("utf-8")
+            if not raw.isascii():  # ASCII is UTF-8: most lines are checked without building a string of them
+                raw.decode("utf-8")
         except UnicodeDecodeError as error:
             add(lineno, None, f"not valid UTF-8 (byte {error.start + 1} of the line)", "invalid_encoding")
             return None
@@ -331,6 +401,8 @@ def validate_batch_file(
             digest.update(exact)
             if line is not None:
                 tokens += estimate_tokens(line)
+                if len(exact) > max_bytes:
+                    add(lineno, None, _request_too_big(len(exact), max_bytes), "file_too_large")
     validator.check_end()
     requests = validator.requests
     if requests > max_requests:
@@ -409,6 +481,13 @@ class Shard:
     tokens: int = 0
 
 
+def _request_too_big(size: int, limit: int) -> str:
+    return (
+        f"one request of {size:,} bytes; a batch file holds at most {limit:,} bytes and a request cannot be split "
+        "across files"
+    )
+
+
 def estimate_tokens(raw: bytes) -> int:
     """A cheap, conservative input-token estimate for quota planning: about four bytes per token."""
     return max(1, len(raw) // 4)
@@ -458,6 +537,20 @@ def shard_batch_file(
                 continue  # keep reading to report every problem, but write nothing more
             this_tokens = count_tokens(raw)
             line_inputs = validator.embedding_inputs - inputs_before
+            if len(raw) + 1 > limits.max_bytes:
+                validator.collector.add(
+                    lineno, None, _request_too_big(len(raw) + 1, limits.max_bytes), "file_too_large"
+                )
+                continue
+            if limits.max_tokens is not None and this_tokens > limits.max_tokens:
+                validator.collector.add(
+                    lineno,
+                    None,
+                    f"one request of about {this_tokens:,} input tokens; a file holds at most "
+                    f"{limits.max_tokens:,} (max_tokens) and a request cannot be split across files",
+                    "token_limit_exceeded",
+                )
+                continue
             if line_inputs > limits.max_embedding_inputs:
                 validator.collector.add(
                     lineno,
@@ -512,7 +605,15 @@ def iter_result_lines(source: Source) -> Iterator[ResultLine]:
 
 
 def encode_requests(requests: Iterable[dict[str, Any]]) -> Iterator[bytes]:
-    """JSONL bytes for request dicts, one line each (what upload sends when given rows instead of a file)."""
+    """
+    JSONL bytes for request dicts, one line each (what upload sends when given rows instead of a file).
+
+    A row nested too deep for the encoder (which recurses once per level) is an input error naming the row by
+    its line number in the file it becomes, as validation names the lines of a file.
+    """
     encoder = msgspec.json.Encoder()
-    for request in requests:
-        yield encoder.encode(request) + b"\n"
+    for number, request in enumerate(requests, start=1):
+        try:
+            yield encoder.encode(request) + b"\n"
+        except RecursionError:
+            raise BatchInputError("<rows>", [InputIssue(number, None, _too_deep(), "invalid_json_line")]) from None

@@ -2,12 +2,14 @@
 Where batch files come from and go to: local paths, ``ObjectStoragePath`` (any fsspec protocol), bytes, streams.
 
 One place so that upload, validation, download and the result helpers all accept the same things and all write
-the same way: to a temporary name beside the destination, then a move, so a reader never sees half a file.
+the same way: to a temporary name beside the destination, then a move, so a reader never sees half a file. An upload
+of validated bytes reads through ``VerifiedRead``, so what is sent is what was validated.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -130,16 +132,85 @@ class _Limited(_RawAdapter):
         return False
 
 
-def as_io(stream: Any, length: int | None = None) -> IO[bytes]:
+class VerifiedRead(_Limited):
+    """
+    The first ``length`` bytes of a stream, hashed as they are read, which must be the bytes validation hashed.
+
+    The read that reaches the end (the last bytes, or an early end of the stream) compares the hash first and, when
+    it differs, raises ``BatchInputError`` naming the source instead of returning those bytes: the reader of the
+    stream (a multipart request body) never gets to its end, so the request is never completed and the server
+    never makes the file. ``verified`` says the whole ``length`` was read and matched.
+    """
+
+    def __init__(self, inner: Any, length: int, sha256: str, source: str) -> None:
+        super().__init__(inner, length)
+        self.length = length
+        self.expected = sha256
+        self.source = source
+        self.verified = False
+        self.error: Exception | None = None
+        self._digest = hashlib.sha256()
+        self._read = 0
+
+    def readinto(self, buffer: Any) -> int:
+        if self.error is not None:
+            raise self.error
+        if self.verified or len(buffer) == 0:
+            return 0
+        data = self._inner.read(min(len(buffer), self._left)) if self._left > 0 else b""
+        self._digest.update(data)
+        self._read += len(data)
+        self._left -= len(data)
+        if self._left <= 0 or not data:  # this read ends what is sent: check before handing it over
+            self._finish()
+        buffer[: len(data)] = data
+        return len(data)
+
+    def _finish(self) -> None:
+        if self._left <= 0 and self._digest.hexdigest() == self.expected:
+            self.verified = True
+            return
+        if self._left > 0:
+            what = f"it ended after {self._read:,} of the {self.length:,} bytes validated"
+        else:
+            what = f"its first {self.length:,} bytes no longer have the validated sha256 {self.expected[:16]}…"
+        self.error = self.failure(what)
+        raise self.error
+
+    def failure(self, what: str) -> Exception:
+        """The error for a read whose bytes are not the validated ones: ``what`` differs."""
+        from airflow_provider_openai_batch.exceptions import BatchInputError, InputIssue
+
+        message = (
+            f"changed between validation and upload ({what}); the upload was stopped before its end, so OpenAI "
+            "kept nothing. Something rewrote the input while the task ran: write it before the task starts, or "
+            "under a new name, then retry"
+        )
+        return BatchInputError(self.source, [InputIssue(0, None, message, "source_changed")])
+
+
+def as_io(stream: Any, length: int | None = None, *, sha256: str | None = None, source: str | None = None) -> IO[bytes]:
     """
     ``stream`` itself when it is a real ``io`` object, else a thin adapter (no copy, still streamed); with
-    ``length``, only that many bytes of it.
+    ``length``, only that many bytes of it; with ``sha256`` too, only if they are those bytes (``VerifiedRead``,
+    which ``read_check`` returns; ``source`` names the input in its error).
     """
+    if sha256 is not None:
+        if length is None:
+            raise ValueError("a verified read needs the length that was validated")
+        raw = VerifiedRead(stream, length, sha256, source or describe(stream))
+        return io.BufferedReader(raw, buffer_size=1 << 20)  # type: ignore[return-value]
     if length is not None:
         return io.BufferedReader(_Limited(stream, length), buffer_size=1 << 20)  # type: ignore[return-value]
     if isinstance(stream, io.IOBase):
         return stream  # type: ignore[return-value]
     return io.BufferedReader(_RawAdapter(stream), buffer_size=1 << 20)  # type: ignore[return-value]
+
+
+def read_check(reader: IO[bytes]) -> VerifiedRead | None:
+    """The ``VerifiedRead`` behind a reader ``as_io`` made with ``sha256``, else ``None``."""
+    raw = getattr(reader, "raw", None)
+    return raw if isinstance(raw, VerifiedRead) else None
 
 
 def _is_object_storage_path(value: object) -> bool:

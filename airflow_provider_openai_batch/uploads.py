@@ -4,6 +4,10 @@ Uploading a batch input file at most once: shared by the upload operator and the
 The file name carries a hash of the bytes sent, so a retry (or the next round of a job) finds an earlier upload of
 the same content among recent files and reuses it instead of sending 200 MB again; the send itself runs with the
 SDK's retries off and looks for a lost attempt's file before sending again (``idempotency.call_once``).
+
+The name is a promise about the content, so it is kept only when true: the bytes are hashed again as they are
+sent, and a source that changed after validation is refused before its upload completes (a file made anyway is
+deleted). A file of that name at OpenAI therefore holds exactly the hashed bytes and is safe to reuse.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ def upload_once(
     """
     Upload the first ``size`` bytes of a validated ``source`` (whose hash is ``sha256``) unless the same content
     was uploaded within ``reuse_window``; returns the file id.
+
+    Raises ``BatchInputError`` naming ``source`` when its bytes are no longer the validated ones ("changed between
+    validation and upload"); then no file of this content's name is left at OpenAI.
     """
     out = logger or log
     filename = content_filename(name, sha256)
@@ -61,6 +68,7 @@ def upload_once(
             expires_after_seconds=expires_after_seconds,
             max_retries=0,
             length=size,
+            sha256=sha256,
         ).id
 
     file_id = call_once("files.create", send, lambda: find_upload(hook, filename, size, reuse_window))

@@ -17,6 +17,7 @@ from airflow_provider_openai_batch.batch_status import BatchSummary, summarize, 
 from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.testing import FakeClock, FakeOpenAIServer, Fault, Timings
+from airflow_provider_openai_batch.testing.server import redacted_header
 from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchTrigger
 from tests.conftest import SUMMARY_KEYS, connection_env, jsonl, request_line
 
@@ -272,7 +273,7 @@ def test_every_poll_carries_the_key_organization_project_and_custom_headers(batc
     seen = list(server.headers_seen["batches.retrieve"])
     assert len(seen) == 4  # one request a poll, no more
     for headers in seen:
-        assert headers["authorization"] == f"Bearer {server.api_key}"
+        assert headers["authorization"] == redacted_header(f"Bearer {server.api_key}")  # kept redacted
         assert headers["openai-organization"] == "org-etl" and headers["openai-project"] == "proj-nightly"
         assert headers["x-team"] == "data-platform"
         assert headers["user-agent"].startswith("AsyncOpenAI/")

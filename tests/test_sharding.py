@@ -85,3 +85,14 @@ def test_small_input_stays_one_file(server, conn_id, big_input):
         task_id="upload", source=str(big_input), endpoint="/v1/chat/completions", sharding="always"
     )
     assert len(always.execute({})) == 1
+
+
+def test_a_request_over_the_token_limit_alone_is_an_input_error_naming_its_line(tmp_path):
+    rows = [request_line(i) for i in range(5)]
+    rows[2] = request_line(2, note="x" * 4_000)  # about 1,000 estimated tokens in one request
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(jsonl(rows))
+    with pytest.raises(BatchInputError) as raised:
+        shard_batch_file(path, tmp_path / "s", limits=ShardLimits(max_tokens=500))
+    text = str(raised.value)
+    assert f"{path}:line 3" in text and "a file holds at most 500" in text and "shard-" not in text, text

@@ -14,12 +14,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit
 
 import httpx2
 import openai
@@ -35,7 +37,7 @@ from airflow_provider_openai_batch.batch_status import (
     summarize,
     summarize_json,
 )
-from airflow_provider_openai_batch.exceptions import BatchTimeoutError, OpenAIBatchAPIError
+from airflow_provider_openai_batch.exceptions import BatchTimeoutError, OpenAIBatchAPIError, OpenAIBatchError
 from airflow_provider_openai_batch.get_provider_info import DEFAULT_BASE_URL
 from airflow_provider_openai_batch.hooks.poll_request import PollHttpClient, RepeatedPolls
 from airflow_provider_openai_batch.links.openai_batch import BATCH_LINK_CHOICES
@@ -43,10 +45,13 @@ from airflow_provider_openai_batch.polling import DEFAULT_MAX_POLL_FAILURES, Pol
 from airflow_provider_openai_batch.storage import (
     Destination,
     Source,
+    VerifiedRead,
     as_io,
     atomic_writer,
     copy_chunks,
+    describe,
     open_source,
+    read_check,
     source_name,
     to_storage_path,
 )
@@ -77,14 +82,73 @@ class _EmptyFile(Exception):
     """Aborts the atomic write of a zero-byte download that the caller does not want kept."""
 
 
-def _mask(secret: str | None) -> None:
-    if not secret:
+#: Client arguments, headers and query parameters whose values are credentials, whatever else their names say
+#: (``api_key``, ``webhook_secret``, ``azure_ad_token``, ``subscription-key``, ``X-Auth-Token``, ...).
+_SECRET_NAME = re.compile(r"key|token|secret|passw|auth|credential|signature|cookie", re.IGNORECASE)
+#: An ``Authorization``-style value (``Bearer …``, ``Basic …``): the credential after the scheme is masked on its own
+#: too. Only known schemes: splitting any value at a space would mask ordinary words of ordinary headers.
+_AUTH_SCHEME = re.compile(
+    r"^(?:bearer|basic|token|digest|apikey|api-key|key|sharedkey|ssws|negotiate|hawk|aws4-hmac-sha256)\s+"
+    r"(?P<credential>\S.*)$",
+    re.IGNORECASE,
+)
+#: Airflow's masker skips (with a warning) values shorter than its ``min_length_masked_secret`` (5 by default): a
+#: header such as ``X-Debug: 1`` is no secret, and is left out instead of causing that warning in every task log.
+_SHORTEST_HEADER_SECRET = 5
+
+
+def _mask(secret: Any) -> None:
+    """
+    Register a secret with Airflow's masker by its value: a string, or every string inside a mapping or list.
+
+    (Given a mapping, the masker itself hides only the values under names it knows as secret, which leaves e.g.
+    ``Ocp-Apim-Subscription-Key`` shown.) ``Bearer sk-…`` is registered whole and as its credential alone.
+    """
+    if isinstance(secret, Mapping):
+        for value in secret.values():
+            _mask(value)
+        return
+    if isinstance(secret, (list, tuple, set, frozenset)):
+        for value in secret:
+            _mask(value)
+        return
+    if not isinstance(secret, str) or not secret:
         return
     try:  # its home moved across Airflow 3.x releases
         from airflow.sdk.log import mask_secret
     except ImportError:  # pragma: no cover - exercised on older Airflow 3
         from airflow.sdk.execution_time.secrets_masker import mask_secret  # type: ignore[no-redef]
     mask_secret(secret)
+    scheme = _AUTH_SCHEME.match(secret)
+    if scheme:
+        mask_secret(scheme.group("credential"))
+
+
+def _client_secrets(kwargs: Mapping[str, Any]) -> list[Any]:
+    """
+    Every credential in SDK client arguments: the key, every ``default_headers`` value (a gateway's key or an
+    ``Authorization`` travels there), any argument or query parameter named like a secret, and the password in a
+    base URL (``https://user:pass@host``).
+    """
+    found: list[Any] = [kwargs.get("api_key")]
+    headers = kwargs.get("default_headers")
+    if isinstance(headers, Mapping):
+        found += [
+            value
+            for header, value in headers.items()
+            if _SECRET_NAME.search(str(header)) or len(str(value)) >= _SHORTEST_HEADER_SECRET
+        ]
+    for name, value in kwargs.items():
+        if name in ("api_key", "default_headers"):
+            continue
+        if _SECRET_NAME.search(name):
+            found.append(value)
+        elif isinstance(value, Mapping):  # default_query and the like: {"subscription-key": "..."}
+            found += [inner for key, inner in value.items() if _SECRET_NAME.search(str(key))]
+        elif name in ("base_url", "azure_endpoint", "websocket_base_url") and value:
+            with contextlib.suppress(ValueError):
+                found.append(urlsplit(str(value)).password)
+    return found
 
 
 def quiet_request_logs() -> None:
@@ -118,7 +182,12 @@ def _headers(value: Any) -> dict[str, str] | None:
     if value in (None, "", {}):
         return None
     if isinstance(value, str):
-        value = json.loads(value)
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:  # its position only: the text holds header values, which are secrets
+            raise ValueError(
+                f"connection extra 'default_headers' is not valid JSON (line {error.lineno}, column {error.colno})"
+            ) from None
     if not isinstance(value, dict):
         raise ValueError("connection extra 'default_headers' must be a JSON object of header names to values")
     return {str(k): str(v) for k, v in value.items()}
@@ -268,7 +337,7 @@ class OpenAIBatchHook(BaseHook):
 
     def _build_kwargs(self, conn: Connection) -> tuple[bool, dict[str, Any]]:
         azure, kwargs = client_kwargs(conn)
-        _mask(kwargs.get("api_key"))
+        _mask(_client_secrets(kwargs))
         quiet_request_logs()
         if self.max_retries is not None:
             kwargs["max_retries"] = self.max_retries
@@ -354,19 +423,64 @@ class OpenAIBatchHook(BaseHook):
         *,
         max_retries: int | None = None,
         length: int | None = None,
+        sha256: str | None = None,
     ) -> FileObject:
         """
         Upload from a path, URI, ``ObjectStoragePath``, bytes or binary stream, streamed (never read whole);
         ``length`` sends only the first that many bytes (validation leaves empty lines at the end out).
+
+        With ``sha256`` (and ``length``), only the bytes validation hashed are sent: they are hashed as they are
+        read, and if the source changed since, the request body is never completed (so no file is made) and
+        ``BatchInputError`` names the source; a file the server made anyway is deleted before that error.
         """
         name = filename or source_name(source)
         extra: dict[str, Any] = {}
         if expires_after_seconds is not None:
             extra["expires_after"] = {"anchor": "created_at", "seconds": int(expires_after_seconds)}
-        with open_source(source) as stream, api_errors("files.create"):
-            upload = (name, as_io(stream, length), "application/jsonl")
-            client = self._with_retries(max_retries)
-            return client.files.create(file=upload, purpose=purpose, **extra)  # type: ignore[arg-type]
+        with open_source(source) as stream:
+            body = as_io(stream, length, sha256=sha256, source=describe(source))
+            check = read_check(body)
+            try:
+                with api_errors("files.create"):
+                    client = self._with_retries(max_retries)
+                    uploaded = client.files.create(
+                        file=(name, body, "application/jsonl"),
+                        purpose=purpose,  # type: ignore[arg-type]
+                        **extra,
+                    )
+            except Exception:
+                if check is not None and check.error is not None:  # however the transport reported the stop
+                    raise check.error from None
+                raise
+        if check is not None:
+            self._keep_only_checked(uploaded, check, length)
+        return uploaded
+
+    def _keep_only_checked(self, uploaded: FileObject, check: VerifiedRead, length: int | None) -> None:
+        """
+        An upload answered although the body was not sent whole as checked: a transport that went on past the
+        reader's stop (the source changed: ``BatchInputError``), an answer before the end, or a server that kept
+        fewer bytes than were sent (``OpenAIBatchAPIError``, retryable: nothing is left to be found). Its file holds
+        something other than the validated bytes under their name, so it is deleted; one that cannot be is named
+        in an ``OpenAIBatchError`` that nothing retries (a retry would find it by that name and reuse it).
+        """
+        stored = uploaded.bytes
+        short = isinstance(stored, int) and stored > 0 and stored != length  # a compatible server may say 0
+        if check.verified and not short:
+            return
+        try:
+            self.delete_file(uploaded.id)
+        except OpenAIBatchAPIError as error:
+            if not error.not_found:
+                raise OpenAIBatchError(
+                    f"{check.source}: the upload {uploaded.id} ({uploaded.filename}) does not hold the validated "
+                    f"bytes and could not be deleted ({error}); delete it before retrying, or a retry reuses it"
+                ) from None
+        if check.error is not None:
+            raise check.error
+        what = f"kept {stored:,} of the {length:,} bytes sent" if short else "answered before the file was sent whole"
+        raise OpenAIBatchAPIError("files.create", f"the server {what}; the file it made ({uploaded.id}) was deleted")
+        return uploaded
 
     def get_file(self, file_id: str) -> FileObject:
         with api_errors("files.retrieve"):

@@ -179,9 +179,10 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
         """Whether ``source`` must be split; a cheap size check first, a counting pass only when it may be."""
         size = source_size(source)
         # Fewer bytes than two per allowed request (and three per allowed embedding input, the least a JSON array
-        # element takes with its comma) means few enough lines and inputs, whatever they hold.
+        # element takes with its comma) means few enough lines and inputs, whatever they hold; within the byte
+        # limit too, it fits in one file.
         small = min(self.limits.max_requests * 2, self.limits.max_embedding_inputs * 3)
-        if size is not None and self.limits.max_tokens is None and size < small:
+        if size is not None and self.limits.max_tokens is None and size < small and size <= self.limits.max_bytes:
             return False
         stats = validate_batch_file(
             source,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import os
+import re
 import shutil
 import socket
 import threading
@@ -48,6 +50,22 @@ MAX_BATCH_FILE_BYTES = 200 * 1024 * 1024
 _CHUNK = 1 << 20
 #: ``headers_seen`` keeps this many calls per route.
 HEADERS_KEPT = 50
+#: Headers ``headers_seen`` keeps only as ``redacted_header``: credentials (``authorization``, Azure's
+#: ``api-key``, a gateway's ``ocp-apim-subscription-key``, ``x-auth-token``, cookies).
+_SECRET_HEADER = re.compile(r"auth|(?<!idempotency-)key|token|secret|passw|cookie|credential|signature", re.IGNORECASE)
+
+
+def redacted_header(value: str) -> str:
+    """
+    How ``headers_seen`` keeps a credential header: its last 4 characters and a short hash, so a test can tell
+    which key was sent (compare with ``redacted_header(expected)``) without the instrumentation holding the key.
+    """
+    digest = hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return f"<redacted …{value[-4:]} sha256:{digest}>"
+
+
+def _seen(headers: Any) -> dict[str, str]:
+    return {name: redacted_header(value) if _SECRET_HEADER.search(name) else value for name, value in headers.items()}
 
 
 def error_response(status: int, message: str, *, code: str | None = None, param: str | None = None) -> JSONResponse:
@@ -167,6 +185,7 @@ class FakeOpenAIServer:
         self.clients: Counter[tuple[str, str]] = Counter()
         #: The headers of the last calls of each route (test instrumentation, not OpenAI behaviour): shows what
         #: a client sent, e.g. that a trigger's every poll carries the organization, project and custom headers.
+        #: Credentials are kept only as ``redacted_header`` (a test run's output must not hold a key either).
         self.headers_seen: defaultdict[str, deque[dict[str, str]]] = defaultdict(lambda: deque(maxlen=HEADERS_KEPT))
         self._calls_lock = threading.Lock()
         self._server: uvicorn.Server | None = None
@@ -298,7 +317,7 @@ class FakeOpenAIServer:
             with self._calls_lock:
                 self.calls[name] += 1
                 self.clients[(name, request.headers.get("user-agent", "").split("/", 1)[0])] += 1
-                self.headers_seen[name].append(dict(request.headers))
+                self.headers_seen[name].append(_seen(request.headers))
             if self.latency:
                 await asyncio.sleep(self.latency)
             if not self._authorized(request):
