@@ -263,7 +263,7 @@ class OutputSchema:
         return param
 
 
-OutputSchemaLike = Union[OutputSchema, type, Mapping[str, Any]]
+OutputSchemaLike = OutputSchema | type | Mapping[str, Any]
 
 
 def output_schema(spec: OutputSchemaLike, *, name: str | None = None) -> OutputSchema:
