@@ -682,7 +682,7 @@ def body_outcome(body: Any, schema: OutputSchema | None) -> Outcome:
     try:
         parsed = (
             _body_decoder.decode(body)
-            if isinstance(body, (bytes, bytearray, memoryview, str))
+            if isinstance(body, (bytes, msgspec.Raw, bytearray, memoryview, str))
             else (msgspec.convert(body, _Body) if isinstance(body, Mapping) else _Body())
         )
     except (msgspec.ValidationError, msgspec.DecodeError):
