@@ -302,16 +302,101 @@ def _from_model(model: type, name: str | None) -> OutputSchema:
     json_schema = param["json_schema"]
     check_strict_schema(json_schema["schema"])
     adapter: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(model)
+    validate_json, to_json = adapter.validator.validate_json, adapter.serializer.to_json
 
-    def validate(text: bytes | str) -> bytes:
+    def validate_by_model(text: bytes | str) -> bytes:
         try:
-            value = adapter.validate_json(text)
+            value = validate_json(text)
         except pydantic.ValidationError as error:
             raise InvalidOutput(_pydantic_message(error)) from None
-        return adapter.dump_json(value, by_alias=True)
+        return bytes(to_json(value, by_alias=True))
+
+    validate = validate_by_model
+    fast = _plain_decoder(model, json_schema["schema"])
+    if fast is not None:
+        decode = fast.decode
+
+        def validate_plain(text: bytes | str) -> bytes:
+            try:
+                decode(text)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                return validate_by_model(text)  # the model decides: it may take what the schema does not
+            return _one_line(text)
+
+        validate = validate_plain
 
     # The SDK sends no description for a model (its docstring is in the schema's own "description").
     return OutputSchema(_check_name(name or json_schema["name"]), json_schema["schema"], model, None, validate)
+
+
+#: Pydantic core schema types a "plain" model is made of: JSON values only, no code of the user's in between.
+_PLAIN_CORE = frozenset(
+    {"model", "model-fields", "model-field", "str", "int", "float", "bool", "list", "literal", "nullable", "enum"}
+)
+_PLAIN_KEYS = frozenset(
+    {
+        "type",
+        "schema",
+        "fields",
+        "items_schema",
+        "cls",
+        "config",
+        "custom_init",
+        "root_model",
+        "metadata",
+        "ref",
+        "model_name",
+        "computed_fields",
+        "expected",
+        "members",
+        "sub_type",
+        "strict",
+        "ge",
+        "gt",
+        "le",
+        "lt",
+        "multiple_of",
+        "min_length",
+        "max_length",
+        "default",
+        "frozen",
+    }
+)
+
+
+def _plain_decoder(model: type, schema: dict[str, Any]) -> msgspec.json.Decoder[Any] | None:
+    """
+    For a model made of JSON values only (no validators, serializers, aliases, computed fields or defaults other
+    than ``None``; see ``_is_plain``): a msgspec decoder of its strict JSON Schema. Whatever it takes, the model
+    takes too, and dumps to the same JSON, so the answer needs no model instance; what it refuses goes to the model,
+    which decides. ``None`` for any other model.
+    """
+    core = getattr(model, "__pydantic_core_schema__", None)
+    if not isinstance(core, dict) or not _is_plain(core):
+        return None
+    try:
+        return msgspec.json.Decoder(_Compiler(schema).type_of(schema))
+    except (_Unsupported, TypeError):
+        return None
+
+
+def _is_plain(node: Any) -> bool:
+    if not isinstance(node, dict):
+        return True
+    kind = node.get("type")
+    if kind == "default":
+        return node.get("default", 0) is None and "default_factory" not in node and _is_plain(node.get("schema"))
+    if kind not in _PLAIN_CORE or any(key not in _PLAIN_KEYS for key in node):
+        return False
+    if node.get("custom_init") or node.get("root_model") or node.get("computed_fields"):
+        return False
+    config = node.get("config") or {}
+    if config.get("extra_fields_behavior") == "allow" or any("alias" in key for key in config):
+        return False
+    if kind == "enum" and node.get("sub_type") not in ("str", "int", None):
+        return False
+    children = [node.get("schema"), node.get("items_schema"), *(node.get("fields") or {}).values()]
+    return all(_is_plain(child) for child in children if child is not None)
 
 
 def _pydantic_message(error: Any) -> str:
@@ -687,6 +772,15 @@ def body_outcome(body: Any, schema: OutputSchema | None) -> Outcome:
         )
     except (msgspec.ValidationError, msgspec.DecodeError):
         parsed = _Body()
+    return answer_outcome(parsed, schema)
+
+
+#: The fields of an answer :func:`answer_outcome` reads, as a msgspec type to decode result lines with.
+Answer = _Body
+
+
+def answer_outcome(parsed: _Body, schema: OutputSchema | None) -> Outcome:
+    """:func:`body_outcome` of an answer already decoded as :data:`Answer`."""
     if parsed.choices:
         return _choice_outcome(parsed.choices[0], schema)
     if isinstance(parsed.output, list) or parsed.status is not None:

@@ -30,9 +30,11 @@ import msgspec
 from airflow_provider_openai_batch.batch_file import ResultLine, iter_lines
 from airflow_provider_openai_batch.outputs import (
     OUTPUT_STATUSES,
+    Answer,
     Outcome,
     OutputSchema,
     OutputSchemaLike,
+    answer_outcome,
     body_outcome,
     kind_of_url,
     output_schema_cached,
@@ -200,7 +202,7 @@ def _decoded(decode: Callable[[bytes], Any], lines: list[bytes]) -> list[Any]:
 
 
 def _spill(
-    chunks: Iterable[list[bytes]],
+    chunks: Iterable[list[bytes] | tuple[list[str], list[bytes]]],
     folder: Path,
     prefix: str,
     shift: int,
@@ -211,19 +213,24 @@ def _spill(
     """
     Lines into ``_FANOUT`` bucket files by bits of their ``custom_id``'s hash, in the order read; the bucket of
     each line, one byte a line, into ``order`` when given. ``keys_only``: a line is written as ``{"custom_id"}``
-    only (a typed join needs nothing else of an input). Returns the bytes written per bucket.
+    only (a typed join needs nothing else of an input). A chunk may come with its keys (``(keys, lines)``), read
+    already. Returns the bytes written per bucket.
     """
     mask, key = _FANOUT - 1, _key_decoder.decode
     sizes = [0] * _FANOUT
     with contextlib.ExitStack() as stack:
         outs = [stack.enter_context((folder / f"{prefix}{b}").open("wb")) for b in range(_FANOUT)]
-        for lines in chunks:
-            keyed = _decoded(key, lines)
-            buckets = [(hash(k.custom_id) >> shift) & mask for k in keyed]
+        for chunk in chunks:
+            if isinstance(chunk, tuple):
+                ids, lines = chunk
+            else:
+                keyed = _decoded(key, chunk)
+                ids, lines = [k.custom_id for k in keyed], chunk
+                if keys_only:
+                    lines = _encoder.encode_lines(keyed).splitlines(keepends=True)
+            buckets = [(hash(i) >> shift) & mask for i in ids]
             if order is not None:
                 order.write(bytes(buckets))
-            if keys_only:
-                lines = _encoder.encode_lines(keyed).splitlines(keepends=True)
             held: list[list[bytes]] = [[] for _ in range(_FANOUT)]
             appends = [h.append for h in held]
             for bucket, line in zip(buckets, lines, strict=True):
@@ -240,7 +247,7 @@ BucketJoin = Callable[[Iterable[list[bytes]], Iterable[list[bytes]], IO[bytes], 
 
 def _join_blocks(
     inputs: Iterable[list[bytes]],
-    results: Iterable[list[bytes]],
+    results: Iterable[list[bytes] | tuple[list[str], list[bytes]]],
     folder: Path,
     counts: _Counts,
     join_bucket: BucketJoin,
@@ -514,24 +521,66 @@ def _typed_line(
     return _TypedLine(custom_id, got.status, output, text, layout.error(got.error), round_)
 
 
-def _typed_results(lines: list[bytes], extract: _Extract, layout: Any) -> list[bytes]:
-    """Result lines (an output or error file's) as typed lines: each answer read once, here."""
-    typed = []
-    for r in _decoded(_raw_result_decoder.decode, lines):
-        if r.error:
-            status = _UNRUN.get(str(r.error.get("code") or r.error.get("type")), "failed")
-            typed.append(_typed_line(r.custom_id, status, None, r.error, layout, extract))
-            continue
-        raw = r.response
-        if raw is not None and _status_code({"status_code": raw.status_code}) == 200:
-            body: Any = raw.body
-            if memoryview(body)[0] == 34:  # '"': a compatible server's body sent as a JSON string
-                body = response_body({"body": msgspec.json.decode(body)})
-            typed.append(_typed_line(r.custom_id, "succeeded", extract.outcome(body), None, layout, extract))
-            continue
-        response = None if raw is None else {"status_code": raw.status_code, "body": msgspec.json.decode(raw.body)}
-        typed.append(_typed_line(r.custom_id, "failed", None, _error_of(response), layout, extract))
-    return _encoder.encode_lines(typed).splitlines(keepends=True)
+class _AnswerResponse(msgspec.Struct, gc=False):
+    status_code: Any = None
+    body: Answer | str | None = None
+
+
+class _AnswerResult(msgspec.Struct, gc=False):
+    """A result line decoded in one pass with what its answer's outcome needs (``outputs.Answer``)."""
+
+    custom_id: str
+    response: _AnswerResponse | None = None
+    error: dict[str, Any] | None = None
+
+
+_answer_result_decoder = msgspec.json.Decoder(_AnswerResult)
+
+
+def _typed_results(lines: list[bytes], extract: _Extract, layout: Any) -> tuple[list[str], list[bytes]]:
+    """
+    Result lines (an output or error file's) as typed lines, with their keys: each answer read once, here, in
+    one pass over its bytes (a line whose answer has another shape is read the general way).
+    """
+    keys, typed = [], []
+    decode, schema = _answer_result_decoder.decode, extract.schema
+    for line in lines:
+        try:
+            r = decode(line)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            if not line.strip():
+                continue
+            key, typed_line = _typed_result(_raw_result_decoder.decode(line), extract, layout)
+        else:
+            key, typed_line = r.custom_id, None
+            raw = r.response
+            if r.error or raw is None or not isinstance(raw.body, Answer) or _code(raw.status_code) != 200:
+                key, typed_line = _typed_result(_raw_result_decoder.decode(line), extract, layout)
+            else:
+                got = answer_outcome(raw.body, schema)
+                typed_line = _typed_line(key, "succeeded", got, None, layout, extract)
+        keys.append(key)
+        typed.append(typed_line)
+    return keys, _encoder.encode_lines(typed).splitlines(keepends=True)
+
+
+def _code(status_code: Any) -> int:
+    return status_code if type(status_code) is int else _status_code({"status_code": status_code})
+
+
+def _typed_result(r: _RawResult, extract: _Extract, layout: Any) -> tuple[str, _TypedLine]:
+    """One result line as a typed line, the general way (errors, bodies sent as a JSON string)."""
+    if r.error:
+        status = _UNRUN.get(str(r.error.get("code") or r.error.get("type")), "failed")
+        return r.custom_id, _typed_line(r.custom_id, status, None, r.error, layout, extract)
+    raw = r.response
+    if raw is not None and _code(raw.status_code) == 200:
+        body: Any = raw.body
+        if memoryview(body)[0] == 34:  # '"': a compatible server's body sent as a JSON string
+            body = response_body({"body": msgspec.json.decode(body)})
+        return r.custom_id, _typed_line(r.custom_id, "succeeded", extract.outcome(body), None, layout, extract)
+    response = None if raw is None else {"status_code": raw.status_code, "body": msgspec.json.decode(raw.body)}
+    return r.custom_id, _typed_line(r.custom_id, "failed", None, _error_of(response), layout, extract)
 
 
 def _typed_join_bucket(
