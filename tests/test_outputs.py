@@ -225,6 +225,7 @@ def test_the_sdk_reads_the_fakes_answers_as_the_join_does(endpoint):
             parsed, refusal = message.choices[0].message.parsed, message.choices[0].message.refusal
         else:
             response = Response.model_validate(answer)
+            assert response.text is not None and response.text.format.name == "Label"  # type: ignore[union-attr]
             if fate in ("invalid", "truncated"):
                 with pytest.raises(pydantic.ValidationError):
                     parse_response(text_format=Label, input_tools=omit, response=response)
@@ -238,6 +239,16 @@ def test_the_sdk_reads_the_fakes_answers_as_the_join_does(endpoint):
             assert parsed is None and refusal == responses.REFUSAL and ours.status == "refused"
         else:
             assert parsed is not None and ours.status == "succeeded" and parsed.model_dump() == ours.output
+
+
+def test_completions_answers_that_stop_early():
+    body = request_line(0, url="/v1/completions")["body"]
+    for fate, status, reason in (("truncated", "truncated", "length"), ("refused", "refused", "content_filter")):
+        answer = responses.response_body("/v1/completions", {**body, "fake_output": fate}, "req-0", 1)
+        assert Completion.model_validate(answer).choices[0].finish_reason == reason
+        got = row_outcome(answer)
+        assert (got.status, got.output, got.error["reason"]) == (status, None, reason)
+    assert row_outcome(responses.response_body("/v1/completions", body, "req-0", 1)).status == "succeeded"
 
 
 def test_each_endpoints_value_without_a_schema(client, clock, tmp_path):
