@@ -875,7 +875,7 @@ def _vector(embedding: list[float] | str | None) -> list[float]:
 
 
 def _moderation(results: list[_Moderation]) -> dict[str, Any]:
-    flagged, names = False, {}
+    flagged, names = False, dict[str, None]()
     for result in results:
         flagged = flagged or bool(result.flagged)
         for name, value in result.categories.items():

@@ -552,12 +552,11 @@ def _typed_results(lines: list[bytes], extract: _Extract, layout: Any) -> tuple[
                 continue
             key, typed_line = _typed_result(_raw_result_decoder.decode(line), extract, layout)
         else:
-            key, typed_line = r.custom_id, None
             raw = r.response
             if r.error or raw is None or not isinstance(raw.body, Answer) or _code(raw.status_code) != 200:
                 key, typed_line = _typed_result(_raw_result_decoder.decode(line), extract, layout)
             else:
-                got = answer_outcome(raw.body, schema)
+                key, got = r.custom_id, answer_outcome(raw.body, schema)
                 typed_line = _typed_line(key, "succeeded", got, None, layout, extract)
         keys.append(key)
         typed.append(typed_line)
@@ -844,8 +843,8 @@ def _write_typed(
         slot.get()  # the columns come from the schema: a bad one fails here, before the join reads anything
     counts = _Counts()
     lines = rows.typed_blocks(extract, slot) if isinstance(rows, _Joined) else None
-    if lines is not None:
-        counts = rows.counts  # type: ignore[union-attr]
+    if isinstance(rows, _Joined) and lines is not None:
+        counts = rows.counts
     else:
         lines = _typed_from_rows(rows, counts, extract, slot)
     with atomic_writer(destination, overwrite=overwrite) as out:

@@ -62,7 +62,12 @@ def generate(folder: Path, shards: int = SHARDS, per_shard: int = PER_SHARD) -> 
 
     def body(cid: str) -> dict[str, object]:
         content = f"Label review {cid}"
-        return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], **fmt, "fake_output": shares}
+        return {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": content}],
+            **fmt,
+            "fake_output": shares,
+        }
 
     answers = [
         json.dumps(responses.output_line(f"a{n:05d}", "/v1/chat/completions", body(f"a{n:05d}"), 1))
@@ -102,7 +107,7 @@ def measure(folder: Path, mode: str) -> dict[str, object]:
     target = folder / f"{mode}.{'jsonl' if mode == 'jsonl' else 'parquet'}"
     schema: object = Label if mode != "dict" else output_schema(Label).schema
     with PeakRss(every=0.02) as peak:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         if mode == "jsonl":
             counts = write_joined(iter_joined(inputs, results), target)
         elif mode == "rejoin":
@@ -110,7 +115,7 @@ def measure(folder: Path, mode: str) -> dict[str, object]:
         else:
             counts = write_joined(iter_joined(inputs, results, output_schema=schema), target)  # type: ignore[arg-type]
         wall = time.perf_counter() - started
-        cpu = time.process_time()
+        cpu = time.process_time() - cpu_started  # both threads: the join's and the Parquet writer's
     rows = sum(counts.values())
     if target.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -151,11 +156,13 @@ def main() -> None:
     for mode in MODES:
         results = runs[mode]
         speeds = [float(r["rows"]) / float(r["wall"]) for r in results]  # type: ignore[arg-type]
+        cpu = [float(r["cpu"]) for r in results]  # type: ignore[arg-type]
+        rss = [float(r["extra_rss"]) / MB for r in results]  # type: ignore[arg-type]
         goal = mode in ("model", "dict")
         rows.append(
             Row(
                 f"{names[mode]}: {int(results[0]['rows']):,} rows",  # type: ignore[call-overload]
-                f"{spread(speeds, '{:,.0f}')} rows/s, peak +{spread([r['extra_rss'] / MB for r in results], '{:.0f}')} MB",  # type: ignore[operator]
+                f"{spread(speeds, '{:,.0f}')} rows/s, CPU {spread(cpu, '{:.1f}')} s, peak +{spread(rss, '{:.0f}')} MB",
                 f">= {GOAL_ROWS_PER_S:,} rows/s" if goal else "-",
                 f"counts {results[0]['counts']}" if mode == "model" else "-",
                 (sorted(speeds)[len(speeds) // 2] >= GOAL_ROWS_PER_S) if goal else None,

@@ -421,9 +421,9 @@ def _value(node: Any, root: Body, seed: str, depth: int) -> Any:
 
 
 def _number(node: Body, seed: str, integer: bool) -> int | float:
-    low = node.get("minimum", node.get("exclusiveMinimum", 0))
-    high = node.get("maximum", node.get("exclusiveMaximum", low + 100))
-    step = node.get("multipleOf", 1 if integer else 0.25)
+    low: Any = node.get("minimum", node.get("exclusiveMinimum", 0))
+    high: Any = node.get("maximum", node.get("exclusiveMaximum", low + 100))
+    step: Any = node.get("multipleOf", 1 if integer else 0.25)
     first = -(-low // step) * step  # the smallest multiple of step not below low
     if "exclusiveMinimum" in node and first <= node["exclusiveMinimum"]:
         first += step
