@@ -223,11 +223,11 @@ def _spill(
         for chunk in chunks:
             if isinstance(chunk, tuple):
                 ids, lines = chunk
+            elif keys_only:
+                ids = _keys(chunk)
+                lines = _encoder.encode_lines([_Keyed(i) for i in ids]).splitlines(keepends=True)
             else:
-                keyed = _decoded(key, chunk)
-                ids, lines = [k.custom_id for k in keyed], chunk
-                if keys_only:
-                    lines = _encoder.encode_lines(keyed).splitlines(keepends=True)
+                ids, lines = [k.custom_id for k in _decoded(key, chunk)], chunk
             buckets = [(hash(i) >> shift) & mask for i in ids]
             if order is not None:
                 order.write(bytes(buckets))
@@ -239,6 +239,30 @@ def _spill(
                 if bucket_lines:
                     sizes[bucket] += outs[bucket].write(b"".join(bucket_lines))
     return sizes
+
+
+_KEY_PREFIXES = (b'{"custom_id": "', b'{"custom_id":"')
+
+
+def _keys(lines: list[bytes]) -> list[str]:
+    """
+    The ``custom_id`` of each line. A line that starts with it (as ``json.dumps`` and msgspec write requests) has
+    it read off the bytes up to its closing quote, without parsing the request after it (most of the line);
+    any other line (another key first, an escape in the id, a blank line) is decoded.
+    """
+    ids = []
+    for line in lines:
+        for prefix in _KEY_PREFIXES:
+            if line.startswith(prefix):
+                start = len(prefix)
+                end = line.find(b'"', start)
+                if end > 0 and line.find(b"\\", start, end) < 0:
+                    ids.append(line[start:end].decode())
+                    break
+        else:
+            if line.strip():
+                ids.append(_key_decoder.decode(line).custom_id)
+    return ids
 
 
 #: Joins one bucket: (its inputs in order, its results, where the joined lines go, the counts).

@@ -253,3 +253,22 @@ def test_an_empty_join_writes_the_columns(tmp_path):
     assert write_joined(iter_joined(empty, [empty], output_schema=Label), target) == {}
     table = pq.read_table(target)
     assert table.num_rows == 0 and "sentiment" in table.schema.names
+
+
+def test_input_lines_of_any_style_join_alike(tmp_path):
+    """The typed join reads an input's key off its bytes when it comes first; any other line is parsed."""
+    ids = ["plain", 'quote"d', "back\\slash", "ünïcode", "key-later", "compact"]
+    rows = [request_line(i, url="/v1/embeddings") | {"custom_id": cid} for i, cid in enumerate(ids)]
+    lines = [json.dumps(row) for row in rows[:3]]
+    lines.append(json.dumps(rows[3], ensure_ascii=False))
+    lines.append(json.dumps({k: rows[4][k] for k in ("method", "url", "body", "custom_id")}))
+    lines.append(json.dumps(rows[5], separators=(",", ":")))
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(jsonl([responses.output_line(r["custom_id"], r["url"], r["body"], 1) for r in rows]))
+    target = tmp_path / "x.parquet"
+    assert write_joined(iter_joined(inputs, [out], extract=True), target) == {"succeeded": 6}
+    table = pq.read_table(target)
+    assert table.column("custom_id").to_pylist() == ids
+    assert table.column("embedding").to_pylist()[3] == pytest.approx(responses.embedding_vector("text 3"), abs=1e-6)
