@@ -29,12 +29,13 @@ from airflow_provider_openai_batch.outputs import OutputKind, OutputSchema, _res
 
 #: Columns every typed file has; an output schema's top-level fields may not take these names.
 RESERVED_COLUMNS = ("custom_id", "status", "output_text", "error", "round")
-#: Rows per row group: about 10-20 MB of typed lines at a time.
-ROWS_PER_GROUP = 65_536
+#: Rows per row group: about 5-10 MB of typed lines at a time (memory holds about three groups).
+ROWS_PER_GROUP = 32_768
 #: Bytes of typed lines per row group at most (long answers, large vectors).
-BYTES_PER_GROUP = 64 << 20
-#: The JSON reader splits a row group into blocks of this size to parse them in parallel.
-_PARSE_BLOCK = 4 << 20
+BYTES_PER_GROUP = 32 << 20
+#: The JSON reader splits a row group into blocks of this size to parse them in parallel (it holds about ten times
+#: a block per block it parses).
+_PARSE_BLOCK = 1 << 20
 
 _encoder = msgspec.json.Encoder()
 
@@ -293,7 +294,7 @@ def write_typed(lines: Iterable[bytes], out: IO[bytes], layout: Layout | Callabl
     side on two cores).
     """
     pa = _pyarrow()
-    groups: queue.Queue[Any] = queue.Queue(maxsize=2)
+    groups: queue.Queue[Any] = queue.Queue(maxsize=1)
     failure: list[BaseException] = []
     written = [0]
 

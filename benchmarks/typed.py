@@ -106,6 +106,9 @@ def measure(folder: Path, mode: str) -> dict[str, object]:
     inputs, results = _files(folder)
     target = folder / f"{mode}.{'jsonl' if mode == 'jsonl' else 'parquet'}"
     schema: object = Label if mode != "dict" else output_schema(Label).schema
+    if target.suffix == ".parquet":
+        import pyarrow.json
+        import pyarrow.parquet  # noqa: F401  (loaded before the measurement: a library, not the rows)
     with PeakRss(every=0.02) as peak:
         started, cpu_started = time.perf_counter(), time.process_time()
         if mode == "jsonl":
