@@ -634,6 +634,32 @@ def apply_output_schema(body: Mapping[str, Any], endpoint: str, spec: OutputSche
     return out
 
 
+def prompt_request(
+    custom_id: str,
+    prompt: str | list[dict[str, Any]],
+    *,
+    endpoint: str,
+    model: str,
+    output_schema: OutputSchemaLike | None = None,
+    **body: Any,
+) -> dict[str, Any]:
+    """
+    One batch input line for a prompt: chat completions get it as the user message (a list is taken as the
+    ``messages`` themselves), responses as ``input``; ``body`` adds other request fields (``temperature``,
+    ``max_tokens``, ``instructions``...), and ``output_schema`` the response format (:func:`apply_output_schema`).
+    """
+    if endpoint.endswith("/chat/completions"):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        request: dict[str, Any] = {"model": model, "messages": messages, **body}
+    elif endpoint.endswith("/responses"):
+        request = {"model": model, "input": prompt, **body}
+    else:
+        raise ValueError(f"a prompt is sent to /v1/chat/completions or /v1/responses, not {endpoint!r}")
+    if output_schema is not None:
+        request = apply_output_schema(request, endpoint, output_schema)
+    return {"custom_id": custom_id, "method": "POST", "url": endpoint, "body": request}
+
+
 def _format_name(current: Any) -> str:
     if not isinstance(current, Mapping):
         return repr(current)
@@ -685,8 +711,12 @@ class _Incomplete(msgspec.Struct, gc=False):
     reason: Any = None
 
 
+_NULL = msgspec.Raw(b"null")
+
+
 class _Datum(msgspec.Struct, gc=False):
-    embedding: list[float] | str | None = None
+    #: Kept as its JSON: a vector of 1,536 numbers goes on to a joined line or an Arrow column as the bytes read.
+    embedding: msgspec.Raw = _NULL
 
 
 class _Moderation(msgspec.Struct, gc=False):
@@ -741,8 +771,7 @@ def row_outcome(body: Any, output_schema: OutputSchemaLike | None = None) -> Out
         else (output_schema_cached(output_schema))
     )
     outcome = body_outcome(body, schema)
-    if isinstance(outcome.output, msgspec.Raw):
-        outcome.output = msgspec.json.decode(outcome.output)
+    outcome.output = as_value(outcome.output)
     return outcome
 
 
@@ -765,10 +794,12 @@ def body_outcome(body: Any, schema: OutputSchema | None) -> Outcome:
     (``msgspec.Raw``), so it can go into a joined line without being decoded and encoded again.
     """
     try:
+        if isinstance(body, Mapping):  # a decoded body (a row object's): read as its JSON, the same way
+            body = msgspec.json.encode(body)
         parsed = (
             _body_decoder.decode(body)
             if isinstance(body, (bytes, msgspec.Raw, bytearray, memoryview, str))
-            else (msgspec.convert(body, _Body) if isinstance(body, Mapping) else _Body())
+            else _Body()
         )
     except (msgspec.ValidationError, msgspec.DecodeError):
         parsed = _Body()
@@ -787,9 +818,11 @@ def answer_outcome(parsed: _Body, schema: OutputSchema | None) -> Outcome:
         return _responses_outcome(parsed, schema)
     if isinstance(parsed.output, str):  # a compatible server's own endpoint answering with text
         return _text_outcome(parsed.output, schema)
-    if parsed.data and all(d.embedding is not None for d in parsed.data):
-        vectors = [_vector(d.embedding) for d in parsed.data]
-        return Outcome("succeeded", vectors[0] if len(vectors) == 1 else vectors, kind="embedding")
+    data = parsed.data
+    if data:
+        vectors = [_vector(d.embedding) for d in data]
+        if None not in vectors:
+            return Outcome("succeeded", vectors[0] if len(vectors) == 1 else vectors, kind="embedding")
     if parsed.results is not None:
         return Outcome("succeeded", _moderation(parsed.results), kind="moderation")
     if schema is not None:
@@ -861,17 +894,38 @@ def _truncated(text: str | None, reason: Any, message: str) -> Outcome:
     return Outcome("truncated", None, text, error, "text")
 
 
-def _vector(embedding: list[float] | str | None) -> list[float]:
-    """A vector as floats; ``encoding_format: "base64"`` sends the little-endian float32 bytes in base64."""
-    if isinstance(embedding, str):
+def _vector(embedding: msgspec.Raw) -> msgspec.Raw | list[float] | None:
+    """
+    A vector: its JSON as read when it is a flat array (no re-encoding), floats from ``encoding_format: "base64"``
+    (little-endian float32 bytes), ``None`` when the datum holds none (an image, say).
+    """
+    data = bytes(embedding)
+    first = data[0] if data else 0
+    if first == 91 and data.find(b"[", 1) < 0 and data.find(b"{") < 0 and data.find(b'"') < 0:  # '['
+        return embedding
+    if first == 34:  # '"': base64
         try:
-            values = array.array("f", base64.b64decode(embedding))
-        except (binascii.Error, ValueError):
-            return []
-        if values.itemsize == 4 and array.array("H", [1]).tobytes() != b"\x01\x00":  # pragma: no cover - big-endian
+            values = array.array("f", base64.b64decode(msgspec.json.decode(embedding)))
+        except (binascii.Error, ValueError, msgspec.DecodeError):
+            return None
+        if array.array("H", [1]).tobytes() != b"\x01\x00":  # pragma: no cover - a big-endian machine
             values.byteswap()
         return values.tolist()
-    return embedding or []
+    if first == 91:
+        try:
+            return msgspec.json.decode(embedding, type=list[float])
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None
+    return None
+
+
+def as_value(output: Any) -> Any:
+    """An outcome's ``output`` as Python values (the join keeps JSON it passes through as ``msgspec.Raw``)."""
+    if isinstance(output, msgspec.Raw):
+        return msgspec.json.decode(output)
+    if isinstance(output, list) and output and isinstance(output[0], msgspec.Raw):
+        return [as_value(item) for item in output]
+    return output
 
 
 def _moderation(results: list[_Moderation]) -> dict[str, Any]:

@@ -136,7 +136,7 @@ class Layout:
             if self.kind != kind:
                 return None
             if kind == "embedding":
-                several = bool(value) and isinstance(value[0], list)
+                several = isinstance(value, list) and bool(value) and isinstance(value[0], (list, msgspec.Raw))
                 return {"embeddings": value} if several else {"embedding": value}
             if kind == "moderation":
                 return value

@@ -35,6 +35,7 @@ from airflow_provider_openai_batch.outputs import (
     OutputSchema,
     OutputSchemaLike,
     answer_outcome,
+    as_value,
     body_outcome,
     kind_of_url,
     output_schema_cached,
@@ -852,8 +853,7 @@ def _with_output(row: JoinedRow, extract: _Extract) -> JoinedRow:
     """A row object with ``output`` read from its response (and the status and error that gives)."""
     if row.status in _ANSWERED and row.response is not None:
         got = extract.outcome(row.response)
-        output = msgspec.json.decode(got.output) if isinstance(got.output, msgspec.Raw) else got.output
-        row.status, row.output, row.error = got.status, output, got.error
+        row.status, row.output, row.error = got.status, as_value(got.output), got.error
     else:
         row.output = None
     return row

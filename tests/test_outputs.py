@@ -33,6 +33,7 @@ from airflow_provider_openai_batch.outputs import (
     apply_output_schema,
     check_strict_schema,
     output_schema,
+    prompt_request,
     response_format,
     row_outcome,
 )
@@ -512,3 +513,29 @@ def test_a_compatible_servers_string_bodies_are_read(tmp_path, clock):
     joined = list(iter_joined(inputs, results, output_schema=Label))
     assert [row.status for row in joined] == ["succeeded", "refused"]
     Label.model_validate(joined[0].output)
+
+
+def test_a_prompt_becomes_a_request_line_asking_for_the_schema(client, clock, tmp_path):
+    rows = [
+        prompt_request(
+            "a", "Label this review", endpoint="/v1/chat/completions", model="gpt-4o-mini", output_schema=Label
+        ),
+        prompt_request(
+            "b",
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Label that one"}],
+            endpoint="/v1/chat/completions",
+            model="gpt-4o-mini",
+            output_schema=Label,
+            temperature=0,
+        ),
+    ]
+    assert rows[0]["body"]["messages"] == [{"role": "user", "content": "Label this review"}]
+    assert rows[1]["body"]["temperature"] == 0 and len(rows[1]["body"]["messages"]) == 2
+    inputs, results = run_batch(client, clock, rows, tmp_path, "prompts")
+    assert [row.status for row in iter_joined(inputs, results, output_schema=Label)] == ["succeeded"] * 2
+    responses_row = prompt_request(
+        "c", "Label it", endpoint="/v1/responses", model="gpt-4o-mini", output_schema=LABEL_DICT
+    )
+    assert responses_row["body"]["input"] == "Label it" and responses_row["body"]["text"]["format"]["name"] == "output"
+    with pytest.raises(ValueError, match="chat/completions or /v1/responses"):
+        prompt_request("d", "x", endpoint="/v1/embeddings", model="m")
