@@ -242,27 +242,36 @@ def _spill(
     return sizes
 
 
-_KEY_PREFIXES = (b'{"custom_id": "', b'{"custom_id":"')
+#: Input lines longer than this on average (requests with their prompts and schemas) have their keys read off
+#: the bytes; shorter ones are decoded, which is as fast for them.
+_LONG_LINE = 512
 
 
 def _keys(lines: list[bytes]) -> list[str]:
     """
-    The ``custom_id`` of each line. A line that starts with it (as ``json.dumps`` and msgspec write requests) has
-    it read off the bytes up to its closing quote, without parsing the request after it (most of the line);
-    any other line (another key first, an escape in the id, a blank line) is decoded.
+    The ``custom_id`` of each line, blank lines left out. A long line that starts with it (as ``json.dumps`` and
+    msgspec write requests) has it read off the bytes up to its closing quote, without parsing the request after
+    it (most of the line); any other line (another key first, an escape in the id) is decoded.
     """
-    ids = []
+    decode = _key_decoder.decode
+    if sum(map(len, lines)) < _LONG_LINE * len(lines):
+        return [k.custom_id for k in _decoded(decode, lines)]
+    ids: list[str] = []
+    append = ids.append
     for line in lines:
-        for prefix in _KEY_PREFIXES:
-            if line.startswith(prefix):
-                start = len(prefix)
-                end = line.find(b'"', start)
-                if end > 0 and line.find(b"\\", start, end) < 0:
-                    ids.append(line[start:end].decode())
-                    break
+        if line.startswith(b'{"custom_id": "'):
+            start = 15
+        elif line.startswith(b'{"custom_id":"'):
+            start = 14
         else:
             if line.strip():
-                ids.append(_key_decoder.decode(line).custom_id)
+                append(decode(line).custom_id)
+            continue
+        end = line.find(b'"', start)
+        if end > 0 and line.find(b"\\", start, end) < 0:
+            append(line[start:end].decode())
+        else:
+            append(decode(line).custom_id)
     return ids
 
 
@@ -540,10 +549,11 @@ def _typed_line(
 ) -> _TypedLine:
     """A row's typed line: the output in the layout's columns, the text where the columns do not hold it."""
     if got is None:
-        return _TypedLine(custom_id, status, None, None, layout.error(error), round_)
-    text = None if extract.schema is not None and got.status == "succeeded" else got.text
-    output = layout.output(got.kind, got.output) if got.status == "succeeded" else None
-    return _TypedLine(custom_id, got.status, output, text, layout.error(got.error), round_)
+        return _TypedLine(custom_id, status, None, None, layout.error(error) if error else None, round_)
+    if got.status == "succeeded":
+        text = None if extract.schema is not None else got.text
+        return _TypedLine(custom_id, "succeeded", layout.output(got.kind, got.output), text, None, round_)
+    return _TypedLine(custom_id, got.status, None, got.text, layout.error(got.error), round_)
 
 
 class _AnswerResponse(msgspec.Struct, gc=False):
