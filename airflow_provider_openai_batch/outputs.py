@@ -463,7 +463,7 @@ def _msgspec_message(error: Exception) -> str:
 
 
 def _one_line(text: bytes | str) -> bytes:
-    raw = text.encode() if type(text) is str else bytes(text)  # type: ignore[union-attr]
+    raw = text.encode() if isinstance(text, str) else bytes(text)
     if b"\n" in raw or b"\r" in raw:  # pretty-printed JSON: compacted, so the value fits on one JSONL line
         return msgspec.json.encode(msgspec.json.decode(raw))
     return raw
