@@ -7,6 +7,10 @@ to disk: result and input lines are partitioned by ``custom_id`` into bucket fil
 memory, and the buckets' rows are read back in input order, so memory stays flat whether a batch holds 100
 requests or a million across many shards. Only ``custom_id``, ``url`` and the response status are decoded: request
 and response bodies pass through as the bytes read (msgspec ``Raw``), which is most of the speed.
+
+Asked for (``output_schema=`` or ``extract=True``), each answered row also gets its ``output`` and a finer status
+(``invalid_output``, ``refused``, ``truncated``: ``outputs.py`` reads the body); a typed Parquet destination
+(``parquet.py`` writes it) is then joined from compact lines that carry only what its columns hold.
 """
 
 from __future__ import annotations
@@ -26,8 +30,21 @@ import msgspec
 
 from airflow_provider_openai_batch.batch_file import ResultLine, iter_lines
 from airflow_provider_openai_batch.exceptions import is_transient_status
+from airflow_provider_openai_batch.outputs import (
+    OUTPUT_STATUSES,
+    Answer,
+    Outcome,
+    OutputSchema,
+    OutputSchemaLike,
+    answer_outcome,
+    as_value,
+    body_outcome,
+    kind_of_url,
+    output_schema_cached,
+)
 from airflow_provider_openai_batch.storage import Destination, Source, atomic_writer, open_source
 
+#: The statuses of a join without extraction; with it, ``outputs.RowStatus`` (three more).
 RequestStatus = Literal["succeeded", "failed", "expired", "cancelled", "missing"]
 _UNRUN = {"batch_expired": "expired", "batch_cancelled": "cancelled"}
 
@@ -43,6 +60,9 @@ class JoinedRow(msgspec.Struct, omit_defaults=False):
     error: dict[str, Any] | None = None
     url: str | None = None
     round: int = 0
+    #: What the answer holds (``outputs.row_outcome``): set only by a join or write asked to extract (``None`` for
+    #: a row that is not ``succeeded``); otherwise ``msgspec.UNSET``, and absent from the row's JSON line.
+    output: Any = msgspec.UNSET
 
 
 _result_decoder = msgspec.json.Decoder(ResultLine)
@@ -137,6 +157,7 @@ class _RawJoined(msgspec.Struct, omit_defaults=False, gc=False):
     error: Any = None
     url: str | None = None
     round: int = 0
+    output: Any = msgspec.UNSET
 
 
 _key_decoder = msgspec.json.Decoder(_Keyed)
@@ -184,18 +205,33 @@ def _decoded(decode: Callable[[bytes], Any], lines: list[bytes]) -> list[Any]:
 
 
 def _spill(
-    chunks: Iterable[list[bytes]], folder: Path, prefix: str, shift: int, order: IO[bytes] | None = None
+    chunks: Iterable[list[bytes] | tuple[list[str], list[bytes]]],
+    folder: Path,
+    prefix: str,
+    shift: int,
+    order: IO[bytes] | None = None,
+    *,
+    keys_only: bool = False,
 ) -> list[int]:
     """
     Lines into ``_FANOUT`` bucket files by bits of their ``custom_id``'s hash, in the order read; the bucket of
-    each line, one byte a line, into ``order`` when given. Returns the bytes written per bucket.
+    each line, one byte a line, into ``order`` when given. ``keys_only``: a line is written as ``{"custom_id"}``
+    only (a typed join needs nothing else of an input). A chunk may come with its keys (``(keys, lines)``), read
+    already. Returns the bytes written per bucket.
     """
     mask, key = _FANOUT - 1, _key_decoder.decode
     sizes = [0] * _FANOUT
     with contextlib.ExitStack() as stack:
         outs = [stack.enter_context((folder / f"{prefix}{b}").open("wb")) for b in range(_FANOUT)]
-        for lines in chunks:
-            buckets = [(hash(keyed.custom_id) >> shift) & mask for keyed in _decoded(key, lines)]
+        for chunk in chunks:
+            if isinstance(chunk, tuple):
+                ids, lines = chunk
+            elif keys_only:
+                ids = _keys(chunk)
+                lines = _encoder.encode_lines([_Keyed(i) for i in ids]).splitlines(keepends=True)
+            else:
+                ids, lines = [k.custom_id for k in _decoded(key, chunk)], chunk
+            buckets = [(hash(i) >> shift) & mask for i in ids]
             if order is not None:
                 order.write(bytes(buckets))
             held: list[list[bytes]] = [[] for _ in range(_FANOUT)]
@@ -208,8 +244,51 @@ def _spill(
     return sizes
 
 
+#: Input lines longer than this on average (requests with their prompts and schemas) have their keys read off
+#: the bytes; shorter ones are decoded, which is as fast for them.
+_LONG_LINE = 512
+
+
+def _keys(lines: list[bytes]) -> list[str]:
+    """
+    The ``custom_id`` of each line, blank lines left out. A long line that starts with it (as ``json.dumps`` and
+    msgspec write requests) has it read off the bytes up to its closing quote, without parsing the request after
+    it (most of the line); any other line (another key first, an escape in the id) is decoded.
+    """
+    decode = _key_decoder.decode
+    if sum(map(len, lines)) < _LONG_LINE * len(lines):
+        return [k.custom_id for k in _decoded(decode, lines)]
+    ids: list[str] = []
+    append = ids.append
+    for line in lines:
+        if line.startswith(b'{"custom_id": "'):
+            start = 15
+        elif line.startswith(b'{"custom_id":"'):
+            start = 14
+        else:
+            if line.strip():
+                append(decode(line).custom_id)
+            continue
+        end = line.find(b'"', start)
+        if end > 0 and line.find(b"\\", start, end) < 0:
+            append(line[start:end].decode())
+        else:
+            append(decode(line).custom_id)
+    return ids
+
+
+#: Joins one bucket: (its inputs in order, its results, where the joined lines go, the counts).
+BucketJoin = Callable[[Iterable[list[bytes]], Iterable[list[bytes]], IO[bytes], "_Counts"], None]
+
+
 def _join_blocks(
-    inputs: Iterable[list[bytes]], results: Iterable[list[bytes]], folder: Path, counts: _Counts, depth: int = 0
+    inputs: Iterable[list[bytes]],
+    results: Iterable[list[bytes] | tuple[list[str], list[bytes]]],
+    folder: Path,
+    counts: _Counts,
+    join_bucket: BucketJoin,
+    depth: int = 0,
+    keys_only: bool = False,
 ) -> Iterator[bytes]:
     """
     Joined JSONL lines in the order of ``inputs``, in blocks: a hash join that spills to disk (Grace).
@@ -222,18 +301,20 @@ def _join_blocks(
     shift = depth * _HASH_BITS
     sizes = _spill(results, folder, "r", shift)
     with (folder / "order").open("wb") as order:
-        _spill(inputs, folder, "i", shift, order)
+        _spill(inputs, folder, "i", shift, order, keys_only=keys_only)
     for bucket in range(_FANOUT):
         in_path, result_path = folder / f"i{bucket}", folder / f"r{bucket}"
         with (folder / f"o{bucket}").open("wb", buffering=_BUFFER) as out:
             if sizes[bucket] > _BUCKET_BYTES and depth < _MAX_DEPTH:
                 below = folder / f"d{bucket}"
                 below.mkdir()
-                for block in _join_blocks(_file_chunks(in_path), _file_chunks(result_path), below, counts, depth + 1):
+                for block in _join_blocks(
+                    _file_chunks(in_path), _file_chunks(result_path), below, counts, join_bucket, depth + 1
+                ):
                     out.write(block)
                 shutil.rmtree(below)
             else:
-                _join_bucket(_file_chunks(in_path), _file_chunks(result_path), out, counts)
+                join_bucket(_file_chunks(in_path), _file_chunks(result_path), out, counts)
         in_path.unlink()
         result_path.unlink()
     with contextlib.ExitStack() as stack:
@@ -248,23 +329,7 @@ def _join_bucket(
     inputs: Iterable[list[bytes]], results: Iterable[list[bytes]], out: IO[bytes], counts: _Counts
 ) -> None:
     """One bucket: its results indexed in memory (a later line for the same id wins), its inputs joined in order."""
-    # The index holds the body of each plain success (an answer that is not a JSON string, which some compatible
-    # servers send for a JSON body), and the whole result otherwise.
-    index: dict[str, msgspec.Raw | _RawResult] = {}
-    for lines in results:
-        index.update(
-            {
-                r.custom_id: (
-                    r.response.body
-                    if r.error is None
-                    and r.response is not None
-                    and r.response.status_code == 200
-                    and memoryview(r.response.body)[0] != 34  # '"'
-                    else r
-                )
-                for r in _decoded(_raw_result_decoder.decode, lines)
-            }
-        )
+    index = _index(results)
     raw, total, before = msgspec.Raw, 0, sum(counts.values())
     for lines in inputs:
         requests = _decoded(_raw_request_decoder.decode, lines)
@@ -280,11 +345,64 @@ def _join_bucket(
         counts.add("succeeded", plain)
 
 
-def _other_row(request: _RawRequest, result: _RawResult | None, counts: _Counts) -> _RawJoined | JoinedRow:
+def _index(results: Iterable[list[bytes]]) -> dict[str, msgspec.Raw | _RawResult]:
+    """
+    A bucket's results by ``custom_id``: the body of each plain success (an answer that is not a JSON string, which
+    some compatible servers send for a JSON body), and the whole result otherwise.
+    """
+    index: dict[str, msgspec.Raw | _RawResult] = {}
+    for lines in results:
+        index.update(
+            {
+                r.custom_id: (
+                    r.response.body
+                    if r.error is None
+                    and r.response is not None
+                    and r.response.status_code == 200
+                    and memoryview(r.response.body)[0] != 34  # '"'
+                    else r
+                )
+                for r in _decoded(_raw_result_decoder.decode, lines)
+            }
+        )
+    return index
+
+
+def _extracting_join_bucket(extract: _Extract) -> BucketJoin:
+    """:func:`_join_bucket` whose rows also carry ``output``, with the status the answer gives (``outputs.py``)."""
+
+    def join_bucket(
+        inputs: Iterable[list[bytes]], results: Iterable[list[bytes]], out: IO[bytes], counts: _Counts
+    ) -> None:
+        index, raw, outcome = _index(results), msgspec.Raw, extract.outcome
+        for lines in inputs:
+            rows: list[Any] = []
+            for request in _decoded(_raw_request_decoder.decode, lines):
+                found = index.get(request.custom_id)
+                if type(found) is raw:
+                    got = outcome(found)
+                    row: Any = _RawJoined(
+                        request.custom_id, got.status, request.body, found, got.error, request.url, 0, got.output
+                    )
+                else:
+                    row = _other_row(request, found, counts, extract)  # type: ignore[arg-type]
+                    rows.append(row)
+                    continue
+                counts.add(row.status)
+                rows.append(row)
+            out.write(_encoder.encode_lines(rows))
+
+    return join_bucket
+
+
+def _other_row(
+    request: _RawRequest, result: _RawResult | None, counts: _Counts, extract: _Extract | None = None
+) -> _RawJoined | JoinedRow:
     """An input without a result (``missing``), or with any result but a plain success."""
+    output = msgspec.UNSET if extract is None else None
     if result is None:
         counts.add("missing")
-        return _RawJoined(request.custom_id, "missing", request.body, None, None, request.url)
+        return _RawJoined(request.custom_id, "missing", request.body, None, None, request.url, 0, output)
     raw = result.response
     response = None if raw is None else {"status_code": raw.status_code, "body": msgspec.json.decode(raw.body)}
     row = JoinedRow(
@@ -294,7 +412,11 @@ def _other_row(request: _RawRequest, result: _RawResult | None, counts: _Counts)
         response=response_body(response),
         error=result.error or _error_of(response),
         url=request.url,
+        output=output,
     )
+    if extract is not None and row.status == "succeeded":
+        got = extract.outcome(row.response)
+        row.status, row.output, row.error = got.status, got.output, got.error
     counts.add(row.status)
     return row
 
@@ -306,31 +428,318 @@ class _Counts(dict[str, int]):
         self[status] = self.get(status, 0) + rows
 
 
+class _Extract:
+    """What a join or a write was asked to read out of each answer: the output, validated when a schema is given."""
+
+    def __init__(self, schema: OutputSchema | None) -> None:
+        self.schema = schema
+
+    def outcome(self, body: Any) -> Outcome:
+        return body_outcome(body, self.schema)
+
+    def layout(self, url: str | None) -> Any:
+        """The typed Parquet layout for rows of ``url``'s endpoint (the schema's fields, when there is one)."""
+        from airflow_provider_openai_batch.parquet import Layout
+
+        return Layout(self.schema, kind_of_url(url))
+
+
+def _extraction(output_schema: OutputSchemaLike | None, extract: bool) -> _Extract | None:
+    if output_schema is not None:
+        return _Extract(output_schema_cached(output_schema))
+    return _Extract(None) if extract else None
+
+
+Make = Callable[["_Counts", "_Extract | None"], Iterator[bytes]]
+MakeTyped = Callable[["_Counts", "_Extract", "_LayoutSlot"], Iterator[bytes]]
+
+
+class _LayoutSlot:
+    """Where a typed join puts the layout once it knows the endpoint (before its first line)."""
+
+    def __init__(self, extract: _Extract) -> None:
+        self.extract = extract
+        self.layout: Any = None
+
+    def set(self, url: str | None) -> Any:
+        if self.layout is None:
+            self.layout = self.extract.layout(url)
+        return self.layout
+
+    def get(self) -> Any:
+        return self.set(None)
+
+
 class _Joined(Iterator[JoinedRow]):
     """
     Joined rows made as JSONL blocks: :func:`write_joined` writes the blocks as they are, without building a row
-    object each; iterating decodes them. ``make`` fills ``counts`` (rows per status) as it goes.
+    object each; iterating decodes them. ``make`` fills ``counts`` (rows per status) as it goes; ``typed`` makes
+    the compact lines of a typed Parquet file instead. Nothing is read until the first row or block is asked for.
     """
 
-    def __init__(self, make: Callable[[_Counts], Iterator[bytes]]) -> None:
+    def __init__(self, make: Make, extract: _Extract | None = None, typed: MakeTyped | None = None) -> None:
         self.counts = _Counts()
-        self._blocks = make(self.counts)
+        self.extract = extract
+        self._make, self._typed = make, typed
+        self._blocks: Iterator[bytes] | None = None
         self._rows: Iterator[JoinedRow] | None = None
 
-    def blocks(self) -> Iterator[bytes]:
-        """The joined JSONL, a block of whole lines at a time."""
+    @property
+    def started(self) -> bool:
+        return self._blocks is not None
+
+    def blocks(self, extract: _Extract | None = None) -> Iterator[bytes]:
+        """The joined JSONL, a block of whole lines at a time (extracting as asked, if not started yet)."""
+        if self._blocks is None:
+            self.extract = extract or self.extract
+            self._blocks = self._make(self.counts, self.extract)
+        return self._blocks
+
+    def typed_blocks(self, extract: _Extract, slot: _LayoutSlot) -> Iterator[bytes] | None:
+        """Typed lines for ``slot``'s layout, or ``None`` when this join cannot make them (already started)."""
+        if self._typed is None or self._blocks is not None:
+            return None
+        self.extract = extract
+        self._blocks = self._typed(self.counts, extract, slot)
         return self._blocks
 
     def __next__(self) -> JoinedRow:
         if self._rows is None:
             decode = _joined_decoder.decode
-            self._rows = (decode(line) for block in self._blocks for line in block.split(b"\n") if line)
+            self._rows = (decode(line) for block in self.blocks() for line in block.split(b"\n") if line)
         return next(self._rows)
 
 
-def _join_all(inputs: list[Source], results: list[Source], counts: _Counts) -> Iterator[bytes]:
+def _join_all(
+    inputs: list[Source], results: list[Source], counts: _Counts, extract: _Extract | None
+) -> Iterator[bytes]:
+    join_bucket = _join_bucket if extract is None else _extracting_join_bucket(extract)
     with tempfile.TemporaryDirectory(prefix="openai-batch-join-") as folder:
-        yield from _join_blocks(_source_chunks(inputs), _source_chunks(results), Path(folder), counts)
+        yield from _join_blocks(_source_chunks(inputs), _source_chunks(results), Path(folder), counts, join_bucket)
+
+
+# --- typed lines: what a typed Parquet file holds of each row -------------------------------------------
+
+
+class _TypedLine(msgspec.Struct, omit_defaults=False, gc=False):
+    """One row as ``parquet.Layout`` reads it: its columns and nothing else (no request, no response)."""
+
+    custom_id: str
+    status: str
+    output: Any = None
+    output_text: str | None = None
+    error: dict[str, Any] | None = None
+    round: int = 0
+
+
+class _KeyStatus(msgspec.Struct, gc=False):
+    custom_id: str
+    status: str
+
+
+class _KeyUrl(msgspec.Struct, gc=False):
+    custom_id: str
+    url: str | None = None
+
+
+_key_status_decoder = msgspec.json.Decoder(_KeyStatus)
+_key_url_decoder = msgspec.json.Decoder(_KeyUrl)
+
+
+def _typed_line(
+    custom_id: str, status: str, got: Outcome | None, error: Any, layout: Any, extract: _Extract, round_: int = 0
+) -> _TypedLine:
+    """A row's typed line: the output in the layout's columns, the text where the columns do not hold it."""
+    if got is None:
+        return _TypedLine(custom_id, status, None, None, layout.error(error) if error else None, round_)
+    if got.status == "succeeded":
+        text = None if extract.schema is not None else got.text
+        return _TypedLine(custom_id, "succeeded", layout.output(got.kind, got.output), text, None, round_)
+    return _TypedLine(custom_id, got.status, None, got.text, layout.error(got.error), round_)
+
+
+class _AnswerResponse(msgspec.Struct, gc=False):
+    status_code: Any = None
+    body: Answer | str | None = None
+
+
+class _AnswerResult(msgspec.Struct, gc=False):
+    """A result line decoded in one pass with what its answer's outcome needs (``outputs.Answer``)."""
+
+    custom_id: str
+    response: _AnswerResponse | None = None
+    error: dict[str, Any] | None = None
+
+
+_answer_result_decoder = msgspec.json.Decoder(_AnswerResult)
+
+
+def _typed_results(lines: list[bytes], extract: _Extract, layout: Any) -> tuple[list[str], list[bytes]]:
+    """
+    Result lines (an output or error file's) as typed lines, with their keys: each answer read once, here, in
+    one pass over its bytes (a line whose answer has another shape is read the general way).
+    """
+    keys, typed = [], []
+    decode, schema = _answer_result_decoder.decode, extract.schema
+    for line in lines:
+        try:
+            r = decode(line)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            if not line.strip():
+                continue
+            key, typed_line = _typed_result(_raw_result_decoder.decode(line), extract, layout)
+        else:
+            raw = r.response
+            if r.error or raw is None or not isinstance(raw.body, Answer) or _code(raw.status_code) != 200:
+                key, typed_line = _typed_result(_raw_result_decoder.decode(line), extract, layout)
+            else:
+                key, got = r.custom_id, answer_outcome(raw.body, schema)
+                typed_line = _typed_line(key, "succeeded", got, None, layout, extract)
+        keys.append(key)
+        typed.append(typed_line)
+    return keys, _encoder.encode_lines(typed).splitlines(keepends=True)
+
+
+def _code(status_code: Any) -> int:
+    return status_code if type(status_code) is int else _status_code({"status_code": status_code})
+
+
+def _typed_result(r: _RawResult, extract: _Extract, layout: Any) -> tuple[str, _TypedLine]:
+    """One result line as a typed line, the general way (errors, bodies sent as a JSON string)."""
+    if r.error:
+        status = _UNRUN.get(str(r.error.get("code") or r.error.get("type")), "failed")
+        return r.custom_id, _typed_line(r.custom_id, status, None, r.error, layout, extract)
+    raw = r.response
+    if raw is not None and _code(raw.status_code) == 200:
+        body: Any = raw.body
+        if memoryview(body)[0] == 34:  # '"': a compatible server's body sent as a JSON string
+            body = response_body({"body": msgspec.json.decode(body)})
+        return r.custom_id, _typed_line(r.custom_id, "succeeded", extract.outcome(body), None, layout, extract)
+    response = None if raw is None else {"status_code": raw.status_code, "body": msgspec.json.decode(raw.body)}
+    return r.custom_id, _typed_line(r.custom_id, "failed", None, _error_of(response), layout, extract)
+
+
+def _typed_join_bucket(
+    inputs: Iterable[list[bytes]], results: Iterable[list[bytes]], out: IO[bytes], counts: _Counts
+) -> None:
+    """A bucket of typed lines joined to its inputs' keys, in input order; an input without a line is missing."""
+    index: dict[str, tuple[str, bytes]] = {}
+    for lines in results:
+        index.update(
+            {
+                k.custom_id: (k.status, line)
+                for k, line in zip(_decoded(_key_status_decoder.decode, lines), lines, strict=True)
+            }
+        )
+    for lines in inputs:
+        block = []
+        for keyed in _decoded(_key_decoder.decode, lines):
+            found = index.get(keyed.custom_id)
+            if found is None:
+                counts.add("missing")
+                block.append(_encoder.encode(_TypedLine(keyed.custom_id, "missing")) + b"\n")
+            else:
+                counts.add(found[0])
+                block.append(found[1])
+        out.write(b"".join(block))
+
+
+def _typed_join(
+    inputs: list[Source], results: list[Source], counts: _Counts, extract: _Extract, slot: _LayoutSlot
+) -> Iterator[bytes]:
+    """
+    The join for a typed Parquet file: inputs spill as their keys only, results as typed lines (the layout is the
+    endpoint's, known from the first input's ``url`` before any result is read), so the buckets hold a few dozen
+    bytes a row instead of the request and the response.
+    """
+    input_chunks = _source_chunks(inputs)
+    first = next(input_chunks, [])
+    lines = [line for line in first if line.strip()]
+    slot.set(_key_url_decoder.decode(lines[0]).url if lines else None)
+    layout = slot.layout
+    typed = (_typed_results(chunk, extract, layout) for chunk in _source_chunks(results))
+    with tempfile.TemporaryDirectory(prefix="openai-batch-join-") as folder:
+        yield from _join_blocks(
+            itertools.chain([first], input_chunks), typed, Path(folder), counts, _typed_join_bucket, keys_only=True
+        )
+
+
+class _JoinedRaw(msgspec.Struct, omit_defaults=False, gc=False):
+    """A joined line with its bodies kept as bytes: extracting from a joined file decodes nothing else."""
+
+    custom_id: str
+    status: str
+    request: msgspec.Raw = _NULL
+    response: msgspec.Raw = _NULL
+    error: Any = None
+    url: str | None = None
+    round: int = 0
+    output: Any = msgspec.UNSET
+
+
+_joined_raw_decoder = msgspec.json.Decoder(_JoinedRaw)
+_ANSWERED = frozenset({"succeeded", *OUTPUT_STATUSES})
+
+
+def _reread(row: _JoinedRaw, extract: _Extract) -> Outcome | None:
+    """A joined row's outcome read again from its response (``None``: it was never answered)."""
+    if row.status not in _ANSWERED or row.response == _NULL:
+        return None
+    body: Any = row.response
+    if memoryview(body)[0] == 34:
+        body = response_body({"body": msgspec.json.decode(body)})
+    return extract.outcome(body)
+
+
+def _extracted_lines(source: Source, counts: _Counts, extract: _Extract) -> Iterator[bytes]:
+    """A joined JSONL file's rows with ``output`` (and the status and error it gives), counted by status."""
+    with open_source(source) as stream:
+        for lines in _chunks(stream):
+            rows = []
+            for row in _decoded(_joined_raw_decoder.decode, lines):
+                got = _reread(row, extract)
+                if got is None:
+                    row.output = None
+                else:
+                    row.status, row.output, row.error = got.status, got.output, got.error
+                counts.add(row.status)
+                rows.append(row)
+            yield _encoder.encode_lines(rows)
+
+
+def _typed_from_joined(source: Source, counts: _Counts, extract: _Extract, slot: _LayoutSlot) -> Iterator[bytes]:
+    """A joined JSONL file's rows as typed lines (the layout from the first row's ``url``)."""
+    with open_source(source) as stream:
+        for lines in _chunks(stream):
+            rows = _decoded(_joined_raw_decoder.decode, lines)
+            if not rows:
+                continue
+            layout = slot.set(rows[0].url)
+            typed = []
+            for row in rows:
+                got = _reread(row, extract)
+                line = _typed_line(row.custom_id, row.status, got, row.error, layout, extract, row.round)
+                counts.add(line.status)
+                typed.append(line)
+            yield _encoder.encode_lines(typed)
+
+
+def _typed_from_rows(
+    rows: Iterable[JoinedRow], counts: _Counts, extract: _Extract, slot: _LayoutSlot
+) -> Iterator[bytes]:
+    """Row objects as typed lines (rows that are not a join's own: a merge of rounds, a list)."""
+    batch: list[_TypedLine] = []
+    for row in rows:
+        layout = slot.set(row.url)
+        got = extract.outcome(row.response) if row.status in _ANSWERED and row.response is not None else None
+        line = _typed_line(row.custom_id, row.status, got, row.error, layout, extract, row.round)
+        counts.add(line.status)
+        batch.append(line)
+        if len(batch) >= 4096:
+            yield _encoder.encode_lines(batch)
+            batch = []
+    if batch:
+        yield _encoder.encode_lines(batch)
 
 
 class _Status(msgspec.Struct, gc=False):
@@ -340,8 +749,11 @@ class _Status(msgspec.Struct, gc=False):
 _status_decoder = msgspec.json.Decoder(_Status)
 
 
-def _joined_lines(source: Source, counts: _Counts) -> Iterator[bytes]:
-    """A joined JSONL file's lines as they are, counted by status."""
+def _joined_lines(source: Source, counts: _Counts, extract: _Extract | None = None) -> Iterator[bytes]:
+    """A joined JSONL file's lines as they are, counted by status (with ``output`` added when extracting)."""
+    if extract is not None:
+        yield from _extracted_lines(source, counts, extract)
+        return
     with open_source(source) as stream:
         for lines in _chunks(stream):
             for status, rows in collections.Counter(
@@ -354,10 +766,20 @@ def _joined_lines(source: Source, counts: _Counts) -> Iterator[bytes]:
 def iter_joined(
     input_sources: Source | Sequence[Source],
     result_sources: Iterable[Source | None],
+    *,
+    output_schema: OutputSchemaLike | None = None,
+    extract: bool = False,
 ) -> Iterator[JoinedRow]:
     """
     Every input request, in input order (across shards, in the order given), with its response or error and
     its status: ``succeeded``, ``failed``, ``expired``, ``cancelled`` or ``missing`` (no result line at all).
+
+    ``output_schema`` (a Pydantic model or a JSON Schema dict, see ``outputs.output_schema``) or ``extract=True``:
+    each row also gets ``output``, read from its answer by ``outputs.row_outcome`` (the validated object; without a
+    schema the text, the embedding vector or the moderation verdict), and an answered row that is not usable gets
+    the status ``invalid_output``, ``refused`` or ``truncated`` instead of ``succeeded``, with an ``error`` saying
+    why (the model's text in ``error["text"]``). ``write_joined`` of these rows to a ``.parquet`` destination
+    writes typed columns.
 
     Memory stays flat: the lines are partitioned by ``custom_id`` into buckets on disk and joined a bucket at a
     time (see ``_join_blocks``). Request and response bodies pass through as the bytes read, never decoded and
@@ -366,7 +788,11 @@ def iter_joined(
     """
     inputs: list[Source] = list(input_sources) if isinstance(input_sources, (list, tuple)) else [input_sources]  # type: ignore[list-item]
     results = [source for source in result_sources if source is not None]
-    return _Joined(lambda counts: _join_all(inputs, results, counts))
+    return _Joined(
+        lambda counts, wanted: _join_all(inputs, results, counts, wanted),
+        _extraction(output_schema, extract),
+        lambda counts, wanted, slot: _typed_join(inputs, results, counts, wanted, slot),
+    )
 
 
 def _error_of(response: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -378,24 +804,45 @@ def _error_of(response: dict[str, Any] | None) -> dict[str, Any] | None:
     return None
 
 
-def write_joined(rows: Iterable[JoinedRow], destination: Destination, *, overwrite: bool = True) -> dict[str, int]:
+def write_joined(
+    rows: Iterable[JoinedRow],
+    destination: Destination,
+    *,
+    overwrite: bool = True,
+    output_schema: OutputSchemaLike | None = None,
+    extract: bool = False,
+) -> dict[str, int]:
     """
     Write joined rows (atomically) and return how many rows had each status: JSONL, or Parquet when the
-    destination ends in ``.parquet`` (needs ``pyarrow``; request, response and error become JSON strings).
+    destination ends in ``.parquet`` (needs ``pyarrow``, the ``[parquet]`` extra).
+
+    Without extraction, Parquet holds request, response and error as JSON strings. With it (``output_schema`` or
+    ``extract=True`` here, or rows of ``iter_joined(..., output_schema=...)``), every row gets ``output`` and its
+    finer status (see :func:`iter_joined`), and Parquet is typed (``parquet.Layout``): one column per schema field,
+    or the endpoint's value (``output_text``, ``embedding`` as ``list<float32>``, ``flagged`` and
+    ``categories``), beside ``custom_id``, ``status``, ``output_text``, ``error`` and ``round``, in streamed row
+    groups. A schema field named like one of those columns raises ``ValueError`` before anything is read.
     """
+    wanted = _extraction(output_schema, extract) or (rows.extract if isinstance(rows, _Joined) else None)
+    parquet = str(destination).endswith(".parquet")
+    if wanted is not None and parquet:
+        return _write_typed(rows, destination, overwrite, wanted)
+    if wanted is not None and not isinstance(rows, _Joined):
+        rows = (_with_output(row, wanted) for row in rows)
     counts: dict[str, int] = {}
-
-    def counted() -> Iterator[JoinedRow]:
-        for row in rows:
-            counts[row.status] = counts.get(row.status, 0) + 1
-            yield row
-
     with atomic_writer(destination, overwrite=overwrite) as out:
-        if str(destination).endswith(".parquet"):
-            _write_parquet(counted(), out)
+        if parquet:
+            from airflow_provider_openai_batch.parquet import write_json_columns
+
+            def counted() -> Iterator[JoinedRow]:
+                for row in rows:
+                    counts[row.status] = counts.get(row.status, 0) + 1
+                    yield row
+
+            write_json_columns(counted(), out)
         elif isinstance(rows, _Joined):
             # A join's lines go out as they were built: no row objects in between.
-            for block in rows.blocks():
+            for block in rows.blocks(wanted):
                 out.write(block)
             counts.update(rows.counts)
         else:
@@ -414,32 +861,33 @@ def write_joined(rows: Iterable[JoinedRow], destination: Destination, *, overwri
     return counts
 
 
-def _write_parquet(rows: Iterator[JoinedRow], out: Any, chunk: int = 50_000) -> None:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise RuntimeError("writing Parquet needs pyarrow: pip install pyarrow") from error
-    schema = pa.schema(
-        [(name, pa.string()) for name in ("custom_id", "status", "url", "request", "response", "error")]
-        + [("round", pa.int32())]
-    )
+def _with_output(row: JoinedRow, extract: _Extract) -> JoinedRow:
+    """A row object with ``output`` read from its response (and the status and error that gives)."""
+    if row.status in _ANSWERED and row.response is not None:
+        got = extract.outcome(row.response)
+        row.status, row.output, row.error = got.status, as_value(got.output), got.error
+    else:
+        row.output = None
+    return row
 
-    def dumps(value: Any) -> str | None:
-        return None if value is None else _encoder.encode(value).decode()
 
-    with pq.ParquetWriter(out, schema) as writer:
-        while batch := list(itertools.islice(rows, chunk)):
-            columns = {
-                "custom_id": [r.custom_id for r in batch],
-                "status": [r.status for r in batch],
-                "url": [r.url for r in batch],
-                "request": [dumps(r.request) for r in batch],
-                "response": [dumps(r.response) for r in batch],
-                "error": [dumps(r.error) for r in batch],
-                "round": [r.round for r in batch],
-            }
-            writer.write_table(pa.table(columns, schema=schema))
+def _write_typed(
+    rows: Iterable[JoinedRow], destination: Destination, overwrite: bool, extract: _Extract
+) -> dict[str, int]:
+    slot = _LayoutSlot(extract)
+    if extract.schema is not None:
+        slot.get()  # the columns come from the schema: a bad one fails here, before the join reads anything
+    counts = _Counts()
+    lines = rows.typed_blocks(extract, slot) if isinstance(rows, _Joined) else None
+    if isinstance(rows, _Joined) and lines is not None:
+        counts = rows.counts
+    else:
+        lines = _typed_from_rows(rows, counts, extract, slot)
+    with atomic_writer(destination, overwrite=overwrite) as out:
+        from airflow_provider_openai_batch.parquet import write_typed
+
+        write_typed(lines, out, slot.get)
+    return dict(counts)
 
 
 # --- failed requests, resubmitted -----------------------------------------------------------------
@@ -505,7 +953,10 @@ def iter_merged(rounds: Sequence[Source | None], numbers: Sequence[int] | None =
     later = [(n, r) for n, r in zip(numbers or range(len(rounds)), rounds, strict=False)][1:]
     later = [(n, r) for n, r in later if r is not None]
     if not later:  # one round: its joined file is the result, passed through as it is
-        return _Joined(lambda counts: _joined_lines(first, counts))  # type: ignore[arg-type]
+        return _Joined(
+            lambda counts, wanted: _joined_lines(first, counts, wanted),  # type: ignore[arg-type]
+            typed=lambda counts, wanted, slot: _typed_from_joined(first, counts, wanted, slot),  # type: ignore[arg-type]
+        )
     return _merged(first, later)  # type: ignore[arg-type]
 
 

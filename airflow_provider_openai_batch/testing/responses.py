@@ -2,7 +2,10 @@
 Deterministic answers for each Batch endpoint, in OpenAI's output and error line shapes.
 
 Every answer is a pure function of the request, so a test can compute what it expects and a retried batch
-yields byte-identical results.
+yields byte-identical results. A request that asks for structured output (chat's ``response_format``, responses'
+``text.format`` of type ``json_schema``) is answered with JSON valid for its schema, generated from the schema and
+the ``custom_id``; ``fake_output`` in a body makes the answer a refusal, a truncated one or one that breaks the
+schema (see :func:`output_fate`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from typing import Any
 
 Body = dict[str, Any]
@@ -84,8 +88,16 @@ def response_body(url: str, body: Body, custom_id: str, created: int) -> Body:
     ident = _digest(custom_id, url, json.dumps(body, sort_keys=True))[:24]
     prompt = _prompt_text(body)
     text = answer_text(body)
+    # Usage follows the echo for every answer, so the batch's usage (``usage_of``) is the sum of its lines'.
     p_tokens, c_tokens = _tokens(prompt), _tokens(text)
+    fate = output_fate(custom_id, body)
+    schema = requested_schema(url, body)
+    if schema is not None or fate is not None:
+        text = _structured_text(schema, custom_id, fate, text)
     if url.endswith("/chat/completions"):
+        message: Body = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+        if fate == "refused":
+            message.update(content=None, refusal=REFUSAL)
         return {
             "id": f"chatcmpl-{ident}",
             "object": "chat.completion",
@@ -94,9 +106,9 @@ def response_body(url: str, body: Body, custom_id: str, created: int) -> Body:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
+                    "message": message,
                     "logprobs": None,
-                    "finish_reason": "stop",
+                    "finish_reason": "length" if fate == "truncated" else "stop",
                 }
             ],
             "usage": _usage_chat(p_tokens, c_tokens),
@@ -104,11 +116,14 @@ def response_body(url: str, body: Body, custom_id: str, created: int) -> Body:
             "system_fingerprint": "fp_fake",
         }
     if url.endswith("/responses"):
-        return {
+        part: Body = {"type": "output_text", "text": text, "annotations": []}
+        if fate == "refused":
+            part = {"type": "refusal", "refusal": REFUSAL}
+        answer: Body = {
             "id": f"resp_{ident}",
             "object": "response",
             "created_at": created,
-            "status": "completed",
+            "status": "incomplete" if fate == "truncated" else "completed",
             "model": model,
             "parallel_tool_calls": True,
             "tool_choice": "auto",
@@ -117,9 +132,9 @@ def response_body(url: str, body: Body, custom_id: str, created: int) -> Body:
                 {
                     "type": "message",
                     "id": f"msg_{ident}",
-                    "status": "completed",
+                    "status": "incomplete" if fate == "truncated" else "completed",
                     "role": "assistant",
-                    "content": [{"type": "output_text", "text": text, "annotations": []}],
+                    "content": [part],
                 }
             ],
             "usage": {
@@ -130,6 +145,11 @@ def response_body(url: str, body: Body, custom_id: str, created: int) -> Body:
                 "total_tokens": p_tokens + c_tokens,
             },
         }
+        if fate == "truncated":
+            answer["incomplete_details"] = {"reason": "max_output_tokens"}
+        if isinstance(body.get("text"), dict):  # a Response repeats the request's text settings
+            answer["text"] = body["text"]
+        return answer
     if url.endswith("/embeddings"):
         inputs = body.get("input")
         items = inputs if isinstance(inputs, list) else [inputs]
@@ -149,7 +169,14 @@ def response_body(url: str, body: Body, custom_id: str, created: int) -> Body:
             "object": "text_completion",
             "created": created,
             "model": model,
-            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}],
+            "choices": [
+                {
+                    "text": "" if fate == "refused" else text,
+                    "index": 0,
+                    "logprobs": None,
+                    "finish_reason": {"truncated": "length", "refused": "content_filter"}.get(fate or "", "stop"),
+                }
+            ],
             "usage": _usage_chat(p_tokens, c_tokens),
         }
     if url.endswith("/moderations"):
@@ -277,3 +304,147 @@ def unprocessed_line(custom_id: str, reason: str, quirks: bool = False) -> Body:
         "response": None,
         "error": {"code": reason, "message": messages[reason]},
     }
+
+
+# --- structured outputs -----------------------------------------------------------------------------------
+
+#: What the fake model says when ``fake_output`` makes it refuse (``message.refusal``, a ``refusal`` part).
+REFUSAL = "I'm sorry, but I can't help with that request."
+FATES = ("invalid", "refused", "truncated")
+
+
+def output_fate(custom_id: str, body: Body) -> str | None:
+    """
+    What ``fake_output`` in a request body asks of its answer: ``"invalid"`` (JSON that breaks the schema, or text
+    that is not JSON), ``"refused"`` or ``"truncated"``; or a share of each, ``{"invalid": 0.1, "refused": 0.05}``,
+    drawn from the ``custom_id`` (the same request always draws the same). ``None``: a normal answer.
+    """
+    spec = body.get("fake_output")
+    if isinstance(spec, str):
+        return spec if spec in FATES else None
+    if not isinstance(spec, dict):
+        return None
+    draw = int(_digest("fate", custom_id)[:8], 16) / 2**32
+    for fate in FATES:
+        share = spec.get(fate)
+        if isinstance(share, (int, float)):
+            if draw < share:
+                return fate
+            draw -= share
+    return None
+
+
+def requested_schema(url: str, body: Body) -> Body | None:
+    """The JSON Schema a request asks its answer to follow (chat: ``response_format``; responses: ``text.format``)."""
+    if url.endswith("/chat/completions"):
+        fmt = body.get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            return schema if isinstance(schema, dict) else {}
+    elif url.endswith("/responses"):
+        text = body.get("text")
+        fmt = text.get("format") if isinstance(text, dict) else None
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            return fmt["schema"] if isinstance(fmt.get("schema"), dict) else {}
+    return None
+
+
+def _structured_text(schema: Body | None, custom_id: str, fate: str | None, echo: str) -> str:
+    """The answer's text: JSON for the schema, or what ``fate`` makes of it."""
+    full = echo if schema is None else json.dumps(schema_value(schema, custom_id), separators=(",", ":"))
+    if fate == "truncated":
+        return full[: max(1, len(full) // 2)]
+    if fate == "invalid":
+        return "This is not JSON." if schema is None else json.dumps({"fake_invalid_output": True})
+    return full
+
+
+def schema_value(schema: Body, seed: str) -> Any:
+    """A value valid for ``schema`` (strict structured outputs' subset of JSON Schema), the same for the same seed."""
+    return _value(schema, schema, seed, 0)
+
+
+_FORMAT_EXAMPLES = {
+    "date-time": "2026-01-02T03:04:05Z",
+    "time": "03:04:05",
+    "date": "2026-01-02",
+    "duration": "P1DT2H",
+    "email": "someone@example.com",
+    "hostname": "example.com",
+    "ipv4": "192.0.2.7",
+    "ipv6": "2001:db8::7",
+}
+
+
+def _pick(seed: str, count: int) -> int:
+    return int(_digest("pick", seed)[:8], 16) % count
+
+
+def _value(node: Any, root: Body, seed: str, depth: int) -> Any:
+    if not isinstance(node, dict):
+        return None
+    if "$ref" in node:
+        target: Any = root
+        for part in str(node["$ref"]).lstrip("#").strip("/").split("/"):
+            target = target.get(part, {}) if part and isinstance(target, dict) else target
+        return _value(target, root, seed, depth + 1)
+    if "const" in node:
+        return node["const"]
+    if "enum" in node:
+        return node["enum"][_pick(seed, len(node["enum"]))]
+    if "anyOf" in node:
+        variants = node["anyOf"]
+        if depth > 6:  # a recursive schema ends where it can
+            simple = [v for v in variants if isinstance(v, dict) and v.get("type") == "null"]
+            variants = simple or variants
+        return _value(variants[_pick(seed, len(variants))], root, seed + "|", depth + 1)
+    kind = node.get("type")
+    if isinstance(kind, list):
+        kinds = [k for k in kind if k != "null" or depth > 6] or kind
+        return _value({**node, "type": kinds[_pick(seed, len(kinds))]}, root, seed + "|", depth)
+    if kind == "object" or "properties" in node:
+        return {
+            name: _value(child, root, f"{seed}/{name}", depth + 1) for name, child in node.get("properties", {}).items()
+        }
+    if kind == "array":
+        low, high = int(node.get("minItems", 0)), node.get("maxItems")
+        count = low if depth > 6 else max(low, 2)
+        count = min(count, int(high)) if high is not None else count
+        return [_value(node.get("items", {}), root, f"{seed}[{i}]", depth + 1) for i in range(count)]
+    if kind == "integer" or kind == "number":
+        return _number(node, seed, kind == "integer")
+    if kind == "boolean":
+        return _pick(seed, 2) == 0
+    if kind == "null":
+        return None
+    return _string(node, seed)
+
+
+def _number(node: Body, seed: str, integer: bool) -> int | float:
+    low: Any = node.get("minimum", node.get("exclusiveMinimum", 0))
+    high: Any = node.get("maximum", node.get("exclusiveMaximum", low + 100))
+    step: Any = node.get("multipleOf", 1 if integer else 0.25)
+    first = -(-low // step) * step  # the smallest multiple of step not below low
+    if "exclusiveMinimum" in node and first <= node["exclusiveMinimum"]:
+        first += step
+    last = (high // step) * step
+    if "exclusiveMaximum" in node and last >= node["exclusiveMaximum"]:
+        last -= step
+    steps = max(0, int((last - first) // step))
+    value = first + step * _pick(seed, steps + 1)
+    return int(value) if integer else float(value)
+
+
+def _string(node: Body, seed: str) -> str:
+    if node.get("format") == "uuid":
+        digest = _digest("uuid", seed)
+        return f"{digest[:8]}-{digest[8:12]}-4{digest[13:16]}-8{digest[17:20]}-{digest[20:32]}"
+    text = _FORMAT_EXAMPLES.get(str(node.get("format")), f"text {_digest('text', seed)[:8]}")
+    pattern = node.get("pattern")
+    if isinstance(pattern, str):
+        candidates = [text, "abc", "ABC", "123", "a1", "A1", "abc123", "a", "A", "0", ""]
+        candidates += list(_FORMAT_EXAMPLES.values())
+        for candidate in candidates:
+            if re.search(pattern, candidate):
+                return candidate
+    return text

@@ -1,0 +1,179 @@
+"""
+Typed results: 1,000,000 structured-output answers joined and written as typed Parquet; rows/s and peak RSS.
+
+``python -m benchmarks.typed`` makes the files (20 shards of 50,000 chat requests with a ``json_schema`` response
+format, answered by the fake model's own answers: 1 % each invalid, refused, truncated, plus 1 % failed), then
+measures in fresh interpreters, each the median of ``--rounds`` runs with the spread:
+
+- ``model``: ``write_joined(iter_joined(..., output_schema=Label), "typed.parquet")``, validated by the Pydantic
+  model, as the SDK's ``parse()`` validates;
+- ``dict``: the same with Label's JSON Schema as a dict (validated by the compiled msgspec types);
+- ``jsonl``: today's JSONL join of the same files (the anchor: ``benchmarks/join.py`` measures it on embeddings);
+- ``rejoin``: a joined JSONL file (the job's last round) to typed Parquet, ``write_joined(iter_merged([...]), ...)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+
+from benchmarks.common import MB, PeakRss, Row, emit, run_child, spread, table
+
+SHARDS, PER_SHARD = 20, 50_000
+#: The goal for typed Parquet (rows/s over join and write).
+GOAL_ROWS_PER_S = 150_000
+MODES = ("model", "dict", "jsonl", "rejoin")
+
+
+class Item(pydantic.BaseModel):
+    name: str
+    quantity: int
+
+
+class Label(pydantic.BaseModel):
+    """What the benchmark asks each request for: an enum, a number, a list, an optional string, nested objects."""
+
+    sentiment: Literal["positive", "negative", "neutral"]
+    score: float
+    tags: list[str]
+    note: str | None
+    items: list[Item]
+
+
+def generate(folder: Path, shards: int = SHARDS, per_shard: int = PER_SHARD) -> None:
+    """
+    Input shards and, for each, output lines in shuffled order and an error file (1 % failed). The fake model
+    answers the first ``_DISTINCT`` requests; the others reuse those answers under their own ``custom_id`` (the
+    fake's schema-driven answers take ~0.3 ms each: a million of them would take longer than the measurement).
+    """
+    from airflow_provider_openai_batch.outputs import response_format
+    from airflow_provider_openai_batch.testing import responses
+
+    fmt = response_format(Label, "/v1/chat/completions")
+    shares = {"invalid": 0.01, "refused": 0.01, "truncated": 0.01}
+
+    def body(cid: str) -> dict[str, object]:
+        content = f"Label review {cid}"
+        return {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": content}],
+            **fmt,
+            "fake_output": shares,
+        }
+
+    answers = [
+        json.dumps(responses.output_line(f"a{n:05d}", "/v1/chat/completions", body(f"a{n:05d}"), 1))
+        for n in range(_DISTINCT)
+    ]
+    rng = random.Random(7)
+    for shard in range(shards):
+        ids = [f"s{shard:02d}-{i:06d}" for i in range(per_shard)]
+        with (folder / f"in-{shard:02d}.jsonl").open("w") as out:
+            for cid in ids:
+                line = {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body(cid)}
+                out.write(json.dumps(line) + "\n")
+        rng.shuffle(ids)
+        with (folder / f"out-{shard:02d}.jsonl").open("w") as out, (folder / f"err-{shard:02d}.jsonl").open("w") as err:
+            for n, cid in enumerate(ids):
+                if n % 100 == 0:
+                    err.write(json.dumps(responses.failed_request_line(cid, {"status_code": 500})) + "\n")
+                else:
+                    template = answers[n % _DISTINCT]
+                    out.write(template.replace(f'"a{n % _DISTINCT:05d}"', json.dumps(cid), 1) + "\n")
+
+
+#: Requests the fake model answers itself; the rest reuse their answers.
+_DISTINCT = 2000
+
+
+def _files(folder: Path) -> tuple[list[Path], list[Path]]:
+    inputs = sorted(folder.glob("in-*.jsonl"))
+    return inputs, sorted(folder.glob("out-*.jsonl")) + sorted(folder.glob("err-*.jsonl"))
+
+
+def measure(folder: Path, mode: str) -> dict[str, object]:
+    from airflow_provider_openai_batch.outputs import output_schema
+    from airflow_provider_openai_batch.results import iter_joined, iter_merged, write_joined
+
+    inputs, results = _files(folder)
+    target = folder / f"{mode}.{'jsonl' if mode == 'jsonl' else 'parquet'}"
+    schema: object = Label if mode != "dict" else output_schema(Label).schema
+    if target.suffix == ".parquet":
+        import pyarrow.json
+        import pyarrow.parquet  # noqa: F401  (loaded before the measurement: a library, not the rows)
+    with PeakRss(every=0.02) as peak:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        if mode == "jsonl":
+            counts = write_joined(iter_joined(inputs, results), target)
+        elif mode == "rejoin":
+            counts = write_joined(iter_merged([folder / "joined.jsonl"]), target, output_schema=Label)
+        else:
+            counts = write_joined(iter_joined(inputs, results, output_schema=schema), target)  # type: ignore[arg-type]
+        wall = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started  # both threads: the join's and the Parquet writer's
+    rows = sum(counts.values())
+    if target.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        assert pq.ParquetFile(target).metadata.num_rows == rows
+    return {"mode": mode, "wall": wall, "cpu": cpu, "rows": rows, "counts": counts, "extra_rss": peak.extra}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--folder", help="measure one mode on files made before (a child run)")
+    parser.add_argument("--mode", choices=MODES)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--per-shard", type=int, default=PER_SHARD)
+    args = parser.parse_args()
+    if args.folder and args.mode:
+        emit(measure(Path(args.folder), args.mode))
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-typed-", dir=os.environ.get("BENCH_TMP")) as work:
+        folder = Path(work)
+        started = time.perf_counter()
+        generate(folder, per_shard=args.per_shard)
+        print(f"generated {SHARDS * args.per_shard:,} requests in {time.perf_counter() - started:.0f} s", flush=True)
+        from airflow_provider_openai_batch.results import iter_joined, write_joined
+
+        write_joined(iter_joined(*_files(folder), output_schema=Label), folder / "joined.jsonl")
+        runs: dict[str, list[dict[str, object]]] = {mode: [] for mode in MODES}
+        for _ in range(args.rounds):  # interleaved, so a busy moment on the machine lands on every mode
+            for mode in MODES:
+                runs[mode].append(run_child("benchmarks.typed", "--folder", work, "--mode", mode))
+    rows = []
+    names = {
+        "model": "typed Parquet, Pydantic model",
+        "dict": "typed Parquet, JSON Schema dict",
+        "jsonl": "JSONL join, no extraction (anchor)",
+        "rejoin": "joined JSONL to typed Parquet (job's last step)",
+    }
+    for mode in MODES:
+        results = runs[mode]
+        speeds = [float(r["rows"]) / float(r["wall"]) for r in results]  # type: ignore[arg-type]
+        cpu = [float(r["cpu"]) for r in results]  # type: ignore[arg-type]
+        rss = [float(r["extra_rss"]) / MB for r in results]  # type: ignore[arg-type]
+        goal = mode in ("model", "dict")
+        rows.append(
+            Row(
+                f"{names[mode]}: {int(results[0]['rows']):,} rows",  # type: ignore[call-overload]
+                f"{spread(speeds, '{:,.0f}')} rows/s, CPU {spread(cpu, '{:.1f}')} s, peak +{spread(rss, '{:.0f}')} MB",
+                f">= {GOAL_ROWS_PER_S:,} rows/s" if goal else "-",
+                f"counts {results[0]['counts']}" if mode == "model" else "-",
+                (sorted(speeds)[len(speeds) // 2] >= GOAL_ROWS_PER_S) if goal else None,
+            )
+        )
+    print(table(rows))
+    emit({mode: runs[mode] for mode in MODES})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Typed Parquet: the columns of an output schema or an endpoint, read back by pyarrow and DuckDB with their types."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from airflow_provider_openai_batch import parquet  # noqa: E402
+from airflow_provider_openai_batch.outputs import apply_output_schema, output_schema  # noqa: E402
+from airflow_provider_openai_batch.results import JoinedRow, iter_joined, iter_merged, write_joined  # noqa: E402
+from airflow_provider_openai_batch.testing import responses  # noqa: E402
+from tests.conftest import jsonl, request_line  # noqa: E402
+from tests.test_outputs import LABEL_DICT, Label  # noqa: E402
+
+DICT = pa.dictionary(pa.int32(), pa.string())
+
+
+def _files(
+    folder: Path, rows: list[dict], failed: tuple[int, ...] = (), answered: int | None = None
+) -> tuple[Path, list[Path]]:
+    """An input file and the fake model's result files for it (in the fake's own, shuffled order)."""
+    inputs = folder / "in.jsonl"
+    inputs.write_bytes(jsonl(rows))
+    count = len(rows) if answered is None else answered
+    out = [
+        responses.output_line(r["custom_id"], r["url"], r["body"], 1)
+        for i, r in enumerate(rows[:count])
+        if i not in failed
+    ]
+    err = [
+        responses.failed_request_line(rows[i]["custom_id"], {"status_code": 503, "code": "server_error"})
+        for i in failed
+    ]
+    (folder / "out.jsonl").write_bytes(jsonl(sorted(out, key=lambda line: line["id"])))
+    (folder / "err.jsonl").write_bytes(jsonl(err))
+    return inputs, [folder / "out.jsonl", folder / "err.jsonl"]
+
+
+def _structured(
+    n: int, schema: Any = Label, url: str = "/v1/chat/completions", fates: dict[int, str] | None = None
+) -> list[dict]:
+    rows = []
+    for i in range(n):
+        row = request_line(i, url=url)
+        row["body"] = apply_output_schema(row["body"], url, schema)
+        if fates and i in fates:
+            row["body"]["fake_output"] = fates[i]
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("schema", [Label, LABEL_DICT], ids=["pydantic-model", "json-schema-dict"])
+def test_one_typed_column_per_schema_field(tmp_path, schema):
+    rows = _structured(6, schema, fates={2: "invalid", 3: "refused", 4: "truncated"})
+    inputs, results = _files(tmp_path, rows, failed=(5,))
+    target = tmp_path / "typed.parquet"
+    counts = write_joined(iter_joined(inputs, results, output_schema=schema), target)
+    assert counts == {"succeeded": 2, "invalid_output": 1, "refused": 1, "truncated": 1, "failed": 1}
+
+    table = pq.read_table(target)
+    item = pa.struct([("name", pa.string()), ("quantity", pa.int64())])
+    assert table.schema.names == [
+        "custom_id", "status", "sentiment", "score", "tags", "note", "items", "output_text", "error", "round"
+    ]  # fmt: skip
+    types = {field.name: field.type for field in table.schema}
+    assert types["sentiment"] == DICT and pa.types.is_dictionary(types["status"])
+    assert types["score"] == pa.float64() and types["note"] == pa.string()
+    assert types["tags"].value_type == pa.string() and pa.types.is_list(types["tags"])
+    assert pa.types.is_list(types["items"]) and types["items"].value_type == item
+    assert types["round"] == pa.int32() and pa.types.is_struct(types["error"])
+
+    got = table.to_pylist()
+    assert [r["custom_id"] for r in got] == [f"req-{i}" for i in range(6)]  # input order
+    assert [r["status"] for r in got] == ["succeeded", "succeeded", "invalid_output", "refused", "truncated", "failed"]
+    expected = responses.schema_value(output_schema(schema).schema, "req-0")
+    fields = ("sentiment", "score", "tags", "note", "items")
+    assert {k: got[0][k] for k in fields} == {**expected, "score": float(expected["score"])}
+    assert all(got[2][k] is None for k in fields)  # a row without a usable answer has no output...
+    assert got[2]["output_text"] == json.dumps({"fake_invalid_output": True})  # ...but keeps what the model wrote
+    assert got[0]["output_text"] is None  # a typed answer is in its columns, not again as text
+    assert got[3]["error"]["code"] == "refused" and got[3]["error"]["message"] == responses.REFUSAL
+    assert got[4]["error"]["code"] == "truncated" and got[4]["output_text"]
+    assert got[5]["error"]["status_code"] == 503 and got[5]["error"]["code"] == "server_error"
+
+
+def test_duckdb_reads_the_types(tmp_path):
+    duckdb = pytest.importorskip("duckdb")
+    inputs, results = _files(tmp_path, _structured(4, fates={3: "refused"}))
+    target = tmp_path / "typed.parquet"
+    write_joined(iter_joined(inputs, results), target, output_schema=Label)
+    query = f"""
+        SELECT custom_id, status, sentiment, score, len(tags), items[1].quantity, error.code,
+               typeof(sentiment), typeof(score), typeof(tags), typeof(items), typeof(note)
+        FROM '{target}' ORDER BY custom_id
+    """
+    got = duckdb.sql(query).fetchall()
+    first = responses.schema_value(output_schema(Label).schema, "req-0")
+    assert got[0][:6] == ("req-0", "succeeded", first["sentiment"], first["score"], 2, first["items"][0]["quantity"])
+    assert got[0][7:] == (
+        "VARCHAR",
+        "DOUBLE",
+        "VARCHAR[]",
+        'STRUCT("name" VARCHAR, quantity BIGINT)[]',
+        "VARCHAR",
+    )
+    assert got[3][1:7] == ("refused", None, None, None, None, "refused")
+    by_status = dict(duckdb.sql(f"SELECT status, count(*) FROM '{target}' GROUP BY status").fetchall())
+    assert by_status == {"succeeded": 3, "refused": 1}
+
+
+def test_each_endpoints_columns_without_a_schema(tmp_path):
+    cases = {
+        "/v1/embeddings": ["embedding", "embeddings"],
+        "/v1/moderations": ["flagged", "categories"],
+        "/v1/chat/completions": [],
+        "/v1/responses": [],
+        "/v1/completions": [],
+    }
+    for url, columns in cases.items():
+        folder = tmp_path / url.strip("/").replace("/", "-")
+        folder.mkdir()
+        rows = [request_line(i, url=url) for i in range(3)]
+        if url == "/v1/embeddings":
+            rows[2]["body"]["input"] = ["one", "two"]
+        if url == "/v1/moderations":
+            rows[1]["body"]["input"] = "flag me"
+        inputs, results = _files(folder, rows, answered=2 if url == "/v1/completions" else None)
+        target = folder / "x.parquet"
+        write_joined(iter_joined(inputs, results, extract=True), target)
+        table = pq.read_table(target)
+        assert table.schema.names == ["custom_id", "status", *columns, "output_text", "error", "round"], url
+        got = table.to_pylist()
+        if url == "/v1/embeddings":
+            assert table.schema.field("embedding").type.value_type == pa.float32()
+            assert got[0]["embedding"] == pytest.approx(responses.embedding_vector("text 0"), abs=1e-6)
+            assert got[2]["embedding"] is None and len(got[2]["embeddings"]) == 2
+        elif url == "/v1/moderations":
+            assert [r["flagged"] for r in got] == [False, True, False]
+            assert got[1]["categories"] == ["harassment"]
+        else:
+            assert got[0]["output_text"] == responses.answer_text(rows[0]["body"])
+        if url == "/v1/completions":
+            assert got[2]["status"] == "missing" and got[2]["output_text"] is None
+
+
+def test_row_groups_stream_and_keep_input_order(tmp_path, monkeypatch):
+    from airflow_provider_openai_batch import results as joins
+
+    monkeypatch.setattr(parquet, "ROWS_PER_GROUP", 100)
+    monkeypatch.setattr(joins, "_CHUNK_BYTES", 128 * 50)  # the join hands over 50 rows at a time
+    rows = _structured(1000, fates={i: "refused" for i in range(0, 1000, 7)})
+    inputs, results = _files(tmp_path, rows, failed=tuple(range(3, 1000, 50)))
+    target = tmp_path / "typed.parquet"
+    counts = write_joined(iter_joined(inputs, results, output_schema=Label), target)
+    meta = pq.ParquetFile(target).metadata
+    assert meta.num_rows == 1000 and meta.num_row_groups >= 10
+    table = pq.read_table(target)
+    assert table.column("custom_id").to_pylist() == [f"req-{i}" for i in range(1000)]
+    statuses = table.column("status").to_pylist()
+    assert {s: statuses.count(s) for s in set(statuses)} == counts
+
+
+def test_a_joined_file_and_merged_rounds_give_the_same_table(tmp_path):
+    rows = _structured(8, fates={1: "truncated"})
+    inputs, results = _files(tmp_path, rows, failed=(4,))
+    direct = tmp_path / "direct.parquet"
+    write_joined(iter_joined(inputs, results, output_schema=Label), direct)
+    joined = tmp_path / "joined.jsonl"
+    write_joined(iter_joined(inputs, results), joined)
+    # The job's way: a round's joined JSONL, merged, written typed at the end.
+    merged = tmp_path / "merged.parquet"
+    write_joined(iter_merged([joined]), merged, output_schema=Label)
+    assert pq.read_table(merged).equals(pq.read_table(direct))
+    # Rows that are objects (two rounds merged): the same columns, the later round's row.
+    retry = tmp_path / "round-2.jsonl"
+    answer = responses.output_line("req-4", rows[4]["url"], rows[4]["body"], 1)
+    joined_row = JoinedRow(
+        "req-4", "succeeded", rows[4]["body"], response=answer["response"]["body"], url=rows[4]["url"]
+    )
+    write_joined([joined_row], retry)
+    two = tmp_path / "two.parquet"
+    counts = write_joined(iter_merged([joined, retry]), two, output_schema=Label)
+    assert counts == {"succeeded": 7, "truncated": 1}
+    got = pq.read_table(two).to_pylist()
+    assert got[4]["status"] == "succeeded" and got[4]["round"] == 1 and got[4]["sentiment"] is not None
+
+
+def test_fields_arrow_cannot_hold_exactly_are_json_strings(tmp_path):
+    schema = {
+        "type": "object",
+        "properties": {
+            "value": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+            "size": {"anyOf": [{"type": "integer"}, {"type": "number"}]},
+            "level": {"type": "string", "enum": ["low", "high"]},
+            "maybe": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+            "tree": {"$ref": "#/$defs/node"},
+        },
+        "required": ["value", "size", "level", "maybe", "tree"],
+        "additionalProperties": False,
+        "$defs": {
+            "node": {
+                "type": "object",
+                "properties": {
+                    "label": {"type": "string"},
+                    "children": {"type": "array", "items": {"$ref": "#/$defs/node"}},
+                },
+                "required": ["label", "children"],
+                "additionalProperties": False,
+            }
+        },
+    }
+    types = {field.name: field.type for field in parquet.columns(output_schema(schema))}
+    assert types["value"] == pa.string() and types["size"] == pa.float64() and types["level"] == DICT
+    assert types["maybe"] == pa.bool_()
+    assert types["tree"] == pa.struct(
+        [("label", pa.string()), ("children", pa.list_(pa.field("element", pa.string())))]
+    )
+    inputs, results = _files(tmp_path, _structured(3, schema))
+    target = tmp_path / "x.parquet"
+    assert write_joined(iter_joined(inputs, results, output_schema=schema), target) == {"succeeded": 3}
+    got = pq.read_table(target).to_pylist()
+    expected = responses.schema_value(schema, "req-0")
+    assert json.loads(got[0]["value"]) == expected["value"]
+    assert [json.loads(child) for child in got[0]["tree"]["children"]] == expected["tree"]["children"]
+
+
+def test_a_field_named_like_a_reserved_column_is_refused_before_anything_is_read(tmp_path):
+    schema = {
+        "type": "object",
+        "properties": {"status": {"type": "string"}},
+        "required": ["status"],
+        "additionalProperties": False,
+    }
+    nowhere = tmp_path / "does-not-exist.jsonl"
+    with pytest.raises(ValueError, match="'status' has the name of a column"):
+        write_joined(iter_joined(nowhere, [nowhere], output_schema=schema), tmp_path / "x.parquet")
+    assert not (tmp_path / "x.parquet").exists()
+    # JSONL has no such columns: the same schema is fine there.
+    inputs, results = _files(tmp_path, _structured(1, schema))
+    assert write_joined(iter_joined(inputs, results, output_schema=schema), tmp_path / "x.jsonl") == {"succeeded": 1}
+
+
+def test_an_empty_join_writes_the_columns(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    target = tmp_path / "x.parquet"
+    assert write_joined(iter_joined(empty, [empty], output_schema=Label), target) == {}
+    table = pq.read_table(target)
+    assert table.num_rows == 0 and "sentiment" in table.schema.names
+
+
+def test_input_lines_of_any_style_join_alike(tmp_path):
+    """The typed join reads an input's key off its bytes when it comes first; any other line is parsed."""
+    ids = ["plain", 'quote"d', "back\\slash", "ünïcode", "key-later", "compact"]
+    rows = [request_line(i, url="/v1/embeddings") | {"custom_id": cid} for i, cid in enumerate(ids)]
+    for row in rows:  # long lines, as requests with prompts are: their keys are read off the bytes
+        row["body"]["input"] += " and more" * 100
+    lines = [json.dumps(row) for row in rows[:3]]
+    lines.append(json.dumps(rows[3], ensure_ascii=False))
+    lines.append(json.dumps({k: rows[4][k] for k in ("method", "url", "body", "custom_id")}))
+    lines.append(json.dumps(rows[5], separators=(",", ":")))
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(jsonl([responses.output_line(r["custom_id"], r["url"], r["body"], 1) for r in rows]))
+    target = tmp_path / "x.parquet"
+    assert write_joined(iter_joined(inputs, [out], extract=True), target) == {"succeeded": 6}
+    table = pq.read_table(target)
+    assert table.column("custom_id").to_pylist() == ids
+    vectors = table.column("embedding").to_pylist()
+    assert vectors == [pytest.approx(responses.embedding_vector(r["body"]["input"]), abs=1e-6) for r in rows]
