@@ -464,3 +464,23 @@ def test_the_module_names_the_pages_write_exist() -> None:
                 missing.append(f"{page.relative_to(ROOT)}: {module}.{name}")
     assert checked >= 5, f"only {checked} names found: is the pattern still right?"
     assert not missing, missing
+
+
+def test_the_tests_the_pages_name_exist() -> None:
+    """The lifecycle table and the guarantees name their tests: each is a test module or function (or its prefix)."""
+    sources = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    defined = set(re.findall(r"^(?:async )?def (test_\w+)", sources, flags=re.M))
+    modules = {p.stem for p in (ROOT / "tests").glob("test_*.py")}
+    named = {
+        n
+        for page in PAGES
+        for code in re.findall(r"`([^`]+)`", _without_blocks(page))
+        for n in re.findall(r"\btest_\w+", code)
+    }
+    assert len(named) >= 20
+    missing = [
+        name
+        for name in sorted(named)
+        if name not in modules and name not in defined and not any(d.startswith(name) for d in defined)
+    ]
+    assert not missing, missing
