@@ -13,7 +13,7 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 E2E_VENV ?= .venv-e2e
 E2E_STAMP := $(E2E_VENV)/.installed
 
-.PHONY: install test lint typecheck pytest demo bench chaos e2e e2e-system clean ui-check chromium
+.PHONY: install test lint typecheck pytest demo docs bench chaos e2e e2e-system clean ui-check chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,17 @@ chaos: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+# The documentation site (docs/, mkdocs.yml) into build/docs/; a warning (a broken link or anchor, a page missing from
+# the nav) fails it. tests/test_docs.py, part of `make test`, runs the pages' code blocks.
+DOCS_STAMP := $(VENV)/.docs-installed
+
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e '.[$(EXTRAS),docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/mkdocs build --strict -d build/docs
 
 # Not part of `make test`: real Airflow services on 127.0.0.1 and Debian's Chromium driven by Playwright;
 # screenshots land in build/ui-check/. Needs root (apt-get) the first time, when chromium is missing.
