@@ -26,7 +26,7 @@ instance, in order:
    applies the same rule, cancelling its own batch and following the survivor when it lost. Without lag this costs
    nothing: the first listing shows the own batch.
 
-Guarantee (README "What the provider guarantees"): one live batch per task instance and work, provided OpenAI's
+Guarantee (docs/guarantees.md): one live batch per task instance and work, provided OpenAI's
 clock and the workers' agree within ``RACE_SKEW``, and a listing that shows a batch shows the older ones too.
 """
 

@@ -82,6 +82,9 @@ class JobState:
     model: str | None = None
     #: Batches refused for the queue so far (not charged; their pieces waited and were sent again).
     queue_refusals: int = 0
+    #: Started by a try other than the task's first (the first one's folder was lost, or it died before saving
+    #: it): before creating a piece's batch, look for one an earlier try made.
+    needs_lookup: bool = False
 
     def ordered(self) -> list[Piece]:
         return sorted(self.pieces, key=lambda p: (p.gen, p.part))
@@ -105,6 +108,7 @@ class JobState:
             "started": self.started,
             "model": self.model,
             "queue_refusals": self.queue_refusals,
+            "needs_lookup": self.needs_lookup,
         }
 
     @classmethod
@@ -117,6 +121,7 @@ class JobState:
             started=float(value.get("started") or 0.0),
             model=value.get("model"),
             queue_refusals=int(value.get("queue_refusals") or 0),
+            needs_lookup=bool(value.get("needs_lookup")),
         )
 
 

@@ -106,7 +106,7 @@ def _elapsed(seconds: float) -> str:
 
 def progress_line(state: JobState, now: float) -> str:
     """
-    ``job: shards 3 done, 2 running, 5 waiting for the queue; requests 30,000/100,000 done (30.0 %); enqueued ~1.2M
+    ``job: pieces 3 done, 2 running, 5 waiting for the queue; requests 30,000/100,000 done (30.0 %); enqueued ~1.2M
     of 1.8M tokens; elapsed 1h02m, about 2h04m left`` for the task log.
     """
     first = [p for p in state.pieces if p.gen == 0]

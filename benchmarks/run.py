@@ -5,7 +5,7 @@ P1 trigger scale (1,000 waits in one loop: ours, the floor of a bare GET on the 
 provider's trigger), P2 a 200 MB download vs curl (P1, P2 and the join: median of three rounds, with the spread),
 P3 validating and uploading 50,000 requests / 200 MB vs stdlib json and curl, API calls per 1-hour wait, the join of
 1,000,000 rows and the one-task job over 1,000,000 requests (issue 13).
-``--only p1,p2`` runs some steps (for iterating on one figure; the README's table is a full run).
+``--only p1,p2`` runs some steps (for iterating on one figure; docs/performance.md's table is a full run).
 """
 
 from __future__ import annotations

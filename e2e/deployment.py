@@ -8,7 +8,7 @@ process carries ``E2E_RUN=<token>`` in its environment, so a last sweep can prov
 safety net (atexit and SIGINT/SIGTERM/SIGHUP handlers) stops everything however the harness ends, short of a
 kill -9 of the harness itself (then ``python -m e2e --cleanup RUN_FOLDER`` stops what ``pids.json`` lists).
 
-The settings that matter for what survives what (see README "Running in production"):
+The settings that matter for what survives what (see docs/production.md):
 - ``[scheduler] task_instance_heartbeat_timeout`` (30 s here, 300 s by default): the only thing that notices a
   whole Celery worker killed; its tasks are retried after it.
 - ``[triggerer] job_heartbeat_sec`` (3 s) and ``triggerer_health_check_threshold`` (20 s): how soon the other

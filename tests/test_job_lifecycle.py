@@ -1,6 +1,5 @@
 """
-The one-task job's lifecycle is the blocks' table (README "What happens when you ..."): a clear or mark success of a
-deferred job leaves its batches running, mark failed cancels them (deferred and blocking); a retry continues, a clear
+The one-task job's lifecycle is the blocks' table (docs/lifecycle.md): a clear or mark success of a deferred job leaves its batches running, mark failed cancels them (deferred and blocking); a retry continues, a clear
 runs the source again; mapped jobs keep their results apart; request dicts are data, never templates; a generator
 streams; a Parquet destination without pyarrow is refused before anything is sent; requests that never ran fail
 the job unless allowed; a compatible server's transient failure is resent.

@@ -1,6 +1,6 @@
 """
-What retry, clear, mark success / failed, kill and a changed argument mean for a batch (README "What happens when
-you ..."): each row of that table is a test here or is named in it.
+What retry, clear, mark success / failed, kill and a changed argument mean for a batch (docs/lifecycle.md, "What
+happens when you ..."): each row of that table is a test here or is named in it.
 
 A retry and a clear are told apart the way Airflow does (``max_tries - retries + 1`` is the first try of the
 current run of tries; a clear sets ``max_tries = try_number + retries``), so a narrow task-instance stand-in with

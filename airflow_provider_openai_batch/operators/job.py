@@ -186,7 +186,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
     ``OpenAIBatchCreateOperator`` (``completion_window``, ``metadata``, ``output_expires_after``, ``lookback``,
     ``reuse``) and waiting options as the sensor (``poll_interval``, ``max_poll_interval``, ``deadline`` per batch
     from its creation, ``deferrable``, ``cancel_on_timeout``, ``cancel_on_kill``, ``max_poll_failures``). What
-    retry, clear, mark success, mark failed and a deadline do: README "What happens when you ...".
+    retry, clear, mark success, mark failed and a deadline do: docs/lifecycle.md.
 
     Returns ``{joined_uri, counts: {succeeded, failed, expired, cancelled, missing}, batches, rounds, usage_totals,
     queue_refusals[, cost_estimate]}``.
@@ -391,6 +391,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
 
     def _start(self, context: Mapping[str, Any], folder: JobWorkFolder) -> JobState:
         state = JobState(started=time.time())
+        state.needs_lookup = getattr(context.get("ti"), "try_number", None) != 1
         if self.max_enqueued_tokens is not None:
             state.budget, state.budget_unit = self.max_enqueued_tokens, "tokens"
         elif self.max_enqueued_requests is not None:
@@ -726,7 +727,17 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                 else:
                     piece.state = "waiting"
             folder.save(state)
-        for piece in scheduler.to_submit(state, time.time()):
+        chosen = scheduler.to_submit(state, time.time())
+        if state.needs_lookup and chosen:
+            # This run of tries' work folder was started by a retry (the first try's was lost, or it died before
+            # saving it): an earlier try may have created any piece's batch. One scan for all of them.
+            keys = {path.key(self._work_of(p)): p for p in chosen}
+            for key, batch in path.earlier(list(keys)).items():
+                self.log.info("%s: batch %s an earlier try created is used again", keys[key].name, batch.id)
+                self._record(path, keys[key], key, batch)
+            folder.save(state)
+            chosen = [p for p in chosen if p.state == "waiting"]
+        for piece in chosen:
             work = self._work_of(piece)
             key = path.key(work)
             path.metadata(work, key)  # metadata OpenAI would refuse is refused before anything is sent
@@ -739,6 +750,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             except OpenAIBatchAPIError as error:
                 if not is_queue_refusal_code(error.code):
                     raise
+                metrics.queue_refused(metrics.tags_from_context(context, model=state.model, endpoint=self.endpoint))
                 self._refused(folder, state, piece, error.message, None)
                 folder.save(state)
                 break  # the queue is full: the rest waits too

@@ -30,7 +30,9 @@ from airflow_provider_openai_batch.batch_file import (
 from airflow_provider_openai_batch.batch_status import (
     BatchSummary,
     expected_result_lines,
+    is_queue_refusal_code,
     is_terminal,
+    read_queue_refusal,
     summarize,
 )
 from airflow_provider_openai_batch.batches import REUSE_MODES, BatchWork, CreatePath, ReuseMode
@@ -334,15 +336,22 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
             lookback=self.lookback,
             logger=self.log,
         )
-        ensured = path.ensure(
-            BatchWork(
-                input_file_id=self.input_file_id,
-                endpoint=self.endpoint,
-                completion_window=self.completion_window,
-                metadata=self.metadata,
-                output_expires_after_seconds=_as_seconds(self.output_expires_after),
-            )
+        work = BatchWork(
+            input_file_id=self.input_file_id,
+            endpoint=self.endpoint,
+            completion_window=self.completion_window,
+            metadata=self.metadata,
+            output_expires_after_seconds=_as_seconds(self.output_expires_after),
         )
+        try:
+            ensured = path.ensure(work)
+        except OpenAIBatchAPIError as error:
+            if not is_queue_refusal_code(error.code):
+                raise
+            # Azure's global batch refuses at create (HTTP 400 token_limit_exceeded): the same queue, seen earlier.
+            refusal = read_queue_refusal(error.message)
+            metrics.queue_refused(metrics.tags_from_context(context, model=None, endpoint=self.endpoint))
+            raise BatchQueueFullError(str(error), None, model=None, limit=refusal.limit, unit=refusal.unit) from None
         batch = ensured.batch
         if ensured.created:
             metrics.batch_created(metrics.tags_from_context(context, model=batch.model, endpoint=self.endpoint))
