@@ -379,6 +379,32 @@ class CreatePath:
 
     def create(self, work: BatchWork, key: str, *, input_file_id: str | None = None) -> Batch:
         """Create the batch once (``call_once``) and settle a race with another try; returns the survivor."""
+        created, failure = self.create_many([(work, key, input_file_id)])
+        if failure is not None:
+            raise failure
+        return created[0]
+
+    def create_many(
+        self, wave: list[tuple[BatchWork, str, str | None]]
+    ) -> tuple[list[Batch], OpenAIBatchAPIError | None]:
+        """
+        Create a wave of batches (``(work, key, input file id)`` each, each once) and settle them together: one pause
+        and one listing for the whole wave, not one per batch. Nothing is logged until the settle has run (an
+        orphaned try dies at its first log line and must have cancelled its duplicates by then). A create that fails
+        stops the wave: the batches created before it are settled and returned with the error, which the caller
+        raises (or handles, a queue refusal) once it has recorded the ones made.
+        """
+        made: list[tuple[Batch, str]] = []
+        failure: OpenAIBatchAPIError | None = None
+        for work, key, input_file_id in wave:
+            try:
+                made.append((self._send(work, key, input_file_id), key))
+            except OpenAIBatchAPIError as error:
+                failure = error
+                break
+        return (self.settle_many(made) if made else []), failure
+
+    def _send(self, work: BatchWork, key: str, input_file_id: str | None) -> Batch:
         file_id = input_file_id or work.input_file_id
         if not file_id:
             raise ValueError("a batch needs an input file id")
@@ -386,8 +412,6 @@ class CreatePath:
         sent_after = time.time() - CLOCK_SKEW.total_seconds()
 
         def send() -> Batch:
-            # Nothing is logged until the settle step has run: an orphaned try (its supervisor killed) dies at its
-            # first log line, and must have cancelled its duplicate by then.
             batch: Batch = self.hook.create_batch(
                 file_id,
                 work.endpoint,
@@ -405,38 +429,48 @@ class CreatePath:
                     return batch
             return None
 
-        own = call_once("batches.create", send, find)
-        return self.settle(own, key)
+        return call_once("batches.create", send, find)
 
     def look(self, key: str) -> SiblingLook:
         return SiblingLook(key, self.first, self.looked.get(key, time.time()))
 
     def settle(self, own: Batch, key: str) -> Batch:
+        """``settle_many`` for one batch."""
+        return self.settle_many([(own, key)])[0]
+
+    def settle_many(self, made: list[tuple[Batch, str]]) -> list[Batch]:
         """
         Right after creating: list the batches made since this try started looking (less ``RACE_SKEW``) that the
-        lookup did not pass over; by ``surviving_batch``, cancel our own batch when it is a duplicate and adopt the
-        survivor. A failed listing keeps the batch we have (the second look will settle it).
+        lookup did not pass over; by ``surviving_batch``, cancel each own batch that is a duplicate and adopt its
+        survivor. One pause and one listing (again while a lagging listing hides an own batch) for all of ``made``.
+        A failed listing keeps the batches we have (their waiter makes the second look).
         """
         time.sleep(idempotency.SETTLE_PAUSE)  # until a racer created in the same second as ours is listed too
-        look = self.look(key)
+        cutoff = min(self.look(key).cutoff for _, key in made)
+        ours = {own.id for own, _ in made}
         give_up = time.time() + SETTLE_WAIT_FOR_OWN
         try:
-            listing = recent_batches(self.hook, look.cutoff)
-            while own.id not in {b.id for b in listing} and time.time() < give_up:
+            listing = recent_batches(self.hook, cutoff)
+            while not ours <= {b.id for b in listing} and time.time() < give_up:
                 time.sleep(SETTLE_RELIST)  # the listing lags: it may hide a racer as it hides our own batch
-                listing = recent_batches(self.hook, look.cutoff)
-        except OpenAIBatchAPIError as error:  # after the SDK's retries: keep the batch we have, do not fail the try
-            self.log.warning("Could not list batches to look for a duplicate of %s (%s)", own.id, error)
-            self.unseen.add(key)
-            return own
-        if own.id not in {b.id for b in listing}:
-            self.unseen.add(key)
-        survivor = look.survivor(own, [b for b in listing if b.id not in self.passed_over])
-        if survivor.id == own.id:
-            self.log.info("Created batch %s for %s", own.id, own.input_file_id)
-            return own
-        cancel_duplicate(self.hook, own.id, survivor.id, self.log)
-        return survivor  # type: ignore[no-any-return]
+                listing = recent_batches(self.hook, cutoff)
+        except OpenAIBatchAPIError as error:  # after the SDK's retries: keep the batches we have, do not fail the try
+            self.log.warning("Could not list batches to look for duplicates of %s (%s)", ", ".join(ours), error)
+            self.unseen.update(key for _, key in made)
+            return [own for own, _ in made]
+        listed = {b.id for b in listing}
+        candidates = [b for b in listing if b.id not in self.passed_over]
+        survivors = []
+        for own, key in made:
+            if own.id not in listed:
+                self.unseen.add(key)
+            survivor = self.look(key).survivor(own, candidates)
+            if survivor.id == own.id:
+                self.log.info("Created batch %s for %s", own.id, own.input_file_id)
+            else:
+                cancel_duplicate(self.hook, own.id, survivor.id, self.log)
+            survivors.append(survivor)
+        return survivors
 
     def ensure(self, work: BatchWork) -> Ensured:
         """The batch for ``work``: an earlier try's (when it may be reused) or a new one, recorded in the store."""

@@ -144,7 +144,7 @@ def inject(op: OpenAIBatchJobOperator, point: str | None) -> None:
     elif point == "after_join":
         after("_collect")
     elif point == "round_2_create":
-        after("_create", lambda path, work, key, file_id: ":gen=1:" in str(work.input_identity))
+        after("_create", lambda path, wave: any(":gen=1:" in str(work.input_identity) for work, _, _ in wave))
     elif point == "before_write":
 
         def finish_crash(*args: Any, **kwargs: Any) -> Any:

@@ -737,27 +737,37 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                 self._record(path, keys[key], key, batch)
             folder.save(state)
             chosen = [p for p in chosen if p.state == "waiting"]
+        if not chosen:
+            return
+        # Upload the wave (logging is fine here), then create it and settle it together: one settle pause and one
+        # listing for the wave, and nothing logged between the first create and the settle.
+        wave: list[tuple[Piece, BatchWork, str, str]] = []
         for piece in chosen:
             work = self._work_of(piece)
             key = path.key(work)
             path.metadata(work, key)  # metadata OpenAI would refuse is refused before anything is sent
-            file_id = self._upload(folder, piece)
-            piece.state, piece.looked_at, piece.planned = "creating", time.time(), state.budget is not None
-            folder.save(state)
-            path.looked[key] = piece.looked_at
-            try:
-                batch = self._create(path, work, key, file_id)
-            except OpenAIBatchAPIError as error:
-                if not is_queue_refusal_code(error.code):
-                    raise
-                metrics.queue_refused(metrics.tags_from_context(context, model=state.model, endpoint=self.endpoint))
-                self._refused(folder, state, piece, error.message, None)
-                folder.save(state)
-                break  # the queue is full: the rest waits too
+            wave.append((piece, work, key, self._upload(folder, piece)))
+        now = time.time()
+        for piece, _, key, _ in wave:
+            piece.state, piece.looked_at, piece.planned = "creating", now, state.budget is not None
+            path.looked[key] = now
+        folder.save(state)
+        created, failure = self._create(path, [(work, key, file_id) for _, work, key, file_id in wave])
+        tags = metrics.tags_from_context(context, model=state.model, endpoint=self.endpoint)
+        for (piece, _, key, _), batch in zip(wave, created, strict=False):
             self._record(path, piece, key, batch)
+            metrics.batch_created(tags)
+        for piece, _, _, _ in wave[len(created) :]:
+            piece.state = "waiting"  # not sent: the wave stopped before it
+        folder.save(state)
+        if created:
+            self.push_batch_id(context, created[0].id)
+        if failure is not None:
+            if not is_queue_refusal_code(failure.code):
+                raise failure
+            metrics.queue_refused(tags)
+            self._refused(folder, state, wave[len(created)][0], failure.message, None)
             folder.save(state)
-            self.push_batch_id(context, batch.id)
-            metrics.batch_created(metrics.tags_from_context(context, model=state.model, endpoint=self.endpoint))
 
     def _upload(self, folder: JobWorkFolder, piece: Piece) -> str:
         return upload_once(
@@ -771,9 +781,11 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             logger=self.log,
         )
 
-    def _create(self, path: CreatePath, work: BatchWork, key: str, file_id: str) -> Any:
-        """The one create path (``batches.CreatePath.create``): create once, then settle a race with another try."""
-        return path.create(work, key, input_file_id=file_id)
+    def _create(
+        self, path: CreatePath, wave: list[tuple[BatchWork, str, str | None]]
+    ) -> tuple[list[Any], OpenAIBatchAPIError | None]:
+        """The one create path (``batches.CreatePath.create_many``): each batch once, the wave settled together."""
+        return path.create_many(wave)
 
     @staticmethod
     def _record(path: CreatePath, piece: Piece, key: str, batch: Any) -> None:
