@@ -13,7 +13,7 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 E2E_VENV ?= .venv-e2e
 E2E_STAMP := $(E2E_VENV)/.installed
 
-.PHONY: install test lint typecheck pytest demo docs bench chaos e2e e2e-system clean ui-check chromium
+.PHONY: install test lint typecheck pytest pytest-py demo docs bench chaos e2e e2e-system clean ui-check chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,17 @@ pytest: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# The suite alone (not lint, types or e2e again) on another Python, in its own venv: `make pytest-py PY=3.13`.
+# Airflow 3.3 supports Python 3.10-3.13, pyproject's requires-python says >=3.10. PY_BIN names the interpreter when
+# python$(PY) is not on PATH (e.g. PY_BIN=~/.pyenv/versions/3.13.0/bin/python3.13). Pins: constraints/test-py310.txt
+# for PY=3.10 (a Python the newest providers no longer install on), constraints/test.txt where no such file exists.
+PY ?= 3.13
+PY_BIN ?= python$(PY)
+PY_CONSTRAINTS = $(firstword $(wildcard constraints/test-py$(subst .,,$(PY)).txt) constraints/test.txt)
+
+pytest-py:
+	$(MAKE) pytest PYTHON="$(PY_BIN)" VENV=.venv-airflow-3.3-py$(PY) PIP_ARGS="-c $(PY_CONSTRAINTS)"
 
 chaos: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider -m chaos tests/test_chaos.py
@@ -94,4 +105,4 @@ e2e: e2e-system $(E2E_STAMP)
 	$(E2E_VENV)/bin/python -m e2e $(E2E_ARGS)
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) $(E2E_VENV) .venv-airflow-3.0 .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(E2E_VENV) .venv-airflow-3.0 .venv-airflow-3.3-py* .mypy_cache .ruff_cache .pytest_cache

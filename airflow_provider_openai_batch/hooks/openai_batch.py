@@ -537,7 +537,10 @@ class OpenAIBatchHook(BaseHook):
             written = lines = 0
             last = b"\n"
             with atomic_writer(target, overwrite=overwrite) as out:
-                for chunk in copy_chunks(response.iter_bytes(DOWNLOAD_CHUNK_SIZE), out):
+                # The pieces as the transport delivers them (decoded, never re-chunked: a re-chunking copy costs
+                # more than writing); copy_chunks gathers DOWNLOAD_CHUNK_SIZE writes only where a write pays per call.
+                pieces = response.iter_bytes()
+                for chunk in copy_chunks(pieces, out, block=DOWNLOAD_CHUNK_SIZE):
                     written += len(chunk)
                     lines += chunk.count(b"\n")
                     last = chunk[-1:] or last

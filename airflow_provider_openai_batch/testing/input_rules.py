@@ -1,23 +1,68 @@
 """
 How the fake server judges a batch input file: OpenAI's published rules, written apart from the provider's own
-validator (``batch_file``) on purpose.
+validator (``batch_file``) and its reading of the SDK (``endpoints``) on purpose.
 
-If the fake reused the provider's validator, a wrong rule would be wrong on both sides and no test could catch it.
-Here each rule is read from OpenAI's documentation (see ``CONTRACT.md``), with the standard library's JSON parser;
-where OpenAI is silent, the stricter reading is taken and the provider has to cope with it.
+If the fake reused the provider's rules, a wrong rule would be wrong on both sides and no test could catch it.
+Here each rule is read from OpenAI's documentation and the installed ``openai`` SDK's own types (see
+``CONTRACT.md``), with the standard library's JSON parser; where OpenAI is silent, the stricter reading is taken
+and the provider has to cope with it. Nothing here imports the provider.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_openai_batch.endpoints import MAX_EMBEDDING_INPUTS, required_body_fields
+import typing_extensions
 
 #: ``BatchCreateParams.input_file_id``: "The file can contain up to 50,000 requests".
 MAX_REQUESTS = 50_000
+#: ``BatchCreateParams.endpoint``: "``/v1/embeddings`` batches are also restricted to a maximum of 50,000 embedding
+#: inputs across all requests in the batch."
+MAX_EMBEDDING_INPUTS = 50_000
+
+#: CONTRACT.md V2: the SDK's request parameters of each batch endpoint (the body a batch line carries is that
+#: endpoint's request). An endpoint not named here (one a newer SDK adds) requires nothing until it is added.
+REQUEST_TYPES: dict[str, tuple[str, str]] = {
+    "/v1/responses": ("openai.types.responses.response_create_params", "ResponseCreateParamsBase"),
+    "/v1/chat/completions": ("openai.types.chat.completion_create_params", "CompletionCreateParamsBase"),
+    "/v1/embeddings": ("openai.types.embedding_create_params", "EmbeddingCreateParams"),
+    "/v1/completions": ("openai.types.completion_create_params", "CompletionCreateParamsBase"),
+    "/v1/moderations": ("openai.types.moderation_create_params", "ModerationCreateParams"),
+    "/v1/images/generations": ("openai.types.image_generate_params", "ImageGenerateParamsBase"),
+    "/v1/images/edits": ("openai.types.image_edit_params", "ImageEditParamsBase"),
+    "/v1/videos": ("openai.types.video_create_params", "VideoCreateParams"),
+}
+
+
+def _marked(hint: Any, qualifier: Any) -> bool:
+    """Whether a TypedDict key's hint is ``qualifier[...]`` (``Required``, ``NotRequired``), also in ``Annotated``."""
+    origin = typing_extensions.get_origin(hint)
+    if origin is typing_extensions.Annotated:
+        return _marked(typing_extensions.get_args(hint)[0], qualifier)
+    return origin is qualifier
+
+
+@functools.cache
+def required_fields(endpoint: str) -> frozenset[str]:
+    """
+    The body fields ``endpoint``'s SDK request type requires (chat: ``messages`` and ``model``; responses: none).
+
+    The SDK's files postpone their annotations, so the TypedDict's own ``__required_keys__`` sees only its
+    totality (``total=False`` everywhere in the SDK today); the ``Required[...]`` / ``NotRequired[...]`` marks are
+    read from the resolved hints. A type the SDK no longer has is an error here, not a lenient fake.
+    """
+    where = REQUEST_TYPES.get(endpoint)
+    if where is None:
+        return frozenset()
+    params = getattr(importlib.import_module(where[0]), where[1])
+    hints = typing_extensions.get_type_hints(params, include_extras=True)
+    by_totality = {name for name in params.__required_keys__ if not _marked(hints[name], typing_extensions.NotRequired)}
+    return frozenset(by_totality | {name for name, hint in hints.items() if _marked(hint, typing_extensions.Required)})
 
 
 @dataclass
@@ -45,7 +90,7 @@ def check_input(path: Path, endpoint: str) -> InputReport:
     report = InputReport()
     seen: set[str] = set()
     embedding_inputs = 0
-    required = required_body_fields(endpoint)
+    required = required_fields(endpoint)
     number = 0
     with path.open("rb") as handle:  # a line is what ends in "\n"; the newline ending the last line adds no line
         for number, raw in enumerate(handle, start=1):
