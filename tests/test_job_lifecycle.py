@@ -1,8 +1,9 @@
 """
-The one-task job's lifecycle is the blocks' table (docs/lifecycle.md): a clear or mark success of a deferred job leaves its batches running, mark failed cancels them (deferred and blocking); a retry continues, a clear
-runs the source again; mapped jobs keep their results apart; request dicts are data, never templates; a generator
-streams; a Parquet destination without pyarrow is refused before anything is sent; requests that never ran fail
-the job unless allowed; a compatible server's transient failure is resent.
+The one-task job's lifecycle is the blocks' table (docs/lifecycle.md): a clear or mark success of a deferred job
+leaves its batches running, mark failed cancels them (deferred and blocking); a retry continues, a clear runs the
+source again; mapped jobs keep their results apart; request dicts are data, never templates; a generator streams; a
+Parquet destination without pyarrow is refused before anything is sent; requests that never ran fail the job unless
+allowed; a compatible server's transient failure is resent.
 
 Real HTTP to FakeOpenAIServer; ``test_job``'s driver plays Airflow's part.
 """
