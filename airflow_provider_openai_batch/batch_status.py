@@ -58,6 +58,11 @@ def is_terminal(status: str) -> bool:
     return status in TERMINAL_STATUSES
 
 
+def ended_clean(summary: BatchSummary) -> bool:
+    """Ended with every request answered: ``completed`` and none failed (nothing to resend from it)."""
+    return summary["status"] == "completed" and not summary["request_counts"]["failed"]
+
+
 def is_reusable(status: str) -> bool:
     """
     An earlier batch in this status may stand in for a new one (a retry must not pay twice), subject to

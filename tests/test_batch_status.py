@@ -22,7 +22,6 @@ from airflow_provider_openai_batch.batch_status import (
     expected_result_lines,
     format_job_progress,
     format_progress,
-    is_active,
     is_reusable,
     is_terminal,
     progress_key,
@@ -77,14 +76,11 @@ def test_the_sdk_lists_the_statuses_these_rules_are_written_for():
 )
 def test_what_each_status_means(status, terminal, reusable, survives):
     assert is_terminal(status) is terminal
-    assert is_active(status) is (not terminal)
     assert is_reusable(status) is reusable
     assert can_survive_a_race(status) is survives
 
 
 def test_every_sdk_status_is_either_active_or_terminal():
-    for status in SDK_STATUSES:
-        assert is_active(status) != is_terminal(status), status
     assert {s for s in SDK_STATUSES if is_terminal(s)} == {"completed", "failed", "expired", "cancelled"}
 
 
@@ -196,7 +192,8 @@ def test_a_job_where_every_request_succeeded_succeeds():
 
 
 def test_a_job_with_some_unsucceeded_requests_warns_and_names_them():
-    outcome = evaluate_job({"succeeded": 6, "failed": 1, "expired": 2, "missing": 1, "cancelled": 0}, JobPolicy())
+    counts = {"succeeded": 6, "failed": 1, "expired": 2, "missing": 1, "cancelled": 0}
+    outcome = evaluate_job(counts, JobPolicy(max_unrun_requests=3))
     assert outcome.ok and outcome.warning
     assert "4 of 10 requests did not succeed (40.0 %: 1 failed, 2 expired, 1 missing)" in outcome.message
 
@@ -206,17 +203,23 @@ def test_a_job_where_no_request_succeeded_fails_by_default():
     assert not outcome.ok and "no request succeeded" in outcome.message
 
 
+def test_requests_that_never_ran_fail_a_job_by_default():
+    outcome = evaluate_job({"succeeded": 9, "failed": 0, "missing": 1}, JobPolicy())
+    assert not outcome.ok and "1 request(s) never ran" in outcome.message and "max_unrun_requests" in outcome.message
+
+
 @pytest.mark.parametrize(
     ("policy", "ok"),
     [
-        (JobPolicy(max_failed_requests=4), True),
-        (JobPolicy(max_failed_requests=3), False),
-        (JobPolicy(max_failed_ratio=0.4), True),
-        (JobPolicy(max_failed_ratio=0.39), False),
+        (JobPolicy(max_failed_requests=1, max_unrun_requests=3), True),
+        (JobPolicy(max_failed_requests=0, max_unrun_requests=3), False),
+        (JobPolicy(max_failed_requests=1, max_unrun_requests=2), False),
+        (JobPolicy(max_failed_ratio=0.1, max_unrun_requests=None, max_unrun_ratio=0.3), True),
+        (JobPolicy(max_failed_ratio=0.1, max_unrun_requests=None, max_unrun_ratio=0.29), False),
     ],
 )
-def test_job_failure_limits_count_every_request_that_did_not_succeed(policy, ok):
-    # expired, cancelled and missing requests count against the limits as failed ones do
+def test_job_limits_count_failed_and_unrun_requests_apart(policy, ok):
+    # failed requests ran and failed; expired, cancelled and missing ones never ran: each has its own limit
     assert evaluate_job({"succeeded": 6, "failed": 1, "expired": 1, "cancelled": 1, "missing": 1}, policy).ok is ok
 
 

@@ -65,8 +65,8 @@ if TYPE_CHECKING:
 #: (Airflow itself already holds the older ``httpx`` at WARNING.)
 REQUEST_LOGGERS = ("httpx2",)
 _quieted_loggers: set[str] = set()
-#: Downloads take the response in 1 MB pieces (the transport reads 64 KB at a time): the per-piece Python work
-#: (counting, queueing for the writer thread) then happens 16 times less often, at a few MB of memory.
+#: Downloads gather the transport's pieces (64 KB reads) into writes of this size where a write pays per call
+#: (fsspec / object-store files); a local file takes the pieces as they come, one os.writev per this many bytes.
 DOWNLOAD_CHUNK_SIZE = 1 << 20
 
 

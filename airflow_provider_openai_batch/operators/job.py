@@ -832,7 +832,9 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                     max_poll_failures=self.max_poll_failures,
                     cancel_on_kill=self.cancel_on_kill,
                     label=self.task_id,
-                    wake_on_any_end=True,
+                    # The capacity a batch frees is only worth a wake-up when work waits for it.
+                    wake_on_any_end=bool(state.by_state("waiting")),
+                    wake_on_unclean_end=self.max_rounds > 1,
                     wake_at=wake_at,
                 ),
                 method_name="execute_complete",

@@ -19,7 +19,7 @@ from typing import Literal, TypedDict
 from airflow.triggers.base import TriggerEvent
 from typing_extensions import NotRequired
 
-from airflow_provider_openai_batch.batch_status import BatchSummary, format_job_progress, is_terminal
+from airflow_provider_openai_batch.batch_status import BatchSummary, ended_clean, format_job_progress, is_terminal
 from airflow_provider_openai_batch.exceptions import APIErrorPayload, OpenAIBatchAPIError, api_error_payload
 from airflow_provider_openai_batch.polling import DEFAULT_MAX_POLL_FAILURES, PollFailures, aread_once, keep_client
 from airflow_provider_openai_batch.triggers.base import OpenAIBatchBaseTrigger
@@ -55,14 +55,16 @@ class OpenAIBatchJobTrigger(OpenAIBatchBaseTrigger):
     :param batch_ids: The job's running batches.
     :param end_times: Each batch's deadline (epoch seconds); a ``timeout`` event names those past it.
     :param created_at: When the oldest batch was created; with ``max_poll_interval`` the cadence relaxes with age.
-    :param wake_on_any_end: Wake when any batch ends (work waits on it); else when all have ended.
+    :param wake_on_any_end: Wake when any batch ends (work waits for the capacity it frees); else when all have
+        ended, or (``wake_on_unclean_end``) when one ends with requests to resend.
+    :param wake_on_unclean_end: Wake when a batch ends with failed or unrun requests (resubmission rounds remain).
     :param wake_at: Also wake at this moment (epoch seconds), if nothing ended before.
     :param label: What the progress lines start with (e.g. the task id).
 
     Events (exactly one): a ``JobEventPayload``; the task reads the batches again when it resumes.
     """
 
-    fields = ("batch_ids", "end_times", "created_at", "wake_on_any_end", "wake_at", "label")
+    fields = ("batch_ids", "end_times", "created_at", "wake_on_any_end", "wake_on_unclean_end", "wake_at", "label")
 
     def __init__(
         self,
@@ -78,6 +80,7 @@ class OpenAIBatchJobTrigger(OpenAIBatchBaseTrigger):
         jitter_first_poll: bool = True,
         wake_on_any_end: bool = True,
         wake_at: float | None = None,
+        wake_on_unclean_end: bool = False,
     ) -> None:
         super().__init__(
             conn_id=conn_id,
@@ -91,6 +94,7 @@ class OpenAIBatchJobTrigger(OpenAIBatchBaseTrigger):
         self.end_times = {str(k): float(v) for k, v in end_times.items()}
         self.created_at = created_at
         self.wake_on_any_end = wake_on_any_end
+        self.wake_on_unclean_end = wake_on_unclean_end
         self.wake_at = wake_at
         self.label = label
         self._ended: set[str] = set()
@@ -150,7 +154,8 @@ class OpenAIBatchJobTrigger(OpenAIBatchBaseTrigger):
                     last_line = line
                     self.log.info(line)
             ended = [b for b in self.batch_ids if b in self._ended]
-            if ended and (self.wake_on_any_end or len(ended) == len(self.batch_ids)):
+            unclean = self.wake_on_unclean_end and any(not ended_clean(latest[b]) for b in ended)
+            if ended and (self.wake_on_any_end or unclean or len(ended) == len(self.batch_ids)):
                 yield self._event(EVENT_ENDED, ended, f"{len(ended)} of {len(self.batch_ids)} batches ended")
                 return
             now = time.time()
