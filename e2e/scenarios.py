@@ -536,10 +536,10 @@ def job_kill_steps(shards: tuple[int, int], downloads: int) -> list[KillStep]:
             acted=True,
         ),
         KillStep(
-            "r1-last-settle",
-            "round 1: the last create took effect and its settle listing was answered, the answer lost",
+            "r1-settle",
+            "round 1: every create took effect and the wave's one settle listing was answered, the answer lost",
             "batches.list",
-            range(first, first + 1),
+            range(1, 2),
             acted=True,
             client="OpenAI",
         ),
