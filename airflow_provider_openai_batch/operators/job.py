@@ -22,11 +22,13 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypedDict
+
+import msgspec
 
 from airflow_provider_openai_batch import batches as create_path
 from airflow_provider_openai_batch import metrics, scheduler
@@ -37,6 +39,7 @@ from airflow_provider_openai_batch.batch_file import (
     ShardLimits,
     encode_requests,
     estimate_tokens,
+    iter_lines,
     shard_batch_file,
 )
 from airflow_provider_openai_batch.batch_status import (
@@ -56,7 +59,9 @@ from airflow_provider_openai_batch.batches import REUSE_MODES, BatchWork, Create
 from airflow_provider_openai_batch.estimate import Estimate, estimate_file, render_estimate
 from airflow_provider_openai_batch.exceptions import (
     BatchFailedError,
+    BatchInputError,
     CostBudgetError,
+    InputIssue,
     OpenAIBatchAPIError,
     OpenAIBatchError,
     api_error_from_payload,
@@ -65,6 +70,15 @@ from airflow_provider_openai_batch.idempotency import DEFAULT_LOOKBACK, idempote
 from airflow_provider_openai_batch.job_state import JobState, JobWorkFolder, Piece
 from airflow_provider_openai_batch.links.openai_batch import OpenAIBatchLink
 from airflow_provider_openai_batch.operators.base import OpenAIBatchBaseOperator, deadline_end_time
+from airflow_provider_openai_batch.outputs import (
+    ROW_STATUSES,
+    OutputSchemaConflict,
+    apply_output_schema,
+    prompt_request,
+    response_format,
+)
+from airflow_provider_openai_batch.outputs import output_schema as make_output_schema
+from airflow_provider_openai_batch.parquet import columns as parquet_columns
 from airflow_provider_openai_batch.polling import (
     DEFAULT_MAX_POLL_FAILURES,
     DEFAULT_MAX_POLL_INTERVAL,
@@ -83,7 +97,7 @@ from airflow_provider_openai_batch.results import (
     write_joined,
     write_retry_input,
 )
-from airflow_provider_openai_batch.storage import Source, atomic_writer, to_storage_path
+from airflow_provider_openai_batch.storage import Source, atomic_writer, describe, to_storage_path
 from airflow_provider_openai_batch.tokens import queue_tokens
 from airflow_provider_openai_batch.triggers.job import (
     EVENT_ENDED,
@@ -174,6 +188,17 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         again (the function of ``@task.openai_batch``); a retry continues the run of tries' work.
     :param price_table: ``{model: {"input": $, "cached_input": $, "output": $}}`` per million tokens (batch
         prices), for ``cost_estimate``, ``dry_run``'s cost range and ``max_cost``.
+    :param output_schema: A Pydantic model class or a JSON Schema dict (OpenAI's strict structured outputs, checked
+        when the DAG is parsed): put into every request as the endpoint expects (chat ``response_format``, responses
+        ``text.format``; a request that sets another is refused naming its line), and each succeeded row is parsed
+        and validated into ``output`` with the finer statuses ``invalid_output``, ``refused`` and ``truncated``
+        (docs/typed-results.md). A ``.parquet`` destination gets one typed column per field.
+    :param extract: Without a schema, still give each row ``output``: the text of chat / responses / completions,
+        the vector of embeddings, flagged and categories of moderations.
+    :param model: With prompts as the source (strings, message lists, or ``(key, prompt)`` pairs): the model of
+        every request; ``system_prompt`` is sent before each prompt on chat completions; ``request_params`` (e.g.
+        ``{"max_tokens": 200, "temperature": 0}``) go into every request body. Custom ids come from the key, or
+        the prompt's position (``prompt-000042``), so joins and resubmission still work.
     :param dry_run: Validate, shard and estimate (``estimate.Estimate``: requests, shards, tokens counted with the
         model's tokenizer, output caps, queue fills under the budget, a cost range) and return it without sending
         anything.
@@ -223,6 +248,11 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         max_unrun_requests: int | None = 0,
         max_unrun_ratio: float | None = None,
         price_table: dict[str, dict[str, float]] | None = None,
+        output_schema: Any = None,
+        extract: bool = False,
+        model: str | None = None,
+        system_prompt: str | None = None,
+        request_params: dict[str, Any] | None = None,
         dry_run: bool = False,
         max_cost: float | None = None,
         cancel_on_budget: bool = False,
@@ -282,6 +312,15 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         )
         if max_cost is not None and not price_table:
             raise ValueError("max_cost needs a price_table: {model: {'input': $, 'output': $}} per million tokens")
+        if output_schema is not None:
+            response_format(output_schema, endpoint)  # a schema strict mode refuses, or a wrong endpoint: now
+            if str(destination).endswith(".parquet"):
+                parquet_columns(make_output_schema(output_schema))  # field names the typed columns reserve
+        self.output_schema = output_schema
+        self.extract = extract
+        self.model = model
+        self.system_prompt = system_prompt
+        self.request_params = dict(request_params or {})
         self.price_table = price_table
         self.estimate_only = dry_run  # BaseOperator.dry_run is a method of its own
         self.max_cost = max_cost
@@ -419,7 +458,9 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
 
     def _materialized(self, context: Mapping[str, Any], scratch: Path) -> Source:
         """The source as something to read: request dicts (any iterable, a generator streamed) written to a file."""
-        source: Source = self.resolve_source(context)
+        source: Any = self.resolve_source(context)
+        if self.output_schema is not None and not is_request_data(source):
+            source = _decoded_lines(source)  # each request of a file asks for the schema too
         if is_request_data(source):
             path = scratch / "requests.jsonl"
             with path.open("wb") as out:
@@ -522,13 +563,44 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                 piece.tokens = sum(count(line.rstrip(b"\r\n")) for line in lines if line.strip())
 
     def _requests(self, source: Iterable[Any]) -> Iterable[dict[str, Any]]:
-        for i, request in enumerate(source):
-            if not isinstance(request, Mapping):
+        """Request dicts as given, or made from prompts; with ``output_schema``, each asks for it."""
+        for i, item in enumerate(source):
+            if isinstance(item, (str, list)) or (isinstance(item, tuple) and len(item) == 2):
+                yield self._prompt_request(i, item)
+                continue
+            if not isinstance(item, Mapping):
                 raise TypeError(
-                    f"{self.source_label()}: item {i} is a {type(request).__name__}, not a request dict "
-                    '({"custom_id": ..., "method": "POST", "url": ..., "body": {...}})'
+                    f"{self.source_label()}: item {i} is a {type(item).__name__}, not a request dict "
+                    '({"custom_id": ..., "method": "POST", "url": ..., "body": {...}}), a prompt string, a list of '
+                    "messages or a (key, prompt) pair"
                 )
-            yield dict(request)
+            request = dict(item)
+            if self.output_schema is not None and isinstance(request.get("body"), Mapping):
+                try:
+                    request["body"] = apply_output_schema(request["body"], self.endpoint, self.output_schema)
+                except OutputSchemaConflict as conflict:
+                    raise BatchInputError(
+                        self.source_label(), [InputIssue(i + 1, conflict.field, str(conflict))]
+                    ) from None
+            yield request
+
+    def _prompt_request(self, i: int, item: Any) -> dict[str, Any]:
+        if not self.model:
+            raise ValueError(f"{self.source_label()} gives prompts: model= is needed to make requests of them")
+        key, prompt = (str(item[0]), item[1]) if isinstance(item, tuple) else (f"prompt-{i:06d}", item)
+        if self.system_prompt and self.endpoint.endswith("/chat/completions"):
+            user = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            prompt = [{"role": "system", "content": self.system_prompt}, *user]
+        elif self.system_prompt:
+            self.request_params.setdefault("instructions", self.system_prompt)
+        return prompt_request(
+            key,
+            prompt,
+            endpoint=self.endpoint,
+            model=self.model,
+            output_schema=self.output_schema,
+            **self.request_params,
+        )
 
     @staticmethod
     def _copy(path: Path, target: Any) -> None:
@@ -564,6 +636,10 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                     self._wait_until(context, wake)
                 continue
             self._wait(context, state)
+
+    def _typed(self) -> dict[str, Any]:
+        """The join's typed-results arguments (``results.iter_joined``)."""
+        return {"output_schema": self.output_schema, "extract": self.extract}
 
     def _work_of(self, piece: Piece) -> BatchWork:
         return BatchWork(
@@ -629,7 +705,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         whole = summary["status"] == "completed" and not counts["failed"] and counts["completed"] >= piece.requests
         if piece.gen > 0 or (not whole and piece.gen + 1 < self.max_rounds):
             results = [p for p in (folder.output(piece), folder.error(piece)) if p.exists()]
-            write_joined(iter_joined([folder.input(piece)], results), folder.joined(piece))
+            write_joined(iter_joined([folder.input(piece)], results, **self._typed()), folder.joined(piece))
         if whole or piece.gen + 1 >= self.max_rounds:
             return
         retry = Piece(piece.gen + 1, piece.part, 0, 0, "", 0)
@@ -905,14 +981,15 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         inputs = [folder.input(p) for p in first]
         results = [r for p in first for r in (folder.output(p), folder.error(p)) if r.exists()]
         if later:
-            write_joined(iter_joined(inputs, results), folder.first_generation_joined)
+            write_joined(iter_joined(inputs, results, **self._typed()), folder.first_generation_joined)
             rows = iter_merged(
                 [folder.first_generation_joined, *(folder.joined(p) for p in later)], [0, *(p.gen for p in later)]
             )
         else:
-            rows = iter_joined(inputs, results)
-        counts = dict.fromkeys(REQUEST_STATUSES, 0)
-        counts.update(write_joined(rows, destination))
+            rows = iter_joined(inputs, results, **self._typed())
+        typed = self.output_schema is not None or self.extract
+        counts = dict.fromkeys(ROW_STATUSES if typed else REQUEST_STATUSES, 0)
+        counts.update(write_joined(rows, destination, **self._typed()))
         usage = dict.fromkeys(USAGE_KEYS, 0)
         batches: list[JobBatch] = []
         reasons: list[str] = []
@@ -970,6 +1047,18 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             raise BatchFailedError(outcome.message)
         (self.log.warning if outcome.warning else self.log.info)(outcome.message)
         return result
+
+
+def _decoded_lines(source: Source) -> Iterator[dict[str, Any]]:
+    """A JSONL source's requests as dicts, streamed; a line that is not a JSON object is an input error."""
+    for number, raw in enumerate(iter_lines(source), start=1):
+        try:
+            value = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            value = None
+        if not isinstance(value, dict):
+            raise BatchInputError(describe(source), [InputIssue(number, None, "is not a JSON object")])
+        yield value
 
 
 def _file_stats(path: Any) -> tuple[int, str]:
