@@ -7,8 +7,9 @@ status policy, so a batch that ends means the same thing whichever task saw it e
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from functools import cached_property
 from typing import Any
@@ -97,6 +98,23 @@ class OpenAIBatchBaseOperator(BaseOperator):
     @cached_property
     def hook(self) -> OpenAIBatchHook:
         return OpenAIBatchHook(self.conn_id)
+
+    def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
+        """
+        Request dicts given as ``source`` are data, never templates: Airflow's rendering would recurse into them and
+        run every prompt through Jinja (a ``{{ ds }}`` in a prompt replaced, a ``{% if`` failing the task, each
+        prompt logged at error level). They are set aside while the other fields render and put back untouched; a
+        path, URI, ``ObjectStoragePath`` or XCom reference renders as usual.
+        """
+        source = getattr(self, "source", None)
+        literal = is_request_data(source)
+        if literal:
+            setattr(self, "source", None)  # noqa: B010 (the operators with a source declare its type)
+        try:
+            super().render_template_fields(context, jinja_env)
+        finally:
+            if literal:
+                setattr(self, "source", source)  # noqa: B010
 
     #: What the task read and wrote, as (kind, identifier) pairs: ("storage", uri) or ("file"/"batch", OpenAI id).
     _lineage: tuple[list[tuple[str, str]], list[tuple[str, str]]] | None = None
@@ -352,6 +370,15 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
         """The worker-side counterpart of the trigger's ``on_kill`` (blocking waits and poke-mode sensors)."""
         if self._waiting_on:
             self.cancel_for_kill([self._waiting_on], self._waiting_ti)
+
+
+def is_request_data(value: Any) -> bool:
+    """Request dicts (a list, tuple, generator or any iterable of them), as opposed to a path, URI or storage path."""
+    if value is None or isinstance(value, (str, bytes, bytearray, memoryview, os.PathLike, Mapping)):
+        return False
+    if getattr(value, "resolve", None) is not None:  # an ObjectStoragePath or an XComArg
+        return False
+    return isinstance(value, Iterable)
 
 
 def batch_id_of(value: Any) -> str:

@@ -69,7 +69,11 @@ from airflow_provider_openai_batch.exceptions import (
 from airflow_provider_openai_batch.idempotency import DEFAULT_LOOKBACK, idempotency_key, task_identity
 from airflow_provider_openai_batch.job_state import JobState, JobWorkFolder, Piece
 from airflow_provider_openai_batch.links.openai_batch import OpenAIBatchLink
-from airflow_provider_openai_batch.operators.base import OpenAIBatchBaseOperator, deadline_end_time
+from airflow_provider_openai_batch.operators.base import (
+    OpenAIBatchBaseOperator,
+    deadline_end_time,
+    is_request_data,
+)
 from airflow_provider_openai_batch.outputs import (
     ROW_STATUSES,
     OutputSchemaConflict,
@@ -145,15 +149,6 @@ def _seconds(value: timedelta | float | None) -> float | None:
     if value is None:
         return None
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
-
-
-def is_request_data(value: Any) -> bool:
-    """Request dicts (a list, tuple, generator or any iterable of them), as opposed to a path, URI or storage path."""
-    if isinstance(value, (str, bytes, bytearray, memoryview, os.PathLike, Mapping)):
-        return False
-    if getattr(value, "resolve", None) is not None:  # an ObjectStoragePath or an XComArg
-        return False
-    return isinstance(value, Iterable)
 
 
 class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
@@ -330,24 +325,6 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         )
         self._running: list[str] = []
         self._running_ti: Any = None
-
-    # --- templating: request dicts are data ----------------------------------------------------------
-
-    def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
-        """
-        Request dicts given as ``source`` are data: Airflow's rendering would run every prompt through Jinja (a
-        ``{{ ds }}`` in a prompt replaced, a ``{% if`` failing the task). They are set aside while the other fields
-        render and put back untouched; a path, URI or XCom reference renders as usual.
-        """
-        source = self.source
-        literal = is_request_data(source)
-        if literal:
-            self.source = None
-        try:
-            super().render_template_fields(context, jinja_env)
-        finally:
-            if literal:
-                self.source = source
 
     # --- entry points -------------------------------------------------------------------------------
 

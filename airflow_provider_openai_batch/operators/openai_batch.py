@@ -130,24 +130,6 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
         self.sharding = sharding
         self.limits = ShardLimits(max_requests_per_file, max_bytes_per_file, max_tokens_per_file)
 
-    def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
-        """
-        Only a string ``source`` (a path or URI) and an ``ObjectStoragePath`` are templates; an XCom reference is
-        resolved. A literal list of request dicts is data: Airflow's rendering would recurse into it and run
-        every prompt through Jinja, so a prompt containing ``{% if`` or ``{{name}}`` would fail the task (and
-        Airflow would log each prompt at error level while reporting it). It is set aside while the other
-        fields render and put back untouched.
-        """
-        source = self.source
-        literal = not isinstance(source, (str, os.PathLike)) and getattr(source, "resolve", None) is None
-        if literal:
-            self.source = None
-        try:
-            super().render_template_fields(context, jinja_env)
-        finally:
-            if literal:
-                self.source = source
-
     def execute(self, context: Mapping[str, Any]) -> str | list[str]:
         with tempfile.TemporaryDirectory(prefix="openai-batch-upload-") as folder:
             source: Source = self.source
