@@ -451,8 +451,15 @@ class CreatePath:
         give_up = time.time() + SETTLE_WAIT_FOR_OWN
         try:
             listing = recent_batches(self.hook, cutoff)
+            lagging = False
             while not ours <= {b.id for b in listing} and time.time() < give_up:
+                lagging = True
                 time.sleep(SETTLE_RELIST)  # the listing lags: it may hide a racer as it hides our own batch
+                listing = recent_batches(self.hook, cutoff)
+            if lagging and ours <= {b.id for b in listing}:
+                # Our batch shows, so every batch made before it does; one made later in the same second (which
+                # can win the tie by id) shows within that second's lag too: list once more a pause later.
+                time.sleep(idempotency.SETTLE_PAUSE)
                 listing = recent_batches(self.hook, cutoff)
         except OpenAIBatchAPIError as error:  # after the SDK's retries: keep the batches we have, do not fail the try
             self.log.warning("Could not list batches to look for duplicates of %s (%s)", ", ".join(ours), error)
