@@ -41,7 +41,13 @@ from airflow_provider_openai_batch.exceptions import BatchTimeoutError, OpenAIBa
 from airflow_provider_openai_batch.get_provider_info import DEFAULT_BASE_URL
 from airflow_provider_openai_batch.hooks.poll_request import PollHttpClient, RepeatedPolls
 from airflow_provider_openai_batch.links.openai_batch import BATCH_LINK_CHOICES
-from airflow_provider_openai_batch.polling import DEFAULT_MAX_POLL_FAILURES, PollFailures, PollPolicy, read_once
+from airflow_provider_openai_batch.polling import (
+    DEFAULT_MAX_POLL_FAILURES,
+    PollFailures,
+    PollPolicy,
+    backoff_delay,
+    read_once,
+)
 from airflow_provider_openai_batch.storage import (
     Destination,
     Source,
@@ -523,7 +529,7 @@ class OpenAIBatchHook(BaseHook):
             except OpenAIBatchAPIError as error:
                 if attempt >= tries or not error.retryable:
                     raise
-                delay = min(0.5 * 2 ** (attempt - 1), 8.0)
+                delay = backoff_delay(attempt, 0.5, 8.0)
                 self.log.warning("Download of %s failed (%s); retrying in %.1fs", file_id, error, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
