@@ -223,3 +223,43 @@ def test_a_waiting_create_creates_again_once_the_queue_has_room(tight, monkeypat
     assert tight.state.status(tight.state.batches[batch_id]) == "completed"
     assert tight.state.refusals(MODEL) >= 1
     assert blocker.id != batch_id
+
+
+def test_in_a_real_dag_run_a_job_ten_times_the_queue_learns_it_and_ends_with_everything(
+    airflow_db, tmp_path, monkeypatch
+):
+    """``dag.test()``: @task.openai_batch, a queue of one shard's tokens, no budget declared (learned)."""
+    from airflow.sdk import task
+
+    from tests.conftest import run_dag, task_states, xcoms
+
+    monkeypatch.setattr(idempotency, "RETRY_BASE_DELAY", 0.01)
+    source = tmp_path / "requests.jsonl"
+    source.write_bytes(jsonl(rows()))
+    destination = tmp_path / "joined.jsonl"
+    with FakeOpenAIServer(timings=FAST, queue_limits={MODEL: shard_tokens()}) as srv:
+        monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(srv))
+
+        def build() -> None:
+            @task.openai_batch(
+                endpoint=ENDPOINT,
+                destination=str(destination),
+                max_requests_per_file=PER_SHARD,
+                poll_interval=0.05,
+                max_poll_interval=None,
+                deferrable=True,
+            )
+            def nightly() -> str:
+                return str(source)
+
+            nightly()
+
+        run = run_dag(build)
+        assert task_states(run) == {"nightly": "success"}
+        result = xcoms(run, "nightly")[-1]
+        assert result["counts"]["succeeded"] == REQUESTS  # type: ignore[index]
+        assert srv.state.refusals(MODEL) >= 1
+        assert set(ran(srv).values()) == {1}, "a request ran twice (and was paid twice)"
+        assert len(ran(srv)) == REQUESTS
+    joined = [json.loads(line) for line in destination.read_text().splitlines()]
+    assert [r["custom_id"] for r in joined] == [f"req-{i}" for i in range(REQUESTS)]
