@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from airflow_provider_openai_batch.testing.tokens import request_tokens
 from e2e.deployment import TRIGGERERS, WORKERS, Deployment, iter_log_lines, parent_of, wait_until
 from e2e.fakes import Pause, ScenarioServer
 
@@ -627,6 +628,14 @@ def s7_one_task_job(h: Harness, out: Outcome) -> None:
     print(f"e2e: scenario 7: seed {seed}, kill step {step.name} ({where})", flush=True)
     out.evidence.update({"seed": seed, "step": step.name, "call": f"{step.route} #{number}", "where": where})
     fake.server.state.failures.clear()  # each run's transient requests fail once (the fake counts per custom id)
+    # The account's queue for the model holds two shards' tokens (the fake's own count, CONTRACT A1): the job is
+    # refused at first, learns the limit and schedules within it (no budget is declared in the DAG).
+    lines = [json.loads(line) for line in h.job_input.read_text().splitlines()]
+    shard_tokens = max(
+        sum(request_tokens(ENDPOINT, line["body"]) for line in lines[i : i + JOB_SHARD_REQUESTS])
+        for i in range(0, len(lines), JOB_SHARD_REQUESTS)
+    )
+    fake.server.state.queue_limits = {"gpt-4o-mini": 2 * shard_tokens}
     earlier = {b["id"] for b in fake.batches()}
     earlier_uploads = set(fake.uploads())
     fake.controls.pause_at(Pause(step.route, number, step.acted, step.client))
@@ -663,7 +672,9 @@ def s7_one_task_job(h: Harness, out: Outcome) -> None:
     )
     check(len(rows) == 1, f"the job pushed {len(rows)} results")
     result = _xcom_value(rows[0][0])
-    batches = [b for b in fake.batches() if b["id"] not in earlier]
+    refused = {r.batch_id for r in fake.server.state.queue_refusals}
+    out.evidence["queue_refusals"] = len([b for b in fake.batches() if b["id"] not in earlier and b["id"] in refused])
+    batches = [b for b in fake.batches() if b["id"] not in earlier and b["id"] not in refused]
     per_key = Counter(str(b["key"]) for b in batches)
     out.batches_per_ti = {"job": len(batches)}
     out.evidence.update({"batches": batches, "result_batches": result["batches"], "counts": result["counts"]})
@@ -691,7 +702,8 @@ def s7_one_task_job(h: Harness, out: Outcome) -> None:
     out.evidence["task_log"] = tries
     created_by = {n: sum(e.startswith("Created batch") for e in events) for n, events in tries.items()}
     out.notes.append(
-        f"{len(batches)} batches = {first} shards in round 1 + {second} in round 2, one per (round, piece) key "
+        f"{len(batches)} batches = {first} shards in round 1 + {second} in round 2, one per (round, piece) key, "
+        f"within a queue of two shards ({out.evidence['queue_refusals']} refused, not charged) "
         f"({len(uploads)} input files uploaded); "
         f"batches created per try (task log) {created_by}; "
         f"try {final['try_number']} on {final['hostname']} finished the job; joined {len(joined)} rows in input "
