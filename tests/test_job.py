@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import json
 import os
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -36,9 +37,21 @@ from tests.test_idempotency import Crash, FakeTI, MemoryStateStore
 CLOCK = FakeClock()
 
 
+def synced_clock() -> FakeClock:
+    """
+    ``CLOCK``, moved up to the real time if it fell behind it (it was made when the suite was collected, minutes
+    ago): OpenAI's clock and the worker's agree (the create path's settle window relies on it), and the driver only
+    ever moves it forward from there.
+    """
+    behind = time.time() - CLOCK()
+    if behind > 0:
+        CLOCK.advance(behind)
+    return CLOCK
+
+
 @pytest.fixture(scope="module")
 def job_server() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer(timings=FAST, clock=CLOCK) as srv:
+    with FakeOpenAIServer(timings=FAST, clock=synced_clock()) as srv:
         previous = os.environ.get("AIRFLOW_CONN_OPENAI_DEFAULT")
         os.environ["AIRFLOW_CONN_OPENAI_DEFAULT"] = connection_env(srv)
         try:

@@ -18,7 +18,7 @@ from airflow_provider_openai_batch.exceptions import BatchFailedError, CostBudge
 from airflow_provider_openai_batch.operators.job import OpenAIBatchJobOperator
 from airflow_provider_openai_batch.testing import FakeOpenAIServer
 from tests.conftest import FAST, connection_env, request_line
-from tests.test_job import CLOCK, Driver
+from tests.test_job import Driver, synced_clock
 from tests.test_lifecycle import TI
 
 ENDPOINT = "/v1/chat/completions"
@@ -27,7 +27,7 @@ PRICES = {"gpt-4o-mini": {"input": 0.075, "output": 0.30}}
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer(timings=FAST, clock=CLOCK) as srv:
+    with FakeOpenAIServer(timings=FAST, clock=synced_clock()) as srv:
         monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(srv))
         yield srv
 

@@ -27,7 +27,7 @@ from airflow_provider_openai_batch.results import JoinedRow, is_retryable
 from airflow_provider_openai_batch.testing import FakeOpenAIServer
 from airflow_provider_openai_batch.triggers.job import OpenAIBatchJobTrigger
 from tests.conftest import FAST, connection_env, jsonl, request_line
-from tests.test_job import CLOCK, Driver
+from tests.test_job import Driver, synced_clock
 from tests.test_lifecycle import TI
 
 ENDPOINT = "/v1/chat/completions"
@@ -36,7 +36,7 @@ ENDPOINT = "/v1/chat/completions"
 @pytest.fixture
 def job_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAIServer]:
     """A server on ``test_job``'s clock, which its driver moves while the job is deferred."""
-    with FakeOpenAIServer(timings=FAST, clock=CLOCK) as srv:
+    with FakeOpenAIServer(timings=FAST, clock=synced_clock()) as srv:
         monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(srv))
         yield srv
 
