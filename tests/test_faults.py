@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_openai_batch.exceptions import BatchFailedError
+from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
 from airflow_provider_openai_batch.operators.openai_batch import OpenAIBatchCreateOperator
 from airflow_provider_openai_batch.sensors.openai_batch import OpenAIBatchSensor
 from airflow_provider_openai_batch.testing import Fault
@@ -68,8 +68,10 @@ def test_the_failure_bound_ends_the_wait_with_a_clear_error(batch_id, server, mo
     assert "HTTP 503" in event["message"] and batch_id in event["message"]
     assert server.count("batches.retrieve") == 4  # 1 + 3 tolerated failures, then give up
     sensor = OpenAIBatchSensor(task_id="wait", batch_id=batch_id, conn_id="fragile")
-    with pytest.raises(BatchFailedError, match="HTTP 503"):
+    # The same error a blocking wait raises when it gives up: the API error, with its status and request id.
+    with pytest.raises(OpenAIBatchAPIError, match="HTTP 503") as raised:
         sensor.execute_complete({}, event)
+    assert raised.value.http_status == 503 and raised.value.request_id
 
 
 @pytest.mark.parametrize("status", [401, 403, 404])
