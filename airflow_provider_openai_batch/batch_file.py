@@ -488,6 +488,19 @@ def _request_too_big(size: int, limit: int) -> str:
     )
 
 
+def too_many_inputs(validator: BatchFileValidator, lineno: int, line_inputs: int, limits: ShardLimits) -> bool:
+    """One request holding more embedding inputs than a batch may (reported on ``validator``): it cannot be split."""
+    if line_inputs <= limits.max_embedding_inputs:
+        return False
+    validator.collector.add(
+        lineno,
+        "body.input",
+        f"{line_inputs:,} embedding inputs in one request; a batch holds at most {limits.max_embedding_inputs:,}",
+        "too_many_embedding_inputs",
+    )
+    return True
+
+
 def estimate_tokens(raw: bytes) -> int:
     """A cheap, conservative input-token estimate for quota planning: about four bytes per token."""
     return max(1, len(raw) // 4)
@@ -551,14 +564,7 @@ def shard_batch_file(
                     "token_limit_exceeded",
                 )
                 continue
-            if line_inputs > limits.max_embedding_inputs:
-                validator.collector.add(
-                    lineno,
-                    "body.input",
-                    f"{line_inputs:,} embedding inputs in one request; a batch holds at most "
-                    f"{limits.max_embedding_inputs:,}",
-                    "too_many_embedding_inputs",
-                )
+            if too_many_inputs(validator, lineno, line_inputs, limits):
                 continue
             full = out is not None and (
                 count + 1 > limits.max_requests

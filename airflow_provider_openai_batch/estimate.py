@@ -35,6 +35,7 @@ from airflow_provider_openai_batch.batch_file import (
     BatchFileValidator,
     ShardLimits,
     iter_raw_lines,
+    too_many_inputs,
 )
 from airflow_provider_openai_batch.results import estimate_cost
 from airflow_provider_openai_batch.storage import Source, describe, open_source
@@ -160,14 +161,7 @@ def estimate_file(
             if raw is None or validator.collector.issues:
                 continue  # keep reading to report every problem, count nothing more
             line_inputs = validator.embedding_inputs - inputs_before
-            if line_inputs > limits.max_embedding_inputs:
-                validator.collector.add(
-                    lineno,
-                    "body.input",
-                    f"{line_inputs:,} embedding inputs in one request; a batch holds at most "
-                    f"{limits.max_embedding_inputs:,}",
-                    "too_many_embedding_inputs",
-                )
+            if too_many_inputs(validator, lineno, line_inputs, limits):
                 continue
             decoded = _decoder.decode(raw)
             body: Mapping[str, Any] = decoded.body
