@@ -47,6 +47,7 @@ from airflow_provider_openai_batch.batch_status import (
     OutcomePolicy,
     RequestCounts,
     cost_verdict,
+    ended_clean,
     evaluate_job,
     is_queue_refusal_code,
     is_terminal,
@@ -679,7 +680,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         piece.state, piece.summary = "done", summary
         state.model = state.model or summary.get("model")
         counts = summary["request_counts"]
-        whole = summary["status"] == "completed" and not counts["failed"] and counts["completed"] >= piece.requests
+        whole = ended_clean(summary) and counts["completed"] >= piece.requests  # type: ignore[arg-type]
         if piece.gen > 0 or (not whole and piece.gen + 1 < self.max_rounds):
             results = [p for p in (folder.output(piece), folder.error(piece)) if p.exists()]
             write_joined(iter_joined([folder.input(piece)], results, **self._typed()), folder.joined(piece))
