@@ -614,12 +614,17 @@ def encode_requests(requests: Iterable[dict[str, Any]]) -> Iterator[bytes]:
     """
     JSONL bytes for request dicts, one line each (what upload sends when given rows instead of a file).
 
-    A row nested too deep for the encoder (which recurses once per level) is an input error naming the row by
-    its line number in the file it becomes, as validation names the lines of a file.
+    A row nested deeper than a file's line may be (``MAX_NESTING_DEPTH``) is an input error naming the row by its
+    line number in the file it becomes, as validation names the lines of a file. The bound is checked on the
+    encoded bytes, so it does not depend on the interpreter's recursion limit (which any library may raise); a row
+    too deep for the encoder itself (it recurses once per level) is the same error.
     """
     encoder = msgspec.json.Encoder()
     for number, request in enumerate(requests, start=1):
         try:
-            yield encoder.encode(request) + b"\n"
+            line = encoder.encode(request)
         except RecursionError:
-            raise BatchInputError("<rows>", [InputIssue(number, None, _too_deep(), "invalid_json_line")]) from None
+            line = None
+        if line is None or nested_deeper_than(line):
+            raise BatchInputError("<rows>", [InputIssue(number, None, _too_deep(), "invalid_json_line")])
+        yield line + b"\n"

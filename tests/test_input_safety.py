@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import io
 import json
+import sys
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -335,6 +336,15 @@ def test_rows_nested_too_deep_are_an_input_error_naming_the_row(server, conn_id)
     with pytest.raises(BatchInputError, match=r"<rows>:line 2.*nested more than") as raised:
         list(encode_requests(rows))
     assert "RecursionError" not in str(raised.value)
+    # The same when the interpreter's recursion limit was raised (Airflow's operator code raises it to 5,000 in
+    # some paths, so whether the encoder runs out of stack depends on what ran before in the process).
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)
+    try:
+        with pytest.raises(BatchInputError, match=r"<rows>:line 2.*nested more than"):
+            list(encode_requests(rows))
+    finally:
+        sys.setrecursionlimit(limit)
     # Rows an operator can be given (Airflow itself walks its arguments), nested past the bound.
     rows = [request_line(0), request_line(1, extra=_deep_dict(300))]
     op = OpenAIBatchUploadOperator(task_id="upload", source=rows, endpoint="/v1/chat/completions")
