@@ -58,6 +58,9 @@ class Piece:
     #: Whether it was sent under a known budget: a refusal then means others share the queue (back off), not that
     #: the job had yet to learn the limit.
     planned: bool = False
+    #: Its batch passed the job's deadline for it: cancelled (its output kept), or left running for a retry to
+    #: collect (``cancel_on_timeout=False``); either way its deadline is not acted on again.
+    deadline_passed: bool = False
     #: The batch summary once the piece is done.
     summary: dict[str, Any] | None = None
 
@@ -78,6 +81,8 @@ class JobState:
     budget: int | None = None
     budget_unit: Literal["tokens", "requests"] = "tokens"
     budget_learned: bool = False
+    #: The queue's limit as OpenAI's last refusal named it (the budget is a share of it), when one did.
+    limit: int | None = None
     started: float = 0.0
     model: str | None = None
     #: Batches refused for the queue so far (not charged; their pieces waited and were sent again).
@@ -85,6 +90,9 @@ class JobState:
     #: Started by a try other than the task's first (the first one's folder was lost, or it died before saving
     #: it): before creating a piece's batch, look for one an earlier try made.
     needs_lookup: bool = False
+    #: The try (and process) that last wrote the folder: a try that finds another's name here before creating
+    #: batches has been superseded (a retry took the job over while it still ran) and stops.
+    owner: str = ""
 
     def ordered(self) -> list[Piece]:
         return sorted(self.pieces, key=lambda p: (p.gen, p.part))
@@ -95,9 +103,6 @@ class JobState:
     def in_flight(self) -> list[Piece]:
         return [p for p in self.ordered() if p.state in ("creating", "submitted")]
 
-    def piece_of(self, batch_id: str) -> Piece | None:
-        return next((p for p in self.pieces if p.batch_id == batch_id), None)
-
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -105,10 +110,12 @@ class JobState:
             "budget": self.budget,
             "budget_unit": self.budget_unit,
             "budget_learned": self.budget_learned,
+            "limit": self.limit,
             "started": self.started,
             "model": self.model,
             "queue_refusals": self.queue_refusals,
             "needs_lookup": self.needs_lookup,
+            "owner": self.owner,
         }
 
     @classmethod
@@ -118,10 +125,12 @@ class JobState:
             budget=value.get("budget"),
             budget_unit=value.get("budget_unit") or "tokens",
             budget_learned=bool(value.get("budget_learned")),
+            limit=value.get("limit"),
             started=float(value.get("started") or 0.0),
             model=value.get("model"),
             queue_refusals=int(value.get("queue_refusals") or 0),
             needs_lookup=bool(value.get("needs_lookup")),
+            owner=str(value.get("owner") or ""),
         )
 
 
@@ -166,6 +175,13 @@ class JobWorkFolder:
                 "provider release. Remove it (or set work_dir elsewhere) to start the job again."
             )
         return JobState.from_json(value)
+
+    def owner(self) -> str | None:
+        """Who last wrote the folder (``JobState.owner``), read from storage now; ``None`` when it holds no state."""
+        if not self.state_file.exists():
+            return None
+        value = json.loads(self.state_file.read_bytes())
+        return str(value.get("owner") or "") if isinstance(value, dict) else None
 
     def save(self, state: JobState) -> None:
         with atomic_writer(self.state_file, overwrite=True) as out:

@@ -184,11 +184,10 @@ def job_keys(op: OpenAIBatchJobOperator, run_id: str, work: Path) -> set[str]:
     """The key of every piece (and queue attempt) the job ran, read back from its work folder's state."""
     from airflow_provider_openai_batch.batches import BatchWork
     from airflow_provider_openai_batch.idempotency import idempotency_key, task_identity
-    from airflow_provider_openai_batch.job_state import JobWorkFolder
 
     ti = FakeTI(run_id)
     ti.task_id = "job"
-    state = JobWorkFolder(work / "run.0").load()
+    state = op._work({"ti": ti}).load()
     assert state is not None
     keys = set()
     for piece in state.pieces:

@@ -202,3 +202,180 @@ def test_a_compatible_servers_upstream_5xx_is_resent():
     assert is_retryable(row)
     row.error = {"type": "request_failed", "message": "Error code: 400 - bad request"}
     assert not is_retryable(row)
+
+
+# --- deadlines: acted on once, then the batch is waited for -------------------------------------------------------
+
+
+@pytest.fixture
+def deadline_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAIServer]:
+    """
+    A server on a clock of its own that starts at the worker's time (deadlines are OpenAI's ``created_at`` plus
+    seconds, compared with the worker's clock): the driver moves it while the job is deferred.
+    """
+    from airflow_provider_openai_batch.testing import FakeClock
+
+    clock = FakeClock()
+    monkeypatch.setattr("tests.test_job.CLOCK", clock)
+    with FakeOpenAIServer(timings=FAST, clock=clock) as srv:
+        monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(srv))
+        srv.clock_ = clock  # type: ignore[attr-defined]
+        yield srv
+
+
+def stalled_job(tmp_path: Path, **kwargs: Any) -> OpenAIBatchJobOperator:
+    return job(tmp_path, [request_line(i) for i in range(4)], deadline=2.0, max_poll_interval=None, **kwargs)
+
+
+def test_at_its_deadline_a_deferred_job_cancels_once_keeps_what_ran_and_resends_the_rest(deadline_server, tmp_path):
+    job_server = deadline_server
+    job_server.script_batches("stall")
+    cancels = job_server.count("batches.cancel")
+    result = Driver(lambda: stalled_job(tmp_path), f"r-{uuid.uuid4()}", None).attempt()
+    assert result is not None and result["counts"]["succeeded"] == 4
+    assert [b["status"] for b in result["batches"]] == ["cancelled", "completed"]
+    assert job_server.count("batches.cancel") - cancels == 1
+
+
+def test_at_its_deadline_a_blocking_job_cancels_the_batch_once_and_waits_for_it_to_end(deadline_server, tmp_path):
+    """The batch takes a while to go from cancelling to cancelled: the job polls it, it does not cancel again."""
+    import threading
+    import time
+
+    job_server, clock = deadline_server, deadline_server.clock_  # type: ignore[attr-defined]
+    job_server.script_batches("stall")
+    cancels = job_server.count("batches.cancel")
+    stop = threading.Event()
+
+    def openai_works() -> None:  # a blocking job moves no clock: OpenAI's time passes on its own, at real speed
+        while not stop.is_set():
+            clock.advance(max(0.0, time.time() - clock()))
+            time.sleep(0.01)
+
+    ticker = threading.Thread(target=openai_works, daemon=True)
+    ticker.start()
+    try:
+        result = Driver(lambda: stalled_job(tmp_path, deferrable=False), f"r-{uuid.uuid4()}", None).attempt()
+    finally:
+        stop.set()
+    assert result is not None and result["counts"]["succeeded"] == 4
+    assert job_server.count("batches.cancel") - cancels == 1, "the cancel was sent again while the batch cancelled"
+
+
+def test_a_deadline_without_cancelling_fails_the_try_and_the_retry_waits_for_the_batch(deadline_server, tmp_path):
+    """``cancel_on_timeout=False``: the try fails (Airflow retries it); the retry waits and collects everything."""
+    from airflow.providers.common.compat.sdk import AirflowSensorTimeout, TaskDeferred
+
+    from airflow_provider_openai_batch.operators.job import JobDeadlineError
+    from tests.test_job import run_trigger
+
+    job_server = deadline_server
+    job_server.script_batches("stall")
+    driver = Driver(lambda: stalled_job(tmp_path, cancel_on_timeout=False), f"r-{uuid.uuid4()}", None)
+    with pytest.raises(JobDeadlineError, match="a retry collects") as failed:
+        driver.attempt()
+    assert not isinstance(failed.value, AirflowSensorTimeout), "a sensor timeout is never retried"
+    batch_id = next(iter(job_server.state.batches.values())).id
+    assert job_server.state.status(job_server.state.batches[batch_id]) == "in_progress"
+
+    with pytest.raises(TaskDeferred) as waiting:  # the retry, while the batch still runs: it waits
+        stalled_job(tmp_path, cancel_on_timeout=False).execute(driver.context())
+    trigger = waiting.value.trigger
+
+    async def first_event_within(seconds: float) -> dict[str, Any] | None:
+        async def first() -> dict[str, Any]:
+            async for event in trigger.run():
+                return dict(event.payload)
+            raise AssertionError("no event")
+
+        try:
+            return await asyncio.wait_for(first(), seconds)
+        except TimeoutError:
+            return None
+
+    assert asyncio.run(first_event_within(1.0)) is None, "the retry gave up at once on the same deadline"
+    job_server.state.batches[batch_id].scenario = "complete"  # the batch ends at last
+    event = run_trigger(trigger)
+    result = stalled_job(tmp_path, cancel_on_timeout=False).execute_complete(driver.context(), event)
+    assert result["counts"]["succeeded"] == 4
+
+
+# --- the work folder belongs to one task instance and one try at a time -----------------------------------------
+
+
+def test_mapped_jobs_with_one_work_dir_keep_their_work_apart(job_server, tmp_path):
+    run_id = f"run-{uuid.uuid4()}"
+    for index in (0, 1):
+        rows = [request_line(i + 10 * index) for i in range(3)]
+        driver = Driver(
+            lambda rows=rows: job(tmp_path, rows, work_dir=str(tmp_path / "work"), keep_work_dir=True), run_id, None
+        )
+        driver.ti.map_index = index
+        result = driver.attempt()
+        assert result is not None
+        ids = [json.loads(line)["custom_id"] for line in Path(str(result["joined_uri"])).read_text().splitlines()]
+        assert ids == [f"req-{i + 10 * index}" for i in range(3)], "one instance read the other's work"
+
+
+def test_an_orphaned_try_stops_before_paying_again_for_what_its_retry_sent(job_server, tmp_path):
+    """
+    Two tries at once (a worker Airflow gave up on still runs its try): the retry continues the work folder and
+    sends the pieces; the orphan, about to send the same pieces, finds the retry's name on the folder and stops.
+    One batch per piece, whatever the order.
+    """
+    from airflow_provider_openai_batch.operators.job import JobSupersededError
+
+    rows = [request_line(i) for i in range(6)]
+    run_id = f"r-{uuid.uuid4()}"
+
+    def make() -> OpenAIBatchJobOperator:
+        return job(tmp_path, rows, max_requests_per_file=3, keep_work_dir=True, retries=2)
+
+    orphan_ti, retry_ti = TI(run_id, retries=2), TI(run_id, retries=2)
+    orphan_ti.task_id = retry_ti.task_id = "job"
+    retry_ti.retry()
+    orphan = make()
+    real_upload = orphan._upload
+    retried: list[dict[str, Any]] = []
+
+    def retry_runs_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        if not retried:  # the orphan has shards to send; its retry starts now and sends them all
+            driver = Driver(make, run_id, None)
+            driver.ti = retry_ti
+            retried.append(driver.attempt() or {})
+        return real_upload(*args, **kwargs)
+
+    orphan._upload = retry_runs_meanwhile  # type: ignore[method-assign]
+    before = len(job_server.state.batches)
+    with pytest.raises(JobSupersededError, match="another try of this task"):
+        orphan.execute({"ti": orphan_ti})
+    assert retried and retried[0]["counts"]["succeeded"] == 6
+    assert len(job_server.state.batches) - before == 2, "the orphan created batches its retry had sent"
+
+
+def test_a_clear_with_the_same_input_runs_again_unless_reuse_allows_completed(job_server, tmp_path):
+    """A clear means run it again: a completed batch of the same content is not reused unless ``reuse`` says so."""
+    rows = [request_line(i) for i in range(2)]
+
+    def driver_for(reuse: str) -> Driver:
+        made = Driver(lambda: job(tmp_path, rows, reuse=reuse, retries=1), run_id, None)
+        made.ti = ti
+        return made
+
+    run_id = f"r-{uuid.uuid4()}"
+    ti = TI(run_id, retries=1)
+    ti.task_id = "job"
+    before = len(job_server.state.batches)
+    assert driver_for("active").attempt() is not None
+    ti.clear(retries=1)
+    assert driver_for("active").attempt() is not None
+    assert len(job_server.state.batches) - before == 2, "a clear reused the completed batch"
+    ti.clear(retries=1)
+    assert driver_for("active_or_completed").attempt() is not None
+    assert len(job_server.state.batches) - before == 2, "reuse='active_or_completed' created a new batch"
+
+
+def test_a_batch_that_failed_for_its_input_fails_the_job_with_openais_errors(job_server, tmp_path):
+    job_server.script_batches("fail")
+    with pytest.raises(BatchFailedError, match=r"failed as a whole: \[\w+\]"):
+        Driver(lambda: job(tmp_path, [request_line(0)]), f"r-{uuid.uuid4()}", None).attempt()

@@ -55,6 +55,7 @@ def queue(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> It
     limit = shard_tokens() * getattr(request, "param", 1)
     with FakeOpenAIServer(timings=FAST, clock=clock, queue_limits={MODEL: limit}) as srv:
         srv.clock_ = clock  # type: ignore[attr-defined]
+        srv.limit_ = limit  # type: ignore[attr-defined]
         previous = os.environ.get("AIRFLOW_CONN_OPENAI_DEFAULT")
         monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(srv))
         monkeypatch.setattr("tests.test_job.CLOCK", clock)
@@ -90,12 +91,14 @@ def ran(server: FakeOpenAIServer) -> Counter[str]:
     return Counter(cid for b in server.state.batches.values() if b.id not in refused for cid, _ in b.requests)
 
 
-def assert_every_request_ran_once(server: FakeOpenAIServer, result: dict[str, Any] | None, tmp_path: Path) -> None:
+def assert_every_request_ran_once(
+    server: FakeOpenAIServer, result: dict[str, Any] | None, tmp_path: Path, limit: int
+) -> None:
     assert result is not None
     assert result["counts"]["succeeded"] == REQUESTS
     assert set(ran(server).values()) == {1}, "a request ran twice (and was paid twice)"
     assert len(ran(server)) == REQUESTS
-    assert server.state.peak_enqueued(MODEL) <= shard_tokens() * 10  # the fake never admits past its limit
+    assert 0 < server.state.peak_enqueued(MODEL) <= limit, "the account's queue went over its limit"
     joined = [json.loads(line) for line in (tmp_path / "joined.jsonl").read_text().splitlines()]
     assert [r["custom_id"] for r in joined] == [f"req-{i}" for i in range(REQUESTS)]
     assert {r["status"] for r in joined} == {"succeeded"}
@@ -105,7 +108,7 @@ def assert_every_request_ran_once(server: FakeOpenAIServer, result: dict[str, An
 def test_a_job_ten_times_the_queue_with_a_declared_budget_is_never_refused(queue, tmp_path):
     """The user declares the organization's limit (the fake's): the job counts tokens as OpenAI does and fits."""
     result, driver = run_job(queue, tmp_path, max_enqueued_tokens=shard_tokens())
-    assert_every_request_ran_once(queue, result, tmp_path)
+    assert_every_request_ran_once(queue, result, tmp_path, queue.limit_)  # type: ignore[attr-defined]
     assert queue.state.refusals(MODEL) == 0
     assert queue.state.peak_enqueued(MODEL) <= shard_tokens()
     assert driver.deferrals >= 10  # one shard at a time: the queue, not the job, sets the pace
@@ -114,7 +117,7 @@ def test_a_job_ten_times_the_queue_with_a_declared_budget_is_never_refused(queue
 @pytest.mark.parametrize("queue", [2], indirect=True)
 def test_a_job_larger_than_the_queue_learns_the_limit_from_the_first_refusal(queue, tmp_path):
     result, _ = run_job(queue, tmp_path)
-    assert_every_request_ran_once(queue, result, tmp_path)
+    assert_every_request_ran_once(queue, result, tmp_path, queue.limit_)  # type: ignore[attr-defined]
     refusals = queue.state.refusals(MODEL)
     assert refusals >= 1
     assert result is not None and result["queue_refusals"] == refusals
@@ -128,7 +131,7 @@ def test_a_job_larger_than_the_queue_learns_the_limit_from_the_first_refusal(que
 def test_a_queue_refusal_is_never_a_green_job_with_missing_requests(queue, tmp_path):
     """Even with one round, refused requests are sent again (they never ran): the job ends with all of them."""
     result, _ = run_job(queue, tmp_path, max_rounds=1)
-    assert_every_request_ran_once(queue, result, tmp_path)
+    assert_every_request_ran_once(queue, result, tmp_path, queue.limit_)  # type: ignore[attr-defined]
 
 
 def test_azure_refuses_at_create_and_the_job_waits_for_capacity(tmp_path, monkeypatch):
@@ -143,6 +146,22 @@ def test_azure_refuses_at_create_and_the_job_waits_for_capacity(tmp_path, monkey
         assert result is not None and result["counts"]["succeeded"] == REQUESTS
         assert srv.state.refusals(MODEL) >= 1
         assert set(ran(srv).values()) == {1}
+
+
+@pytest.mark.parametrize("queue", [2], indirect=True)
+def test_the_first_waves_refusals_teach_one_budget_and_no_shard_is_cut(queue, tmp_path):
+    """
+    The first wave goes before the limit is known, so most of it is refused, each refusal naming the same limit.
+    One of them sets the budget; the others teach nothing more: the budget stays at its share of the limit (two
+    shards' worth here), no shard is cut smaller than the input's shards, and two run at a time.
+    """
+    result, _ = run_job(queue, tmp_path)
+    assert_every_request_ran_once(queue, result, tmp_path, queue.limit_)  # type: ignore[attr-defined]
+    assert result is not None
+    assert queue.state.refusals(MODEL) >= 2
+    parts = [b["part"] for b in result["batches"] if b["status"] == "completed"]
+    assert sorted(parts) == [f"{i:05d}" for i in range(REQUESTS // PER_SHARD)], "a shard was cut to fit a shrunk budget"
+    assert queue.state.peak_enqueued(MODEL) > shard_tokens(), "the queue held one shard at a time, not two"
 
 
 # --- the blocks meet the same queue ---------------------------------------------------------------------------
@@ -225,10 +244,12 @@ def test_a_waiting_create_creates_again_once_the_queue_has_room(tight, monkeypat
     assert blocker.id != batch_id
 
 
-def test_in_a_real_dag_run_a_job_ten_times_the_queue_learns_it_and_ends_with_everything(
-    airflow_db, tmp_path, monkeypatch
-):
-    """``dag.test()``: @task.openai_batch, a queue of one shard's tokens, no budget declared (learned)."""
+@pytest.mark.parametrize("declared", [False, True], ids=["learned", "declared"])
+def test_in_a_real_dag_run_a_job_ten_times_the_queue_ends_with_everything(airflow_db, tmp_path, monkeypatch, declared):
+    """
+    ``dag.test()``: @task.openai_batch, a queue of one shard's tokens, the budget learned from the first refusal or
+    declared (``max_enqueued_tokens``, then never refused): every request runs once, the queue never over its limit.
+    """
     from airflow.sdk import task
 
     from tests.conftest import run_dag, task_states, xcoms
@@ -237,7 +258,9 @@ def test_in_a_real_dag_run_a_job_ten_times_the_queue_learns_it_and_ends_with_eve
     source = tmp_path / "requests.jsonl"
     source.write_bytes(jsonl(rows()))
     destination = tmp_path / "joined.jsonl"
-    with FakeOpenAIServer(timings=FAST, queue_limits={MODEL: shard_tokens()}) as srv:
+    limit = shard_tokens()
+    budget = {"max_enqueued_tokens": limit} if declared else {}
+    with FakeOpenAIServer(timings=FAST, queue_limits={MODEL: limit}) as srv:
         monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(srv))
 
         def build() -> None:
@@ -248,6 +271,7 @@ def test_in_a_real_dag_run_a_job_ten_times_the_queue_learns_it_and_ends_with_eve
                 poll_interval=0.05,
                 max_poll_interval=None,
                 deferrable=True,
+                **budget,
             )
             def nightly() -> str:
                 return str(source)
@@ -258,8 +282,12 @@ def test_in_a_real_dag_run_a_job_ten_times_the_queue_learns_it_and_ends_with_eve
         assert task_states(run) == {"nightly": "success"}
         result = xcoms(run, "nightly")[-1]
         assert result["counts"]["succeeded"] == REQUESTS  # type: ignore[index]
-        assert srv.state.refusals(MODEL) >= 1
+        if declared:
+            assert srv.state.refusals(MODEL) == 0
+        else:
+            assert srv.state.refusals(MODEL) >= 1
         assert set(ran(srv).values()) == {1}, "a request ran twice (and was paid twice)"
         assert len(ran(srv)) == REQUESTS
+        assert 0 < srv.state.peak_enqueued(MODEL) <= limit, "the account's queue went over its limit"
     joined = [json.loads(line) for line in destination.read_text().splitlines()]
     assert [r["custom_id"] for r in joined] == [f"req-{i}" for i in range(REQUESTS)]

@@ -26,7 +26,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, TypedDict
+from typing import Any, NoReturn, TypedDict
 
 import msgspec
 
@@ -123,6 +123,13 @@ class JobDeadlineError(OpenAIBatchError):
     """
 
 
+class JobSupersededError(OpenAIBatchError):
+    """
+    Another try of this task took the job's work folder over while this one still ran (an orphaned try whose
+    worker Airflow gave up on): this try stops before creating anything, so the two never pay twice.
+    """
+
+
 class JobBatch(TypedDict):
     #: 0 for the input's own pieces, 1 for the first resubmission of their transient failures, ...
     round: int
@@ -144,12 +151,6 @@ class JobResult(TypedDict, total=False):
     usage_totals: dict[str, int]
     cost_estimate: dict[str, Any] | None
     queue_refusals: int
-
-
-def _seconds(value: timedelta | float | None) -> float | None:
-    if value is None:
-        return None
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
 class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
@@ -326,6 +327,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         )
         self._running: list[str] = []
         self._running_ti: Any = None
+        self._owner = ""
 
     # --- entry points -------------------------------------------------------------------------------
 
@@ -334,28 +336,57 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         if self.estimate_only:
             return self._dry_run(context)
         folder = self._work(context)
+        self._owner = _owner_name(context)
         state = folder.load()
         if state is None:
             state = self._start(context, folder)
         else:
             self.log.info("Continuing the job from its work folder %s", folder.root)
-        return self._advance(context, folder, state)
+        return self._advance(context, folder, self._own(context, folder, state))
 
     def execute_complete(self, context: Mapping[str, Any], event: JobEventPayload | None = None) -> JobResult:
         """Where the deferred wait resumes: the batches are read again, so the event only says why it woke."""
         folder = self._work(context)
+        self._owner = _owner_name(context)
         state = folder.load()
         if state is None:
             raise BatchFailedError(f"The job's work folder {folder.root} is gone; clear the task to run it again")
+        state = self._own(context, folder, state)
         status = event.get("status") if event else None
         if status == EVENT_TIMEOUT:
-            self._on_deadline([str(b) for b in (event.get("batch_ids") if event else None) or []])
+            self._on_deadline(folder, state, [str(b) for b in (event.get("batch_ids") if event else None) or []])
         elif status not in (EVENT_ENDED, EVENT_WAKE):
             if event and event.get("error"):  # polling gave up: the same error a blocking wait raises
                 raise api_error_from_payload(event["error"])
             message = event.get("message") if event else None
             raise BatchFailedError(str(message or f"The job's trigger returned {event!r}"))
         return self._advance(context, folder, state)
+
+    def _own(self, context: Mapping[str, Any], folder: JobWorkFolder, state: JobState) -> JobState:
+        """This process now writes the folder: its name goes in, so an orphaned try that wrote before sees it."""
+        state.owner = self._owner
+        folder.save(state)
+        return state
+
+    def _save(self, folder: JobWorkFolder, state: JobState) -> None:
+        """
+        Write the state, unless a later try took the folder over since this one claimed it (``_own``): an orphaned
+        try (its worker lost, Airflow already retrying) then stops here, before it creates or overwrites anything.
+        An earlier try's name is written over: this try is the one Airflow runs now.
+        """
+        owner = folder.owner()
+        if owner is None:
+            raise JobSupersededError(
+                f"{self.task_id}: the job's work folder {folder.root} is gone while this try ({self._owner}) still "
+                "ran (another try finished the job and removed it, or it was deleted): this try stops here"
+            )
+        if owner != self._owner and _try_of(owner) >= _try_of(self._owner):
+            raise JobSupersededError(
+                f"{self.task_id}: another try of this task ({owner}) took over the job's work folder {folder.root} "
+                f"while this one ({self._owner}) still ran: this try stops without creating anything"
+            )
+        state.owner = self._owner
+        folder.save(state)
 
     def resolve_source(self, context: Mapping[str, Any]) -> Any:
         """The job's input; ``@task.openai_batch`` overrides this to call the decorated function."""
@@ -398,16 +429,17 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
 
         first = first_try(context, self.retries)
         suffix = f".t{first}" if first is not None else ""
-        if self.work_dir is not None:
-            return JobWorkFolder(to_storage_path(self.work_dir) / f"run{suffix or '.0'}")
-        target = self._destination(context)
+        # The task instance's identity (dag, task, run, map index): mapped instances and other runs never share one.
         tag = idempotency_key(task_identity(context), "job-work")[:12]
+        if self.work_dir is not None:
+            return JobWorkFolder(to_storage_path(self.work_dir) / f"{self.task_id}.{tag}{suffix}")
+        target = self._destination(context)
         return JobWorkFolder(target.parent / f".{target.name}.{tag}{suffix}.work")
 
     # --- start: validate and shard once ------------------------------------------------------------
 
     def _start(self, context: Mapping[str, Any], folder: JobWorkFolder) -> JobState:
-        state = JobState(started=time.time())
+        state = JobState(started=time.time(), owner=self._owner)
         state.needs_lookup = getattr(context.get("ti"), "try_number", None) != 1
         if self.max_enqueued_tokens is not None:
             state.budget, state.budget_unit = self.max_enqueued_tokens, "tokens"
@@ -429,7 +461,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                 piece = Piece(0, f"{i:05d}", shard.requests, shard.bytes, shard.sha256, shard.tokens)
                 self._copy(shard.path, folder.input(piece))
                 state.pieces.append(piece)
-        folder.save(state)
+        folder.save(state)  # the folder's first state: this try claims it
         total = sum(p.requests for p in state.pieces)
         self.log.info("Job: %s requests in %d shard(s)", f"{total:,}", len(state.pieces))
         return state
@@ -485,13 +517,15 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             raise CostBudgetError(f"{self.task_id}: not sent: {verdict.message}")
         self.log.info("Budget: %s", verdict.message)
 
-    def _spent(self, state: JobState) -> tuple[float, float, str]:
+    def _spent(self, folder: JobWorkFolder, state: JobState) -> tuple[float, float, str]:
         """Cost of what ended (from its usage) and, at the same price per request, of what runs and goes next."""
         assert self.price_table is not None
         usage = dict.fromkeys(USAGE_KEYS, 0)
         done = 0
         for piece in state.by_state("done"):
-            for key, value in normalize_usage((piece.summary or {}).get("usage")).items():
+            if (piece.summary or {}).get("status") == "not_sent":
+                continue
+            for key, value in _piece_usage(folder, piece).items():
                 usage[key] += value
             done += piece.requests
         priced = estimate_cost(usage, state.model, self.price_table) if state.model else None
@@ -503,11 +537,18 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         coming = running + (upcoming[0].requests if upcoming else 0)
         return float(priced["total"]), per_request * coming, str(priced["currency"])
 
-    def _within_budget(self, state: JobState) -> bool:
+    def _spent_text(self, folder: JobWorkFolder, state: JobState) -> str | None:
+        """The cost so far for the progress line, when the job is priced."""
+        if not self.price_table or not state.by_state("done"):
+            return None
+        spent, _, currency = self._spent(folder, state)
+        return f"{spent:,.2f} {currency}"
+
+    def _within_budget(self, folder: JobWorkFolder, state: JobState) -> bool:
         """Mid-job: whether to keep submitting under ``max_cost`` (when passed, what waits never runs)."""
         if self.max_cost is None:
             return True
-        spent, projected, currency = self._spent(state)
+        spent, projected, currency = self._spent(folder, state)
         verdict = spend_verdict(spent, projected, self.max_cost, currency)
         if verdict.ok:
             return True
@@ -534,9 +575,12 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         return lambda raw: queue_tokens(raw, endpoint)
 
     def _recount(self, folder: JobWorkFolder, state: JobState) -> None:
-        """A budget was just learned: the waiting pieces' tokens are counted again, exactly (``_line_tokens``)."""
+        """
+        A token budget was just learned: every piece not yet ended is counted again with the model's tokenizer
+        (``_line_tokens``), those in the queue too, since the room left is the budget less what they hold.
+        """
         count = self._line_tokens(state)
-        for piece in state.by_state("waiting"):
+        for piece in [*state.by_state("waiting"), *state.in_flight()]:
             with folder.input(piece).open("rb") as lines:
                 piece.tokens = sum(count(line.rstrip(b"\r\n")) for line in lines if line.strip())
 
@@ -600,20 +644,32 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         while True:
             self._collect(context, folder, state)
             self._second_looks(path, folder, state)
-            if self._within_budget(state):
+            if self._within_budget(folder, state):
                 self._cut_oversized(folder, state)
                 self._submit(context, path, folder, state)
-            folder.save(state)
+            self._save(folder, state)
             if all(p.state == "done" for p in state.pieces):
                 return self._finish(context, folder, state)
-            self.log.info(scheduler.progress_line(state, time.time()))
+            self.log.info(scheduler.progress_line(state, time.time(), self._spent_text(folder, state)))
             if not state.in_flight():
                 # Nothing runs and nothing may be sent yet (a backoff): sleep until it may.
                 wake = scheduler.next_wake(state, time.time())
-                if wake is not None:
-                    self._wait_until(context, wake)
+                if wake is None:
+                    self._stuck(state)
+                self._wait_until(context, wake)
                 continue
-            self._wait(context, state)
+            self._wait(context, folder, state)
+
+    def _stuck(self, state: JobState) -> NoReturn:
+        """Nothing runs, nothing waits for a backoff, yet work waits: it can never be admitted. Say which and why."""
+        for piece in state.by_state("waiting"):
+            reason = scheduler.too_big(state, piece)
+            if reason:
+                raise BatchFailedError(f"{self.task_id}: {reason}")
+        waiting = ", ".join(p.name for p in state.by_state("waiting"))
+        raise BatchFailedError(
+            f"{self.task_id}: {waiting} cannot be sent within the queue's budget of {state.budget} {state.budget_unit}"
+        )
 
     def _typed(self) -> dict[str, Any]:
         """The join's typed-results arguments (``results.iter_joined``)."""
@@ -642,23 +698,23 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             if refusal is not None:
                 metrics.queue_refused(tags)
                 self._refused(folder, state, piece, refusal.message, summary["model"])
-                folder.save(state)
+                self._save(folder, state)
                 continue
             if summary["status"] == "failed":
-                folder.save(state)
+                self._save(folder, state)
                 errors = "; ".join(f"[{e.get('code')}] {e.get('message')}" for e in summary["errors"][:5])
                 raise BatchFailedError(
                     f"Batch {summary['batch_id']} ({piece.name}) failed as a whole: {errors or 'no error details'}",
                     summary,
                 )
             self._take_in(folder, state, piece, dict(summary))
-            folder.save(state)
+            self._save(folder, state)
 
     def _refused(self, folder: JobWorkFolder, state: JobState, piece: Piece, message: str, model: str | None) -> None:
         refusal = read_queue_refusal(message, model)
-        known = state.budget is not None
-        learned = scheduler.learn(state, refusal)
-        if learned and not known:
+        by_bytes = state.budget is None or state.budget_unit != "tokens"  # pieces counted by estimate_tokens
+        learned = scheduler.learn(state, refusal, piece.planned)
+        if learned and by_bytes and state.budget_unit == "tokens":
             self._recount(folder, state)
         scheduler.requeue(piece, time.time(), backoff=piece.planned and not learned)
         state.queue_refusals += 1
@@ -728,7 +784,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                 create_path.cancel_duplicate(self.hook, str(piece.batch_id), survivor.id, self.log)
                 piece.batch_id, piece.created_at = survivor.id, float(survivor.created_at)
                 path.remember(look.key, survivor.id)
-        folder.save(state)
+        self._save(folder, state)
 
     def _cut_oversized(self, folder: JobWorkFolder, state: JobState) -> None:
         """A waiting piece larger than the whole budget is cut into parts that fit (it could never be admitted)."""
@@ -765,10 +821,13 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                 f"{state.budget:,}",
                 len(new),
             )
-            folder.save(state)
+            self._save(folder, state)
 
     def _submit(self, context: Mapping[str, Any], path: CreatePath, folder: JobWorkFolder, state: JobState) -> None:
         """Create the batches of what fits now; a piece an earlier try was creating is looked for first."""
+        # The settle window starts here, when this try starts looking (not after the uploads, which take a while):
+        # a racer that created a piece's batch since then is seen by the settle and one of the two is cancelled.
+        looked = time.time()
         creating = state.by_state("creating")
         if creating:
             keys = {path.key(self._work_of(p)): p for p in creating}
@@ -780,7 +839,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                     self._record(path, piece, key, batch)
                 else:
                     piece.state = "waiting"
-            folder.save(state)
+            self._save(folder, state)
         chosen = scheduler.to_submit(state, time.time())
         if state.needs_lookup and chosen:
             # This run of tries' work folder was started by a retry (the first try's was lost, or it died before
@@ -789,7 +848,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             for key, batch in path.earlier(list(keys)).items():
                 self.log.info("%s: batch %s an earlier try created is used again", keys[key].name, batch.id)
                 self._record(path, keys[key], key, batch)
-            folder.save(state)
+            self._save(folder, state)
             chosen = [p for p in chosen if p.state == "waiting"]
         if not chosen:
             return
@@ -801,11 +860,10 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             key = path.key(work)
             path.metadata(work, key)  # metadata OpenAI would refuse is refused before anything is sent
             wave.append((piece, work, key, self._upload(folder, piece)))
-        now = time.time()
         for piece, _, key, _ in wave:
-            piece.state, piece.looked_at, piece.planned = "creating", now, state.budget is not None
-            path.looked[key] = now
-        folder.save(state)
+            piece.state, piece.looked_at, piece.planned = "creating", looked, state.budget is not None
+            path.looked[key] = looked
+        self._save(folder, state)
         created, failure = self._create(path, [(work, key, file_id) for _, work, key, file_id in wave])
         tags = metrics.tags_from_context(context, model=state.model, endpoint=self.endpoint)
         for (piece, _, key, _), batch in zip(wave, created, strict=False):
@@ -813,7 +871,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             metrics.batch_created(tags)
         for piece, _, _, _ in wave[len(created) :]:
             piece.state = "waiting"  # not sent: the wave stopped before it
-        folder.save(state)
+        self._save(folder, state)
         if created:
             self.push_batch_id(context, created[0].id)
         if failure is not None:
@@ -821,7 +879,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                 raise failure
             metrics.queue_refused(tags)
             self._refused(folder, state, wave[len(created)][0], failure.message, None)
-            folder.save(state)
+            self._save(folder, state)
 
     def _upload(self, folder: JobWorkFolder, piece: Piece) -> str:
         return upload_once(
@@ -851,9 +909,12 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
     # --- waiting ---------------------------------------------------------------------------------------------
 
     def _end_times(self, state: JobState) -> dict[str, float]:
+        """Each running batch's deadline; one whose deadline was already acted on has none (it is not acted on
+        again: a cancelled one is waited for until it has ended, one left running for a retry to collect)."""
         return {
             str(p.batch_id): deadline_end_time(p.created_at or time.time(), self.completion_window, self.deadline)
             for p in state.by_state("submitted")
+            if not p.deadline_passed
         }
 
     def _wake_at(self, state: JobState) -> float | None:
@@ -867,14 +928,18 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         ]
         return min(moments) if moments else None
 
-    def _wait(self, context: Mapping[str, Any], state: JobState) -> None:
+    def _wait(self, context: Mapping[str, Any], folder: JobWorkFolder, state: JobState) -> None:
         """Until a batch ends (or a wake-up or deadline): deferred on one trigger, or blocking on the worker."""
         running = [str(p.batch_id) for p in state.by_state("submitted")]
         end_times = self._end_times(state)
         wake_at = self._wake_at(state)
         oldest = min((p.created_at or time.time()) for p in state.by_state("submitted"))
+        openai_ends = deadline_end_time(
+            max((p.created_at or time.time()) for p in state.by_state("submitted")), self.completion_window, None
+        )
         if self.deferrable:
-            until = min([*end_times.values(), *([wake_at] if wake_at else [])])
+            # No deadline left to act on (each was acted on once): OpenAI ends the batch within its window.
+            until = min([*end_times.values(), *([wake_at] if wake_at else [])], default=openai_ends)
             self.defer(
                 trigger=OpenAIBatchJobTrigger(
                     batch_ids=running,
@@ -890,6 +955,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                     wake_on_any_end=bool(state.by_state("waiting")),
                     wake_on_unclean_end=self.max_rounds > 1,
                     wake_at=wake_at,
+                    progress=scheduler.progress_snapshot(state, self._spent_text(folder, state)),
                 ),
                 method_name="execute_complete",
                 timeout=timedelta(seconds=max(0.0, until - time.time()) + 2 * self.poll_interval) + DEFER_BACKSTOP,
@@ -902,12 +968,12 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                 now = time.time()
                 late = [b for b, t in end_times.items() if t <= now]
                 if late:
-                    self._on_deadline(late)
+                    self._on_deadline(folder, state, late)
                     return
                 if wake_at is not None and now >= wake_at:
                     return
                 moments = [*end_times.values(), *([wake_at] if wake_at else [])]
-                time.sleep(max(0.0, min(policy.delay(now - oldest), min(moments) - now)))
+                time.sleep(max(0.0, min(policy.delay(now - oldest), min(moments, default=openai_ends) - now)))
                 for batch_id in running:
                     batch = self.hook.poll_batch(batch_id, failures[batch_id])
                     if is_terminal(batch.status):
@@ -933,9 +999,14 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             )
         time.sleep(max(0.0, moment - time.time()))
 
-    def _on_deadline(self, batch_ids: list[str]) -> None:
+    def _on_deadline(self, folder: JobWorkFolder, state: JobState, batch_ids: list[str]) -> None:
         """A batch's deadline passed: cancel it (its finished requests are kept, the rest resent while rounds
-        remain), or, with ``cancel_on_timeout=False``, fail the try so that Airflow retries it."""
+        remain), or, with ``cancel_on_timeout=False``, fail the try so that Airflow retries it; the retry waits for
+        the batch to end (its deadline is acted on once) and collects its results."""
+        for piece in state.by_state("submitted"):
+            if piece.batch_id in batch_ids:
+                piece.deadline_passed = True
+        self._save(folder, state)
         if not self.cancel_on_timeout:
             raise JobDeadlineError(
                 f"{len(batch_ids)} batch(es) of the job did not end before their deadline ({', '.join(batch_ids)}); "
@@ -978,12 +1049,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             summary = piece.summary or {}
             if summary.get("status") == "not_sent":
                 continue
-            if summary.get("usage"):
-                part_usage = normalize_usage(summary["usage"])
-            else:  # a compatible server that reports no usage on the batch: summed from its output
-                output = folder.output(piece)
-                part_usage = sum_usage(output) if output.exists() else dict.fromkeys(USAGE_KEYS, 0)
-            for key, value in part_usage.items():
+            for key, value in _piece_usage(folder, piece).items():
                 usage[key] += value
             if summary.get("status") in ("expired", "cancelled"):
                 reasons.append(f"batch {summary.get('batch_id')} {summary.get('status')}")
@@ -1025,6 +1091,28 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             raise BatchFailedError(outcome.message)
         (self.log.warning if outcome.warning else self.log.info)(outcome.message)
         return result
+
+
+def _piece_usage(folder: JobWorkFolder, piece: Piece) -> dict[str, int]:
+    """A done piece's token usage: its batch's, or, from a compatible server that reports none, its output's."""
+    summary = piece.summary or {}
+    if summary.get("usage"):
+        return normalize_usage(summary["usage"])
+    output = folder.output(piece)
+    return sum_usage(output) if output.exists() else dict.fromkeys(USAGE_KEYS, 0)
+
+
+def _try_of(owner: str) -> int:
+    """The try number in an owner's name (``try 3, 1a2b...``); 0 when it has none."""
+    number = owner.removeprefix("try ").split(",", 1)[0]
+    return int(number) if number.isdigit() else 0
+
+
+def _owner_name(context: Mapping[str, Any]) -> str:
+    """This process's name in the work folder: the try, and a random part (a resume after a deferral is new)."""
+    import uuid
+
+    return f"try {getattr(context.get('ti'), 'try_number', None)}, {uuid.uuid4().hex[:12]}"
 
 
 def _decoded_lines(source: Source) -> Iterator[dict[str, Any]]:

@@ -22,6 +22,7 @@ from typing_extensions import NotRequired
 from airflow_provider_openai_batch.batch_status import BatchSummary, ended_clean, format_job_progress, is_terminal
 from airflow_provider_openai_batch.exceptions import APIErrorPayload, OpenAIBatchAPIError, api_error_payload
 from airflow_provider_openai_batch.polling import DEFAULT_MAX_POLL_FAILURES, PollFailures, aread_once, keep_client
+from airflow_provider_openai_batch.scheduler import ProgressSnapshot, render_progress
 from airflow_provider_openai_batch.triggers.base import OpenAIBatchBaseTrigger
 
 #: Polls in flight at once: a job of 200 shards does not open 200 connections at the same moment.
@@ -60,11 +61,23 @@ class OpenAIBatchJobTrigger(OpenAIBatchBaseTrigger):
     :param wake_on_unclean_end: Wake when a batch ends with failed or unrun requests (resubmission rounds remain).
     :param wake_at: Also wake at this moment (epoch seconds), if nothing ended before.
     :param label: What the progress lines start with (e.g. the task id).
+    :param progress: The job's progress when it deferred (``scheduler.ProgressSnapshot``): the trigger's lines then
+        say what the task's say (pieces waiting for the queue, the budget, elapsed, an estimate), with the running
+        batches' counts read live.
 
     Events (exactly one): a ``JobEventPayload``; the task reads the batches again when it resumes.
     """
 
-    fields = ("batch_ids", "end_times", "created_at", "wake_on_any_end", "wake_on_unclean_end", "wake_at", "label")
+    fields = (
+        "batch_ids",
+        "end_times",
+        "created_at",
+        "wake_on_any_end",
+        "wake_on_unclean_end",
+        "wake_at",
+        "label",
+        "progress",
+    )
 
     def __init__(
         self,
@@ -81,6 +94,7 @@ class OpenAIBatchJobTrigger(OpenAIBatchBaseTrigger):
         wake_on_any_end: bool = True,
         wake_at: float | None = None,
         wake_on_unclean_end: bool = False,
+        progress: ProgressSnapshot | None = None,
     ) -> None:
         super().__init__(
             conn_id=conn_id,
@@ -97,6 +111,7 @@ class OpenAIBatchJobTrigger(OpenAIBatchBaseTrigger):
         self.wake_on_unclean_end = wake_on_unclean_end
         self.wake_at = wake_at
         self.label = label
+        self.progress = progress
         self._ended: set[str] = set()
 
     def batches_to_cancel(self) -> list[str]:
@@ -109,6 +124,13 @@ class OpenAIBatchJobTrigger(OpenAIBatchBaseTrigger):
         if error is not None:
             payload["error"] = api_error_payload(error)
         return TriggerEvent(dict(payload))
+
+    def _progress_line(self, summaries: list[BatchSummary]) -> str:
+        if self.progress is None:
+            return format_job_progress(summaries, self.label)
+        running_done = sum(s["request_counts"]["completed"] for s in summaries)
+        line = render_progress(self.progress, time.time(), running_done)
+        return f"{self.label}: {line}" if self.label else f"Job: {line}"
 
     def _until(self, now: float) -> float:
         """Seconds until the next deadline or wake-up."""
@@ -125,7 +147,7 @@ class OpenAIBatchJobTrigger(OpenAIBatchBaseTrigger):
         latest: dict[str, BatchSummary] = {}
         # Each batch's failed polls in a row, read as every other wait reads them (``polling.PollFailures``).
         failures = {batch_id: PollFailures(policy) for batch_id in self.batch_ids}
-        last_line = ""
+        last_seen: tuple[int, ...] = ()
 
         async def poll(batch_id: str) -> None:
             async with limit:
@@ -149,10 +171,11 @@ class OpenAIBatchJobTrigger(OpenAIBatchBaseTrigger):
                 yield self._event(EVENT_ERROR, [], f"Polling the job's batches failed: {error}", error)
                 return
             if len(latest) == len(self.batch_ids):
-                line = format_job_progress([latest[b] for b in self.batch_ids], self.label)
-                if line != last_line:
-                    last_line = line
-                    self.log.info(line)
+                summaries = [latest[b] for b in self.batch_ids]
+                seen = (len(self._ended), *(s["request_counts"]["completed"] for s in summaries))
+                if seen != last_seen:  # a line at each change, not at each poll
+                    last_seen = seen
+                    self.log.info(self._progress_line(summaries))
             ended = [b for b in self.batch_ids if b in self._ended]
             unclean = self.wake_on_unclean_end and any(not ended_clean(latest[b]) for b in ended)
             if ended and (self.wake_on_any_end or unclean or len(ended) == len(self.batch_ids)):
