@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 
 from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
+from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.operators.openai_batch import OpenAIBatchCreateOperator
 from airflow_provider_openai_batch.sensors.openai_batch import OpenAIBatchSensor
-from airflow_provider_openai_batch.testing import Fault
+from airflow_provider_openai_batch.testing import FakeOpenAIServer, Fault
+from airflow_provider_openai_batch.testing.server import redacted_header
 from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchTrigger
 from tests.conftest import connection_env, jsonl, request_line
 
@@ -93,6 +95,50 @@ def test_permanent_errors_end_at_once(status, batch_id, conn_id, server, monkeyp
     assert f"HTTP {status}" in event["message"]
     # A 401 is retried once with a fresh read of the connection (the key may have just been rotated).
     assert server.count("batches.retrieve") == (2 if status == 401 else 1)
+
+
+ROTATED_KEY = "sk-rotated-after-the-first-poll"
+
+
+def _rotate_key(server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The key is revoked at OpenAI and its successor put into the connection, while a wait is under way."""
+    old = str(server.api_key)
+    server.api_key = ROTATED_KEY
+    monkeypatch.setenv("AIRFLOW_CONN_ROTATING", connection_env(server))
+    server.reset_counters()
+    return old
+
+
+def _keys_sent(server: FakeOpenAIServer) -> list[str]:
+    keys = {redacted_header(f"Bearer {key}"): key for key in (ROTATED_KEY, "sk-fake-test-key")}
+    return [keys.get(seen["authorization"], "?") for seen in server.headers_seen["batches.retrieve"]]
+
+
+def test_a_blocking_wait_reads_a_rotated_key_again_after_a_401(batch_id, server, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_ROTATING", connection_env(server))
+    hook = OpenAIBatchHook("rotating")
+    hook.get_batch(batch_id)  # the hook holds a client with the old key
+    old = _rotate_key(server, monkeypatch)
+    batch = hook.wait_for_batch(batch_id, poll_interval=0.05, timeout=30)
+    assert batch.status == "completed"
+    # One refused poll with the old key, then the connection read again: every later poll sends the new key.
+    keys = _keys_sent(server)
+    assert keys[0] == old and len(keys) >= 2 and set(keys[1:]) == {ROTATED_KEY}
+
+
+def test_a_poking_sensor_reads_a_rotated_key_again_after_a_401(batch_id, server, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_ROTATING", connection_env(server))
+    sensor = OpenAIBatchSensor(
+        task_id="wait", batch_id=batch_id, conn_id="rotating", mode="poke", deferrable=False, poke_interval=0.05
+    )
+    sensor.poke({})  # the sensor's hook holds a client with the old key
+    old = _rotate_key(server, monkeypatch)
+    deadline = time.monotonic() + 30
+    while not sensor.poke({}):  # a refused poke would raise: the 401 is followed by one fresh read, not a failure
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    keys = _keys_sent(server)
+    assert keys[0] == old and len(keys) >= 2 and set(keys[1:]) == {ROTATED_KEY}
 
 
 def test_restart_keeps_the_absolute_deadline(batch_id, conn_id, hook):
