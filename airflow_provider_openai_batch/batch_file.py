@@ -1,5 +1,5 @@
 """
-Batch input and result files (JSONL): streaming validation, and reading result lines.
+Batch input and result files (JSONL): streaming validation and sharding of input, the shape of a result line.
 
 Validation runs before anything is uploaded, so a bad file costs nothing but the read. It streams line by
 line (a 200 MB file never sits in memory), keeps only the ``custom_id`` set, and collects the first several
@@ -600,14 +600,6 @@ class ResultLine(msgspec.Struct):
     id: str | None = None
     response: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
-
-
-_result_decoder = msgspec.json.Decoder(ResultLine)
-
-
-def iter_result_lines(source: Source) -> Iterator[ResultLine]:
-    """Stream the lines of an output or error file; order is OpenAI's, not the input's (join on custom_id)."""
-    return (_result_decoder.decode(raw) for raw in iter_lines(source))
 
 
 def encode_requests(requests: Iterable[dict[str, Any]]) -> Iterator[bytes]:

@@ -1,8 +1,9 @@
 """
 The one poll policy, the one poll step and the one kill policy, for every way of waiting for a batch.
 
-A batch is waited for deferred (the triggers), blocking (``hook.wait_for_batch``, the one-task job's blocking wait)
-and by a sensor's ``poke`` / ``reschedule`` modes. How often to poll, how many failed polls to tolerate, what one
+A batch is waited for deferred (the triggers), blocking (``hook.wait_for_batch`` for an operator waiting on one
+batch; the one-task job's blocking wait calls ``hook.poll_batch`` for each of its batches) and by a sensor's
+``poke`` / ``reschedule`` modes. How often to poll, how many failed polls to tolerate, what one
 failed poll means (``read_once`` / ``aread_once``) and whether to cancel when the task is stopped are decided here,
 so the same network blip ends every kind of wait the same way.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -45,7 +47,7 @@ DEFAULT_POLL_INTERVAL = 60.0
 #: The relaxed cadence's ceiling: a long batch is polled at least every 10 minutes.
 DEFAULT_MAX_POLL_INTERVAL = 600.0
 #: Airflow's own backstop past a deferred wait's deadline, in case the triggerer is down then: twice the poll
-#: interval plus this.
+#: interval plus this (``defer_timeout``).
 DEFER_BACKSTOP = timedelta(minutes=15)
 #: Task-instance states that mean the user wants the work stopped.
 STOP_STATES = frozenset({"failed", "skipped", "upstream_failed", "removed"})
@@ -118,6 +120,16 @@ class PollFailures:
 
     def succeeded(self) -> None:
         self.count, self.reread = 0, False
+
+
+def defer_timeout(until: float, poll_interval: float) -> timedelta:
+    """
+    The ``timeout`` to give ``defer`` for a wait whose trigger ends by ``until`` (epoch seconds): the time left
+    (none once it has passed), then twice ``poll_interval`` (room for the trigger's last polls) and
+    ``DEFER_BACKSTOP``. The trigger ends the wait itself by ``until``; Airflow's timeout is the backstop for a
+    triggerer that is down then, so the task does not stay deferred for ever.
+    """
+    return timedelta(seconds=max(0.0, until - time.time()) + 2 * poll_interval) + DEFER_BACKSTOP
 
 
 T = TypeVar("T")

@@ -5,17 +5,28 @@ whether stopping a task cancels its batch. Every way of waiting asks these, so e
 
 from __future__ import annotations
 
+import asyncio
 import random
+import statistics
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
 
 import pytest
 
 from airflow_provider_openai_batch.exceptions import OpenAIBatchAPIError
 from airflow_provider_openai_batch.polling import (
     DEFAULT_MAX_POLL_FAILURES,
+    DEFER_BACKSTOP,
     STOP_STATES,
     UNKNOWN_STATE,
     PollFailures,
     PollPolicy,
+    aread_once,
+    backoff_delay,
+    defer_timeout,
+    read_once,
     should_cancel_on_kill,
     task_instance_state,
 )
@@ -149,6 +160,132 @@ def test_a_401_fresh_read_does_not_count_as_a_failed_poll():
     assert failures.count == 0
     assert failures.failed(_error(503)) == "retry_later"  # the one transient failure allowed is still there
     assert failures.failed(_error(503)) == "give_up"
+
+
+# --- one poll under the policy (read_once / aread_once): what every way of waiting calls -------------------------
+
+
+class Reads:
+    """A status read that answers from a script: an error to raise, or a value to return."""
+
+    def __init__(self, *answers: Any) -> None:
+        self.answers, self.calls, self.resets = list(answers), 0, 0
+
+    def read(self) -> Any:
+        self.calls += 1
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def aread(self) -> Any:
+        return self.read()
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+def _sync_once(reads: Reads, failures: PollFailures) -> Any:
+    return read_once(reads.read, failures, "batch b", reads.reset)
+
+
+def _async_once(reads: Reads, failures: PollFailures) -> Any:
+    return asyncio.run(aread_once(reads.aread, failures, "batch b", reads.reset))
+
+
+ONE_POLL = pytest.mark.parametrize("once", [_sync_once, _async_once], ids=["read_once", "aread_once"])
+Once = Callable[[Reads, PollFailures], Any]
+
+
+def _api_error(status: int, request_id: str = "req_abc123") -> OpenAIBatchAPIError:
+    return OpenAIBatchAPIError("batches.retrieve", "boom", status_code=status, request_id=request_id)
+
+
+@ONE_POLL
+def test_a_tolerated_failure_is_no_answer_and_the_wait_goes_on(once: Once):
+    failures = PollFailures(PollPolicy(poll_interval=1.0, max_poll_failures=2))
+    reads = Reads(_api_error(503), _api_error(500), "batch")
+    assert once(reads, failures) is None  # the caller waits its interval and polls again
+    assert once(reads, failures) is None
+    assert failures.count == 2 and failures.last is not None and failures.last.http_status == 500
+    assert once(reads, failures) == "batch"
+    assert failures.count == 0 and reads.calls == 3 and reads.resets == 0
+
+
+@ONE_POLL
+def test_giving_up_raises_the_api_error_with_its_status_and_request_id(once: Once):
+    failures = PollFailures(PollPolicy(poll_interval=1.0, max_poll_failures=1))
+    reads = Reads(_api_error(503, "req_first"), _api_error(502, "req_last"))
+    assert once(reads, failures) is None
+    with pytest.raises(OpenAIBatchAPIError) as raised:
+        once(reads, failures)
+    assert raised.value.http_status == 502 and raised.value.request_id == "req_last"
+    assert "HTTP 502" in str(raised.value) and "req_last" in str(raised.value)
+
+
+@ONE_POLL
+def test_a_refusal_raises_at_the_first_failure(once: Once):
+    reads = Reads(_api_error(403, "req_denied"))
+    with pytest.raises(OpenAIBatchAPIError) as raised:
+        once(reads, PollFailures(PollPolicy(poll_interval=1.0)))
+    assert raised.value.http_status == 403 and raised.value.request_id == "req_denied" and reads.calls == 1
+
+
+@ONE_POLL
+def test_a_401_drops_the_client_once_and_reads_again_at_once(once: Once):
+    failures = PollFailures(PollPolicy(poll_interval=1.0, max_poll_failures=10))
+    reads = Reads(_api_error(401), "batch")
+    assert once(reads, failures) == "batch"  # in the same poll: no interval waited for the fresh key
+    assert reads.resets == 1 and reads.calls == 2 and failures.count == 0
+
+
+@ONE_POLL
+def test_a_401_with_the_fresh_key_too_raises_after_one_reset(once: Once):
+    failures = PollFailures(PollPolicy(poll_interval=1.0, max_poll_failures=10))
+    reads = Reads(_api_error(401, "req_old_key"), _api_error(401, "req_new_key"), "never read")
+    with pytest.raises(OpenAIBatchAPIError) as raised:
+        once(reads, failures)
+    assert raised.value.http_status == 401 and raised.value.request_id == "req_new_key"
+    assert reads.resets == 1 and reads.calls == 2
+
+
+# --- the deferral's own timeout -----------------------------------------------------------------------------------
+
+
+def test_a_deferral_times_out_after_its_deadline_two_intervals_and_the_backstop():
+    before = time.time()
+    timeout = defer_timeout(before + 3600.0, poll_interval=60.0)
+    after = time.time()
+    assert timedelta(seconds=3600.0 - (after - before) + 120.0) + DEFER_BACKSTOP <= timeout
+    assert timeout <= timedelta(seconds=3600.0 + 120.0) + DEFER_BACKSTOP
+
+
+def test_a_deferral_past_its_deadline_still_gets_the_intervals_and_the_backstop():
+    assert defer_timeout(time.time() - 3600.0, poll_interval=30.0) == timedelta(seconds=60.0) + DEFER_BACKSTOP
+
+
+# --- backoff between retries of a call (downloads and the like) ------------------------------------------------
+
+
+def test_the_backoff_doubles_from_the_base_up_to_the_cap_without_jitter():
+    delays = [backoff_delay(attempt, base=0.5, cap=8.0, jitter=0.0) for attempt in range(0, 9)]
+    assert delays == [0.5, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]
+
+
+@pytest.mark.parametrize(("attempt", "middle"), [(1, 0.5), (3, 2.0), (5, 8.0), (40, 8.0)])
+def test_a_jittered_backoff_stays_within_its_share_of_the_delay(attempt, middle):
+    random.seed(11)
+    delays = [backoff_delay(attempt, base=0.5, cap=8.0) for _ in range(2000)]
+    assert all(middle * 0.8 <= delay <= middle * 1.2 for delay in delays)  # the default jitter: 20 % either way
+
+
+def test_waiters_backing_off_together_do_not_come_back_in_lockstep():
+    random.seed(5)
+    delays = [backoff_delay(3, base=0.5, cap=8.0) for _ in range(2000)]
+    # Spread over the band (2 s +- 20 %), not one moment: the draws differ and fill it from end to end.
+    assert len({round(delay, 6) for delay in delays}) > 1900
+    assert min(delays) < 1.65 and max(delays) > 2.35
+    assert statistics.pstdev(delays) > 0.2  # a uniform spread over 1.6..2.4 has 0.23
 
 
 # --- the kill policy --------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from airflow_provider_openai_batch.hooks.poll_request import PollHttpClient, Rep
 from airflow_provider_openai_batch.links.openai_batch import BATCH_LINK_CHOICES
 from airflow_provider_openai_batch.polling import (
     DEFAULT_MAX_POLL_FAILURES,
+    DEFAULT_POLL_INTERVAL,
     PollFailures,
     PollPolicy,
     backoff_delay,
@@ -414,8 +415,17 @@ class OpenAIBatchHook(BaseHook):
             self._async_clients.put(self._async_key, client, http)
         return entry
 
-    def _forget_async_client(self) -> None:
-        """After a 401 the key may have been rotated: the next call reads the connection again."""
+    def reset_client(self) -> None:
+        """
+        Forget the connection and the clients built from it: the next call reads the connection again and builds
+        new ones (after a 401: the key may have just been rotated). The sync client and the connection it was
+        built from are this hook's; the async client is this process's for the connection on its loop, so the
+        other waits on it read the connection again too (they would meet the same refused key).
+        """
+        with contextlib.suppress(AttributeError):  # never built
+            del self._client
+        with contextlib.suppress(AttributeError):
+            del self._connection
         self._async_clients.drop(self._async_key)
 
     # --- files ---------------------------------------------------------------------------------
@@ -633,10 +643,6 @@ class OpenAIBatchHook(BaseHook):
                 found.append(batch)
         return found
 
-    def reset_client(self) -> None:
-        """Drop the cached sync client: the next call reads the connection again (after a 401: a rotated key)."""
-        self.__dict__.pop("_client", None)
-
     def poll_batch(self, batch_id: str, failures: PollFailures, *, deadline: float | None = None) -> Batch:
         """
         One status read under the poll policy (``polling.read_once``): a failed read is retried ``poll_interval``
@@ -657,7 +663,7 @@ class OpenAIBatchHook(BaseHook):
     def wait_for_batch(
         self,
         batch_id: str,
-        poll_interval: float = 60.0,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
         timeout: float | None = None,
         *,
         end_time: float | None = None,
@@ -708,7 +714,7 @@ class OpenAIBatchHook(BaseHook):
                 return await call(client)
         except OpenAIBatchAPIError as error:
             if error.http_status == 401:
-                self._forget_async_client()
+                self.reset_client()
             raise
 
     async def aget_batch(self, batch_id: str) -> Batch:

@@ -27,7 +27,11 @@ from airflow.providers.common.compat.sdk import BaseOperatorLink
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import TaskInstanceKey
 
-#: The batch id itself, pushed under this key by every operator that knows one, before it waits (DESIGN.md).
+#: The batch id itself, pushed under this key (with the link's own XCom) as soon as the task knows it, before any
+#: wait: by the create, cancel and download operators and the sensor (again when a wait moves to an older
+#: duplicate that survived, blocking or deferred); by the one-task job for the first batch of each wave it creates
+#: (each push replaces the last, so the link names one batch of the latest wave). The upload operator has no
+#: batch and pushes none.
 BATCH_ID_XCOM_KEY = "batch_id"
 
 Console = Literal["openai", "azure"]

@@ -63,7 +63,6 @@ class OpenAIBatchSensor(BatchWaitingOperator, BaseSensorOperator):
         )
         if batch is None:
             return False
-        self._poll_failures.succeeded()
         summary = summarize(batch)
         self.log.info(format_progress(summary))
         if is_terminal(batch.status):

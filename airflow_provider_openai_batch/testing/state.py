@@ -445,13 +445,6 @@ class FakeState:
             self._settle_queue(now)
             return self._held(model, now)[0]
 
-    def enqueued_requests(self, model: str) -> int:
-        """Requests ``model``'s queue holds now."""
-        with self._lock:
-            now = self.clock()
-            self._settle_queue(now)
-            return self._held(model, now)[1]
-
     def peak_enqueued(self, model: str) -> int:
         """The most tokens ``model``'s queue ever held at once (never above its limit when it has one)."""
         with self._lock:
