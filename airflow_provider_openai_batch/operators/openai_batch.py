@@ -317,6 +317,9 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
             reuse=self.reuse,
             lookback=self.lookback,
             logger=self.log,
+            # Without a wait here (a sensor downstream, or nothing), the settle step itself keeps looking until a
+            # lagging listing shows the new batch: no waiter of ours would make the second look.
+            waits=self.wait_for_completion,
         )
         work = BatchWork(
             input_file_id=self.input_file_id,
