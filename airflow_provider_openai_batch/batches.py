@@ -17,13 +17,16 @@ instance, in order:
 5. **Settle.** Two tries of one task instance can run at once (an orphaned Celery task process keeps running while
    Airflow starts the next try): each may look, find nothing and create. Right after creating, each try lists the
    batches made since *it started looking* (less ``RACE_SKEW``) and applies ``surviving_batch``: the oldest live
-   contender wins, the others cancel their own. Nothing is logged before that: an orphan dies at its first log line.
+   contender wins, the others cancel their own. Nothing is logged before that (an orphan dies at its first log
+   line): what the create, the SDK's retries and the settle have to say is held and said after (``HeldLog``).
 6. **A second look**: OpenAI does not say that a new batch is listed at once. A settle listing that does not show
    the try's own batch is lagging, and may miss a racer too: the try lists again (a few seconds apart, up to
    ``SETTLE_WAIT_FOR_OWN``) until its own batch shows, and then applies the rule. A listing that shows a batch shows
    every batch created before it, so from then on no older racer can hide. If the own batch never shows, whoever
    waits for it (trigger or blocking wait: ``SiblingLook``) lists once more when it is ``SIBLING_LOOK_AFTER`` old and
-   applies the same rule, cancelling its own batch and following the survivor when it lost. Without lag this costs
+   applies the same rule, cancelling its own batch and following the survivor when it lost. A try nobody of ours
+   waits for (``CreatePath(waits=False)``: a create without ``wait_for_completion``) keeps settling instead, listing
+   further and further apart until its batch shows or is ``SIBLING_LOOK_AFTER`` old. Without lag this costs
    nothing: the first listing shows the own batch.
 
 Guarantee (docs/guarantees.md): one live batch per task instance and work, provided OpenAI's
