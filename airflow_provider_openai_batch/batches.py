@@ -17,13 +17,16 @@ instance, in order:
 5. **Settle.** Two tries of one task instance can run at once (an orphaned Celery task process keeps running while
    Airflow starts the next try): each may look, find nothing and create. Right after creating, each try lists the
    batches made since *it started looking* (less ``RACE_SKEW``) and applies ``surviving_batch``: the oldest live
-   contender wins, the others cancel their own. Nothing is logged before that: an orphan dies at its first log line.
+   contender wins, the others cancel their own. Nothing is logged before that (an orphan dies at its first log
+   line): what the create, the SDK's retries and the settle have to say is held and said after (``HeldLog``).
 6. **A second look**: OpenAI does not say that a new batch is listed at once. A settle listing that does not show
    the try's own batch is lagging, and may miss a racer too: the try lists again (a few seconds apart, up to
    ``SETTLE_WAIT_FOR_OWN``) until its own batch shows, and then applies the rule. A listing that shows a batch shows
    every batch created before it, so from then on no older racer can hide. If the own batch never shows, whoever
    waits for it (trigger or blocking wait: ``SiblingLook``) lists once more when it is ``SIBLING_LOOK_AFTER`` old and
-   applies the same rule, cancelling its own batch and following the survivor when it lost. Without lag this costs
+   applies the same rule, cancelling its own batch and following the survivor when it lost. A try nobody of ours
+   waits for (``CreatePath(waits=False)``: a create without ``wait_for_completion``) keeps settling instead, listing
+   further and further apart until its batch shows or is ``SIBLING_LOOK_AFTER`` old. Without lag this costs
    nothing: the first listing shows the own batch.
 
 Guarantee (docs/guarantees.md): one live batch per task instance and work, provided OpenAI's
@@ -55,6 +58,7 @@ from airflow_provider_openai_batch.idempotency import (
     IDEMPOTENCY_METADATA_KEY,
     RACE_SKEW,
     STATE_STORE_KEY,
+    HeldLog,
     build_metadata,
     call_once,
     first_try,
@@ -249,6 +253,8 @@ class CreatePath:
     :param reuse: What a re-run after a clear may reuse (``ReuseMode``).
     :param lookback: The scan window when the context has no DAG run.
     :param logger: The task's logger.
+    :param waits: Whether the caller waits for the batches it makes (and makes the second look, ``SiblingLook``,
+        for a batch the settle step never saw listed). ``False``: the settle step keeps listing until it sees them.
     """
 
     def __init__(
@@ -261,6 +267,7 @@ class CreatePath:
         reuse: ReuseMode | str = "active",
         lookback: Any = idempotency.DEFAULT_LOOKBACK,
         logger: Any = log,
+        waits: bool = True,
     ) -> None:
         if reuse not in REUSE_MODES:
             raise ValueError(f"reuse must be one of {', '.join(REUSE_MODES)}; got {reuse!r}")
@@ -272,6 +279,7 @@ class CreatePath:
         self.reuse = reuse
         self.lookback = lookback
         self.log = logger
+        self.waits = waits
         self.store = context.get("task_state_store")
         #: When this try last looked for each key (epoch seconds): its racers were created after that.
         self.looked: dict[str, float] = {}
@@ -390,21 +398,28 @@ class CreatePath:
         """
         Create a wave of batches (``(work, key, input file id)`` each, each once) and settle them together: one pause
         and one listing for the whole wave, not one per batch. Nothing is logged until the settle has run (an
-        orphaned try dies at its first log line and must have cancelled its duplicates by then). A create that fails
+        orphaned try dies at its first log line and must have cancelled its duplicates by then): what the create,
+        the SDK and the settle have to say is held (``idempotency.HeldLog``) and said after. A create that fails
         stops the wave: the batches created before it are settled and returned with the error, which the caller
         raises (or handles, a queue refusal) once it has recorded the ones made.
         """
         made: list[tuple[Batch, str]] = []
         failure: OpenAIBatchAPIError | None = None
-        for work, key, input_file_id in wave:
-            try:
-                made.append((self._send(work, key, input_file_id), key))
-            except OpenAIBatchAPIError as error:
-                failure = error
-                break
-        return (self.settle_many(made) if made else []), failure
+        held = HeldLog()
+        try:
+            with held:
+                for work, key, input_file_id in wave:
+                    try:
+                        made.append((self._send(work, key, input_file_id, held), key))
+                    except OpenAIBatchAPIError as error:
+                        failure = error
+                        break
+                survivors = self.settle_many(made, held) if made else []
+        finally:
+            held.release()
+        return survivors, failure
 
-    def _send(self, work: BatchWork, key: str, input_file_id: str | None) -> Batch:
+    def _send(self, work: BatchWork, key: str, input_file_id: str | None, held: HeldLog) -> Batch:
         file_id = input_file_id or work.input_file_id
         if not file_id:
             raise ValueError("a batch needs an input file id")
@@ -429,40 +444,67 @@ class CreatePath:
                     return batch
             return None
 
-        return call_once("batches.create", send, find)
+        return call_once("batches.create", send, find, logger=held.speaker(idempotency.log))
 
     def look(self, key: str) -> SiblingLook:
         return SiblingLook(key, self.first, self.looked.get(key, time.time()))
 
-    def settle(self, own: Batch, key: str) -> Batch:
-        """``settle_many`` for one batch."""
-        return self.settle_many([(own, key)])[0]
+    def _listing(self, cutoff: float) -> list[Batch] | OpenAIBatchAPIError:
+        try:
+            return recent_batches(self.hook, cutoff)
+        except OpenAIBatchAPIError as error:  # after the SDK's retries
+            return error
 
-    def settle_many(self, made: list[tuple[Batch, str]]) -> list[Batch]:
+    def settle_many(self, made: list[tuple[Batch, str]], held: HeldLog | None = None) -> list[Batch]:
         """
         Right after creating: list the batches made since this try started looking (less ``RACE_SKEW``) that the
         lookup did not pass over; by ``surviving_batch``, cancel each own batch that is a duplicate and adopt its
-        survivor. One pause and one listing (again while a lagging listing hides an own batch) for all of ``made``.
-        A failed listing keeps the batches we have (their waiter makes the second look).
+        survivor. One pause and one listing for all of ``made``, again while a lagging listing hides an own batch:
+        ``SETTLE_RELIST`` apart up to ``SETTLE_WAIT_FOR_OWN``; then, when nobody waits for the batches (``waits``),
+        further apart (each wait as long as all before it) until they are ``SIBLING_LOOK_AFTER`` old, where the
+        waiter's second look would have listed. A failed listing is tried again the same way; one that still fails
+        keeps the batches we have (their waiter, if any, makes the second look). What it says is held until the
+        caller releases ``held`` (its own ``HeldLog`` when none is given, released on return).
         """
+        if held is None:
+            held = HeldLog()
+            try:
+                with held:
+                    return self.settle_many(made, held)
+            finally:
+                held.release()
+        say = held.speaker(self.log)
         time.sleep(idempotency.SETTLE_PAUSE)  # until a racer created in the same second as ours is listed too
         cutoff = min(self.look(key).cutoff for _, key in made)
         ours = {own.id for own, _ in made}
-        give_up = time.time() + SETTLE_WAIT_FOR_OWN
-        try:
-            listing = recent_batches(self.hook, cutoff)
-            lagging = False
-            while not ours <= {b.id for b in listing} and time.time() < give_up:
-                lagging = True
-                time.sleep(SETTLE_RELIST)  # the listing lags: it may hide a racer as it hides our own batch
-                listing = recent_batches(self.hook, cutoff)
-            if lagging and ours <= {b.id for b in listing}:
-                # Our batch shows, so every batch made before it does; one made later in the same second (which
-                # can win the tie by id) shows within that second's lag too: list once more a pause later.
-                time.sleep(idempotency.SETTLE_PAUSE)
-                listing = recent_batches(self.hook, cutoff)
-        except OpenAIBatchAPIError as error:  # after the SDK's retries: keep the batches we have, do not fail the try
-            self.log.warning("Could not list batches to look for duplicates of %s (%s)", ", ".join(ours), error)
+        started = time.time()
+        give_up = started + SETTLE_WAIT_FOR_OWN
+        # Without a waiter, the settle step makes the second look itself: when the youngest batch is old enough.
+        due = max(own.created_at for own, _ in made) + SIBLING_LOOK_AFTER
+
+        def shown(listing: list[Batch] | OpenAIBatchAPIError) -> bool:
+            return not isinstance(listing, OpenAIBatchAPIError) and ours <= {b.id for b in listing}
+
+        listing = self._listing(cutoff)
+        lagging = False
+        while not shown(listing):
+            now = time.time()
+            if now < give_up:
+                pause = SETTLE_RELIST
+            elif self.waits or now >= due:
+                break
+            else:
+                pause = min(max(SETTLE_RELIST, now - started), due - now)
+            lagging = True
+            time.sleep(pause)  # the listing lags: it may hide a racer as it hides our own batch
+            listing = self._listing(cutoff)
+        if lagging and shown(listing):
+            # Our batch shows, so every batch made before it does; one made later in the same second (which
+            # can win the tie by id) shows within that second's lag too: list once more a pause later.
+            time.sleep(idempotency.SETTLE_PAUSE)
+            listing = self._listing(cutoff)
+        if isinstance(listing, OpenAIBatchAPIError):  # keep the batches we have, do not fail the try
+            say.warning("Could not list batches to look for duplicates of %s (%s)", ", ".join(ours), listing)
             self.unseen.update(key for _, key in made)
             return [own for own, _ in made]
         listed = {b.id for b in listing}
@@ -473,9 +515,9 @@ class CreatePath:
                 self.unseen.add(key)
             survivor = self.look(key).survivor(own, candidates)
             if survivor.id == own.id:
-                self.log.info("Created batch %s for %s", own.id, own.input_file_id)
+                say.info("Created batch %s for %s", own.id, own.input_file_id)
             else:
-                cancel_duplicate(self.hook, own.id, survivor.id, self.log)
+                cancel_duplicate(self.hook, own.id, survivor.id, say)
             survivors.append(survivor)
         return survivors
 
@@ -488,4 +530,4 @@ class CreatePath:
         if batch is None:
             batch = self.create(work, key)
         self.remember(key, batch.id)
-        return Ensured(batch, created, self.look(key) if key in self.unseen else None)
+        return Ensured(batch, created, self.look(key) if key in self.unseen and self.waits else None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -252,14 +253,17 @@ def call_once(
     find: Callable[[], T | None],
     *,
     attempts: int = 5,
+    logger: Any = None,
 ) -> T:
     """
     Send a request that must take effect at most once (a paid batch, a 200 MB upload).
 
     The SDK would resend a request whose answer was lost (a dropped connection, a 502 from a proxy after the
     API acted) and so create a second batch. Here ``send`` runs with the SDK's retries off, and after each
-    retryable failure ``find`` looks for what the lost attempt may have made before sending again.
+    retryable failure ``find`` looks for what the lost attempt may have made before sending again. What it has
+    to say goes to ``logger`` (this module's by default; the create path gives a ``HeldLog`` speaker).
     """
+    say = log if logger is None else logger
     for attempt in range(1, attempts + 1):
         try:
             return send()
@@ -267,13 +271,78 @@ def call_once(
             if not error.retryable or attempt == attempts:
                 raise
             delay = backoff_delay(attempt, RETRY_BASE_DELAY, 8.0)
-            log.warning("%s failed (%s); checking whether it took effect before retrying", operation, error)
+            say.warning("%s failed (%s); checking whether it took effect before retrying", operation, error)
             time.sleep(delay)
             found = find()
             if found is not None:
-                log.info("%s had taken effect before its answer was lost; using that result", operation)
+                say.info("%s had taken effect before its answer was lost; using that result", operation)
                 return found
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+#: The loggers the SDK speaks through during a request: the client ("Retrying request in …" at INFO) and its
+#: transport (one line per request at INFO, held at WARNING by the hook unless debug logging is on).
+SDK_LOGGERS = ("openai._base_client", "openai", "httpx2", "httpx")
+
+
+class HeldLog:
+    """
+    What a try says between its create and its settle, said once the settle has run.
+
+    Airflow 3.3 kills a task process at its first log line once the supervisor that reads its log is gone (an
+    orphaned try), so an orphan must have settled, cancelling its duplicate, before it says anything. Inside
+    ``with held:`` this thread's records of ``SDK_LOGGERS`` are held back, and ``speaker(logger)`` is a logger
+    whose lines are held too; ``release()`` says all of them, in order, through the loggers they were meant for.
+    """
+
+    def __init__(self) -> None:
+        self._said: list[tuple[Any, int, str, tuple[Any, ...]] | logging.LogRecord] = []
+        self._thread = threading.get_ident()
+        self._loggers = [logging.getLogger(name) for name in SDK_LOGGERS]
+
+    def _hold(self, record: logging.LogRecord) -> bool:
+        if record.thread != self._thread:
+            return True  # another thread's request: not ours to hold
+        self._said.append(record)
+        return False
+
+    def __enter__(self) -> HeldLog:
+        for logger in self._loggers:
+            logger.addFilter(self._hold)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for logger in self._loggers:
+            logger.removeFilter(self._hold)
+
+    def speaker(self, logger: Any) -> _HeldSpeaker:
+        return _HeldSpeaker(self, logger)
+
+    def hold(self, logger: Any, level: int, message: str, args: tuple[Any, ...]) -> None:
+        self._said.append((logger, level, message, args))
+
+    def release(self) -> None:
+        said, self._said = self._said, []
+        for item in said:
+            if isinstance(item, logging.LogRecord):
+                logging.getLogger(item.name).handle(item)
+            else:
+                logger, level, message, args = item
+                # By the level's own method: a task's logger (structlog in the Task SDK) has those for sure.
+                getattr(logger, "warning" if level >= logging.WARNING else "info")(message, *args)
+
+
+class _HeldSpeaker:
+    """A logger whose lines ``HeldLog`` holds until its ``release``."""
+
+    def __init__(self, held: HeldLog, logger: Any) -> None:
+        self._held, self._logger = held, logger
+
+    def info(self, message: str, *args: Any) -> None:
+        self._held.hold(self._logger, logging.INFO, message, args)
+
+    def warning(self, message: str, *args: Any) -> None:
+        self._held.hold(self._logger, logging.WARNING, message, args)
 
 
 class BatchLike(Protocol):

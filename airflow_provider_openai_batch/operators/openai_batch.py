@@ -221,7 +221,9 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
     :param completion_window: ``"24h"`` at OpenAI; compatible servers may offer others. Templated.
     :param metadata: Up to 14 string pairs (two keys are reserved for retry safety). Templated.
     :param output_expires_after: Let OpenAI delete the output and error files after this long.
-    :param wait_for_completion: Also wait for the batch to end (deferrable like the sensor, same policy).
+    :param wait_for_completion: Also wait for the batch to end (deferrable like the sensor, same policy). Without
+        it, a try whose new batch a lagging listing does not show yet keeps looking for a duplicate before it
+        returns (``batches``), so a sensor downstream needs to know nothing of it.
     :param reuse: What a re-run after a *clear* (of the task or its DAG run) may use instead of a new batch:
         ``"active"`` (default) a batch of the same task instance and work that is still running, so clearing a
         waiting task waits for the same batch again instead of paying twice; a completed one is not reused,
@@ -317,6 +319,9 @@ class OpenAIBatchCreateOperator(BatchWaitingOperator):
             reuse=self.reuse,
             lookback=self.lookback,
             logger=self.log,
+            # Without a wait here (a sensor downstream, or nothing), the settle step itself keeps looking until a
+            # lagging listing shows the new batch: no waiter of ours would make the second look.
+            waits=self.wait_for_completion,
         )
         work = BatchWork(
             input_file_id=self.input_file_id,

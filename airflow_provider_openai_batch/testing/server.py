@@ -12,7 +12,6 @@ import asyncio
 import gzip
 import hashlib
 import os
-import re
 import shutil
 import socket
 import threading
@@ -50,22 +49,46 @@ MAX_BATCH_FILE_BYTES = 200 * 1024 * 1024
 _CHUNK = 1 << 20
 #: ``headers_seen`` keeps this many calls per route.
 HEADERS_KEPT = 50
-#: Headers ``headers_seen`` keeps only as ``redacted_header``: credentials (``authorization``, Azure's
-#: ``api-key``, a gateway's ``ocp-apim-subscription-key``, ``x-auth-token``, cookies).
-_SECRET_HEADER = re.compile(r"auth|(?<!idempotency-)key|token|secret|passw|cookie|credential|signature", re.IGNORECASE)
+#: The only headers ``headers_seen`` keeps as sent: what the SDK and the transport say about the request itself,
+#: and the organization and project ids. Every other value (``authorization``, Azure's ``api-key``, a gateway's
+#: ``ocp-apim-subscription-key``, and any custom header, whatever its name: a gateway may take its key in any of
+#: them) is kept only as ``redacted_header``.
+_PLAIN_HEADERS = frozenset(
+    {
+        "accept",
+        "accept-encoding",
+        "connection",
+        "content-length",
+        "content-type",
+        "host",
+        "openai-organization",
+        "openai-project",
+        "user-agent",
+    }
+)
+_PLAIN_HEADER_PREFIXES = ("x-stainless-",)
+#: ``redacted_header`` shows the last 4 characters only of values at least this long (as a dashboard shows a key).
+_TAIL_SHOWN_FROM = 16
 
 
 def redacted_header(value: str) -> str:
     """
-    How ``headers_seen`` keeps a credential header: its last 4 characters and a short hash, so a test can tell
-    which key was sent (compare with ``redacted_header(expected)``) without the instrumentation holding the key.
+    How ``headers_seen`` keeps a header that could be a credential: a short hash, and the last 4 characters of a
+    long value, so a test can tell which value was sent (compare with ``redacted_header(expected)``) without the
+    instrumentation holding it.
     """
     digest = hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:12]
-    return f"<redacted …{value[-4:]} sha256:{digest}>"
+    tail = f"…{value[-4:]} " if len(value) >= _TAIL_SHOWN_FROM else ""
+    return f"<redacted {tail}sha256:{digest}>"
+
+
+def _plain(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in _PLAIN_HEADERS or lowered.startswith(_PLAIN_HEADER_PREFIXES)
 
 
 def _seen(headers: Any) -> dict[str, str]:
-    return {name: redacted_header(value) if _SECRET_HEADER.search(name) else value for name, value in headers.items()}
+    return {name: value if _plain(name) else redacted_header(value) for name, value in headers.items()}
 
 
 def error_response(status: int, message: str, *, code: str | None = None, param: str | None = None) -> JSONResponse:
@@ -185,7 +208,8 @@ class FakeOpenAIServer:
         self.clients: Counter[tuple[str, str]] = Counter()
         #: The headers of the last calls of each route (test instrumentation, not OpenAI behaviour): shows what
         #: a client sent, e.g. that a trigger's every poll carries the organization, project and custom headers.
-        #: Credentials are kept only as ``redacted_header`` (a test run's output must not hold a key either).
+        #: Every value but a few harmless ones (``_PLAIN_HEADERS``) is kept only as ``redacted_header``: a test run's
+        #: output must not hold a key either.
         self.headers_seen: defaultdict[str, deque[dict[str, str]]] = defaultdict(lambda: deque(maxlen=HEADERS_KEPT))
         self._calls_lock = threading.Lock()
         self._server: uvicorn.Server | None = None

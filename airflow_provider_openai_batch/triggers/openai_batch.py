@@ -17,7 +17,13 @@ from typing import Any, Literal, TypedDict
 from airflow.triggers.base import TriggerEvent
 from typing_extensions import NotRequired
 
-from airflow_provider_openai_batch.batch_status import BatchSummary, format_progress, is_terminal, progress_key
+from airflow_provider_openai_batch.batch_status import (
+    BatchSummary,
+    can_survive_a_race,
+    format_progress,
+    is_terminal,
+    progress_key,
+)
 from airflow_provider_openai_batch.batches import SiblingLook, afollow_survivor
 from airflow_provider_openai_batch.exceptions import APIErrorPayload, OpenAIBatchAPIError, api_error_payload
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
@@ -137,11 +143,14 @@ class OpenAIBatchTrigger(OpenAIBatchBaseTrigger):
             payload["error"] = api_error_payload(error)
         return BatchTriggerEvent(dict(payload))
 
-    async def _look_again(self, hook: OpenAIBatchHook, summary: BatchSummary) -> None:
-        """The second look for a duplicate (``batches.SiblingLook``), once; a lost race switches the wait."""
+    async def _look_again(self, hook: OpenAIBatchHook, summary: BatchSummary, *, now: bool = False) -> None:
+        """
+        The second look for a duplicate (``batches.SiblingLook``), once, when due (``now``: at once); a lost race
+        switches the wait.
+        """
         look = SiblingLook.from_json(self.sibling_look)
         created_at = self.created_at
-        if look is None or created_at is None or not look.due(created_at, time.time()):
+        if look is None or created_at is None or not (now or look.due(created_at, time.time())):
             return
         self.sibling_look = None
         own = SimpleNamespace(
@@ -178,6 +187,15 @@ class OpenAIBatchTrigger(OpenAIBatchBaseTrigger):
                 if progress_key(summary) != last_progress:
                     last_progress = progress_key(summary)
                     self.log.info(format_progress(summary))
+                ended = is_terminal(summary["status"])
+                if ended and not can_survive_a_race(summary["status"]) and self.sibling_look is not None:
+                    # Airflow rebuilds a trigger from the arguments it deferred with: after a triggerer restart
+                    # this trigger may be one whose look already cancelled its own batch and followed an older
+                    # try's. A dead batch is not taken for the outcome before the look is made.
+                    followed = self.batch_id
+                    await self._look_again(hook, summary, now=True)
+                    if followed != self.batch_id:
+                        continue  # poll the survivor at once
                 if is_terminal(summary["status"]):
                     yield self._event(EVENT_TERMINAL, f"Batch {self.batch_id} ended: {summary['status']}", summary)
                     return
