@@ -152,10 +152,13 @@ def estimate_file(
     allowed_endpoints: Collection[str] | None = OPENAI_BATCH_ENDPOINTS,
     max_issues: int = MAX_REPORTED_ISSUES,
     completion_window: str = DEFAULT_COMPLETION_WINDOW,
+    name: str | None = None,
 ) -> Estimate:
     """
     Validate ``source`` and estimate its tokens, shards, cost range and queue fills, streaming (a 200 MB file is
     read once, line by line). Raises ``BatchInputError`` naming file, line and field when the file is invalid.
+    ``name`` is what the estimate and its errors call the source (default: its path or URI), e.g. for requests a
+    task wrote to a scratch file.
     """
     if enqueued_token_budget is not None and enqueued_token_budget <= 0:
         raise ValueError(f"enqueued_token_budget must be positive, got {enqueued_token_budget}")
@@ -166,7 +169,7 @@ def estimate_file(
         notes.append(
             f"shards hold at most {enqueued_token_budget:,} tokens each, input plus output caps (the queue budget)"
         )
-    name = describe(source)
+    name = name or describe(source)
     validator = BatchFileValidator(endpoint=endpoint, allowed_endpoints=allowed_endpoints, max_issues=max_issues)
     shards = _ShardCounter(limits)
     input_tokens = max_output = uncapped = uncounted = queued = 0

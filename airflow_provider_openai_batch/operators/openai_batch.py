@@ -175,7 +175,9 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
 
         with tempfile.TemporaryDirectory(prefix="openai-batch-dry-run-") as folder:
             source: Source = self.source
-            if isinstance(source, (list, tuple)):
+            name = None
+            if isinstance(source, (list, tuple)):  # named as the upload would name the file at OpenAI
+                name = self.filename or f"{context['ti'].task_id}.jsonl"
                 path = Path(folder) / "requests.jsonl"
                 with path.open("wb") as out:
                     out.writelines(encode_requests(self.source))
@@ -197,6 +199,7 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
                 self.price_table,
                 limits=limits,
                 allowed_endpoints=self.allowed_endpoints,
+                name=name,
             )
         self.log.info("Estimate:\n%s", render_estimate(estimated))
         if estimated["cost"] is not None:
