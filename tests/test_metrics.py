@@ -5,6 +5,7 @@ process (Airflow reads it once), sending UDP to a listener on 127.0.0.1; names, 
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -268,6 +269,33 @@ def test_a_metric_that_cannot_be_sent_does_not_fail_the_caller(monkeypatch: pyte
     monkeypatch.setattr(metrics, "_stats", lambda: Broken)
     metrics.batch_created(metrics.metric_tags(model="gpt-4o"))
     metrics.batch_ended("completed", metrics.metric_tags(), created_at=1.0, ended_at=2.0)
+
+
+def test_a_batch_ended_from_the_sdks_batch_sends_its_create_to_end_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from openai.types import Batch
+
+    from airflow_provider_openai_batch import metrics
+
+    sent: list[tuple[str, object]] = []
+
+    class Recorder:
+        @staticmethod
+        def incr(name: str, count: int, tags: object = None) -> None:
+            sent.append((name, count))
+
+        @staticmethod
+        def timing(name: str, value: object, tags: object = None) -> None:
+            sent.append((name, value))
+
+    monkeypatch.setattr(metrics, "_stats", lambda: Recorder)
+    batch = Batch.model_construct(
+        id="batch_1", status="expired", created_at=1_700_000_000, expired_at=1_700_086_400, in_progress_at=1
+    )
+    metrics.batch_ended_from_object(batch, metrics.metric_tags())
+    assert sent == [
+        ("openai_batch.batches.ended.expired", 1),
+        ("openai_batch.batches.duration", datetime.timedelta(hours=24)),
+    ]
 
 
 def test_tags_leave_out_what_is_unknown() -> None:
