@@ -1,6 +1,6 @@
 """
-``python -m airflow_provider_openai_batch estimate FILE``: a batch input file's tokens, shards, cost range and queue
-fills, before anything is uploaded; no Airflow configuration, connection or network needed.
+``python -m airflow_provider_openai_batch estimate FILE``: a batch input file's tokens, shards, cost range, queue
+fills and queue time, before anything is uploaded; no Airflow configuration, connection or network needed.
 
     python -m airflow_provider_openai_batch estimate requests.jsonl \\
         --price-table '{"gpt-4o-mini": {"input": 0.075, "output": 0.30}}' --budget 2000000
@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("--endpoint", help="the batch endpoint every line must use (default: the lines' url)")
     estimate.add_argument("--price-table", help="batch prices per million tokens: JSON, or a JSON file's path")
     estimate.add_argument(
-        "--budget", type=_positive, help="enqueued-token budget: input tokens the model's batch queue holds at once"
+        "--budget",
+        type=_positive,
+        help="enqueued-token budget: tokens (input plus output caps) the model's batch queue holds at once",
     )
     estimate.add_argument("--max-requests", type=_positive, help="requests per shard (default: OpenAI's 50,000)")
     estimate.add_argument("--json", action="store_true", help="print the estimate as JSON instead of a table")

@@ -14,10 +14,13 @@ input price + the summed output caps x the output price, ``None`` when a request
 bounds it then). ``cost`` is ``None`` without a table or when the table has no entry for the model.
 
 **Queue.** OpenAI holds a per-model limit on the tokens of batches waiting in its queue (the "batch queue limit";
-a batch past it is refused with ``token_limit_exceeded``). With ``enqueued_token_budget`` given, ``fills`` =
-ceil(input tokens / budget): the input has to pass through the queue in at least that many waves, each waiting
-for the previous batches to end (up to their completion window each), if nothing else of the model is queued.
-A single request above the budget can never be enqueued.
+a batch past it is refused with ``token_limit_exceeded``). With ``enqueued_token_budget`` given, the estimate plans
+the input as the job does under ``max_enqueued_tokens``: each request holds its input tokens plus its output cap
+(``tokens.queue_load``), the shards are cut so that none holds more than the budget, and ``fills`` is the number of
+waves the job's scheduler (``scheduler.to_submit``) sends them in, each wave waiting for the batches of the one
+before to end. So the queue time is **at most** ``fills`` x the completion window (``24h``), if nothing else of
+the model is queued; a batch usually ends well before its window. A single request above the budget can never be
+enqueued.
 """
 
 from __future__ import annotations
@@ -29,17 +32,20 @@ from typing import Any, TypedDict
 
 import msgspec
 
+from airflow_provider_openai_batch import scheduler
 from airflow_provider_openai_batch.batch_file import (
     MAX_REPORTED_ISSUES,
     OPENAI_BATCH_ENDPOINTS,
     BatchFileValidator,
     ShardLimits,
+    estimate_tokens,
     iter_raw_lines,
     too_many_inputs,
 )
+from airflow_provider_openai_batch.job_state import JobState, Piece
 from airflow_provider_openai_batch.results import estimate_cost
 from airflow_provider_openai_batch.storage import Source, describe, open_source
-from airflow_provider_openai_batch.tokens import Tokenizer, counter_for_model, request_tokens
+from airflow_provider_openai_batch.tokens import Tokenizer, counter_for_model, queue_load, request_tokens
 
 #: The completion window a wave of the queue may take at most (``24h``, the Batch API's default window).
 DEFAULT_COMPLETION_WINDOW = "24h"
@@ -54,11 +60,16 @@ class CostRange(TypedDict):
 
 
 class QueuePlan(TypedDict):
-    #: Input tokens that may wait in OpenAI's batch queue for this model at once.
+    #: Tokens (input plus output caps) that may wait in OpenAI's batch queue for this model at once.
     budget: int
-    #: ceil(input tokens / budget): how many times the input fills the queue.
+    #: What the input holds in the queue as the job counts it: input tokens plus output caps, summed.
+    tokens: int
+    #: The waves the job sends its shards in under the budget, each waiting for the one before to end.
     fills: int
-    #: The largest single request's input tokens, and its line.
+    #: The completion window, and the longest the queue can take: ``"at most N x <window>"``.
+    completion_window: str
+    max_wait: str
+    #: The largest single request's queue tokens (input plus output cap), and its line.
     largest_request_tokens: int
     largest_request_line: int
     #: False when one request alone is over the budget (OpenAI would refuse every batch holding it).
@@ -71,7 +82,7 @@ class Estimate(TypedDict):
     endpoint: str | None
     model: str | None
     requests: int
-    #: Files the input is cut into under the given limits (the budget caps a shard's tokens too).
+    #: Files the input is cut into under the given limits, as the job cuts them (the budget caps a shard's tokens).
     shards: int
     #: Counted input tokens, and the range the true count lies in (equal for a real tokenizer).
     input_tokens: int
@@ -100,30 +111,34 @@ _decoder = msgspec.json.Decoder(_Line)
 
 class _ShardCounter:
     """
-    The cut rule of ``batch_file.shard_batch_file``, applied to counts instead of writing files. Its token limit is
-    applied to ``tokens.request_tokens`` counts; ``shard_batch_file`` still measures a line's tokens as bytes / 4,
-    so with ``max_tokens`` (or a budget) the two agree once the sharder counts with ``tokens.py`` too.
+    The cut rule of ``batch_file.shard_batch_file``, applied to counts instead of writing files. ``add`` takes a
+    line's tokens as the caller's sharder measures them (the job: ``tokens.queue_load`` under a token budget, else
+    ``batch_file.estimate_tokens``); ``loads`` keeps each shard's total, what its batch holds in the queue.
     """
 
     def __init__(self, limits: ShardLimits) -> None:
         self.limits = limits
-        self.shards = 0
-        self.count = self.size = self.tokens = self.inputs = 0
+        self.loads: list[int] = []
+        self.count = self.size = self.inputs = 0
+
+    @property
+    def shards(self) -> int:
+        return len(self.loads)
 
     def add(self, size: int, tokens: int, inputs: int) -> None:
         limits = self.limits
-        full = self.shards > 0 and (
+        full = bool(self.loads) and (
             self.count + 1 > limits.max_requests
             or self.size + size > limits.max_bytes
-            or (limits.max_tokens is not None and self.tokens + tokens > limits.max_tokens)
+            or (limits.max_tokens is not None and self.loads[-1] + tokens > limits.max_tokens)
             or self.inputs + inputs > limits.max_embedding_inputs
         )
-        if self.shards == 0 or full:
-            self.shards += 1
-            self.count = self.size = self.tokens = self.inputs = 0
+        if not self.loads or full:
+            self.loads.append(0)
+            self.count = self.size = self.inputs = 0
         self.count += 1
         self.size += size
-        self.tokens += tokens
+        self.loads[-1] += tokens
         self.inputs += inputs
 
 
@@ -137,10 +152,13 @@ def estimate_file(
     allowed_endpoints: Collection[str] | None = OPENAI_BATCH_ENDPOINTS,
     max_issues: int = MAX_REPORTED_ISSUES,
     completion_window: str = DEFAULT_COMPLETION_WINDOW,
+    name: str | None = None,
 ) -> Estimate:
     """
     Validate ``source`` and estimate its tokens, shards, cost range and queue fills, streaming (a 200 MB file is
     read once, line by line). Raises ``BatchInputError`` naming file, line and field when the file is invalid.
+    ``name`` is what the estimate and its errors call the source (default: its path or URI), e.g. for requests a
+    task wrote to a scratch file.
     """
     if enqueued_token_budget is not None and enqueued_token_budget <= 0:
         raise ValueError(f"enqueued_token_budget must be positive, got {enqueued_token_budget}")
@@ -148,11 +166,13 @@ def estimate_file(
     notes: list[str] = []
     if enqueued_token_budget is not None and (limits.max_tokens is None or limits.max_tokens > enqueued_token_budget):
         limits = replace(limits, max_tokens=enqueued_token_budget)
-        notes.append(f"shards hold at most {enqueued_token_budget:,} input tokens each (the queue budget)")
-    name = describe(source)
+        notes.append(
+            f"shards hold at most {enqueued_token_budget:,} tokens each, input plus output caps (the queue budget)"
+        )
+    name = name or describe(source)
     validator = BatchFileValidator(endpoint=endpoint, allowed_endpoints=allowed_endpoints, max_issues=max_issues)
     shards = _ShardCounter(limits)
-    input_tokens = max_output = uncapped = uncounted = 0
+    input_tokens = max_output = uncapped = uncounted = queued = 0
     largest, largest_line = 0, 0
     with open_source(source) as stream:
         for lineno, line in iter_raw_lines(stream):
@@ -173,9 +193,12 @@ def estimate_file(
                 uncapped += 1
             else:
                 max_output += counted.max_output_tokens
-            if counted.input_tokens > largest:
-                largest, largest_line = counted.input_tokens, lineno
-            shards.add(len(raw) + 1, counted.input_tokens, line_inputs)
+            load = queue_load(counted)
+            queued += load
+            if load > largest:
+                largest, largest_line = load, lineno
+            # The job's sharder counts a line as it plans the queue under a token budget, else by its bytes.
+            shards.add(len(raw) + 1, load if enqueued_token_budget is not None else estimate_tokens(raw), line_inputs)
     validator.check_end()
     validator.raise_if_invalid(name)
 
@@ -199,7 +222,7 @@ def estimate_file(
     cost = _cost(validator.model, price_table, tokens_range, max_output, uncapped, notes)
     queue = None
     if enqueued_token_budget is not None:
-        queue = _queue(enqueued_token_budget, tokens_range[1], largest, largest_line, completion_window)
+        queue = _queue(enqueued_token_budget, queued, shards.loads, largest, largest_line, completion_window)
     return Estimate(
         source=name,
         endpoint=validator.url or endpoint,
@@ -243,24 +266,44 @@ def _cost(
     )
 
 
-def _queue(budget: int, tokens: int, largest: int, largest_line: int, window: str) -> QueuePlan:
-    fills = max(1, math.ceil(tokens / budget)) if tokens else 0
-    fits = largest <= budget
+def _waves(budget: int, loads: list[int]) -> int | None:
+    """
+    How many waves the job's scheduler sends shards of these queue ``loads`` in, if every batch of a wave ends
+    before the next is sent: ``scheduler.to_submit`` itself, run over stand-in pieces. ``None`` when a shard
+    never fits the budget.
+    """
+    state = JobState(started=0.0, budget=budget, budget_unit="tokens")
+    state.pieces = [Piece(0, f"{i:05d}", 1, 0, "", load) for i, load in enumerate(loads)]
+    waves = 0
+    while chosen := scheduler.to_submit(state, now=0.0):
+        for piece in chosen:
+            piece.state = "done"
+        waves += 1
+    return None if state.by_state("waiting") else waves
+
+
+def _queue(budget: int, tokens: int, loads: list[int], largest: int, largest_line: int, window: str) -> QueuePlan:
+    waves = _waves(budget, loads) if largest <= budget else None
+    fits = waves is not None
+    fills = waves if waves is not None else max(1, math.ceil(tokens / budget))
     if not fits:
         meaning = (
-            f"line {largest_line} alone holds {largest:,} input tokens, over the {budget:,} budget: OpenAI refuses "
-            "every batch holding it"
+            f"line {largest_line} alone holds {largest:,} tokens (input plus output cap), over the {budget:,} "
+            "budget: OpenAI refuses every batch holding it"
         )
     elif fills <= 1:
         meaning = "the whole input fits in the queue at once"
     else:
         meaning = (
-            f"the input fills the queue {fills} times: its shards run in at least {fills} waves, each waiting for "
-            f"the previous batches to end (up to the {window} completion window each)"
+            f"the input fills the queue {fills} times: its shards run in {fills} waves, each waiting for the "
+            "previous batches to end"
         )
     return QueuePlan(
         budget=budget,
+        tokens=tokens,
         fills=fills,
+        completion_window=window,
+        max_wait=f"at most {fills} x {window}",
         largest_request_tokens=largest,
         largest_request_line=largest_line,
         fits=fits,
@@ -305,6 +348,12 @@ def render_estimate(estimate: Estimate) -> str:
     queue = estimate["queue"]
     if queue is not None:
         rows.append(("queue", f"{queue['fills']:,} fills of {queue['budget']:,} tokens: {queue['meaning']}"))
+        rows.append(
+            (
+                "queue time",
+                f"{queue['max_wait']} (a wave takes up to its completion window; batches usually end well before)",
+            )
+        )
     width = max(len(label) for label, _ in rows)
     lines = [f"{label:<{width}}  {value}" for label, value in rows]
     lines += [f"note: {note}" for note in estimate["notes"]]

@@ -21,7 +21,8 @@ name                                          type     value
 ``openai_batch.batches.duration``             timing   a batch's ``created_at`` to its end (``completed_at``,
                                                        ``failed_at``, ``expired_at`` or ``cancelled_at``), ms
 ``openai_batch.requests.<status>``            counter  requests of ended batches: ``succeeded``, ``failed``,
-                                                       ``expired``, ``cancelled``, ``missing``
+                                                       ``expired``, ``cancelled``, ``missing``; with typed results
+                                                       also ``invalid_output``, ``refused``, ``truncated``
 ``openai_batch.tokens.<kind>``                counter  usage tokens: ``input``, ``cached_input``, ``output``,
                                                        ``reasoning`` (reasoning is part of output, not added to it)
 ``openai_batch.cost.usage``                   counter  cost of the usage from the price table, in millionths of its
@@ -30,9 +31,6 @@ name                                          type     value
 ``openai_batch.cost.estimate_high``           counter  an estimate's high bound (not sent when it has none)
 ``openai_batch.queue.refusals``               counter  1 per batch OpenAI refused for its enqueued-token limit
                                                        (``token_limit_exceeded``)
-``openai_batch.queue.wait``                   timing   how long work waited for queue capacity before it was
-                                                       submitted, ms
-``openai_batch.poll.failures``                counter  failed status polls (each one retried or given up on)
 ============================================  =======  ===============================================================
 """
 
@@ -44,16 +42,16 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal, TypedDict
 
+from airflow_provider_openai_batch.outputs import ROW_STATUSES
+
 log = logging.getLogger(__name__)
 
 PREFIX = "openai_batch"
 
-BatchEndStatus = Literal["completed", "failed", "expired", "cancelled"]
-RequestStatus = Literal["succeeded", "failed", "expired", "cancelled", "missing"]
 CostBasis = Literal["usage", "estimate_low", "estimate_high"]
 
-BATCH_END_STATUSES: tuple[BatchEndStatus, ...] = ("completed", "failed", "expired", "cancelled")
-REQUEST_STATUSES: tuple[RequestStatus, ...] = ("succeeded", "failed", "expired", "cancelled", "missing")
+#: The ``<status>`` of ``openai_batch.requests.<status>``: every status a joined row can have (``outputs``).
+REQUEST_STATUSES: tuple[str, ...] = ROW_STATUSES
 #: ``results.normalize_usage`` keys → the ``<kind>`` of ``openai_batch.tokens.<kind>``.
 TOKEN_KINDS: dict[str, str] = {
     "input_tokens": "input",
@@ -133,9 +131,7 @@ def batch_created(tags: MetricTags) -> None:
     _incr("batches.created", 1, tags)
 
 
-def batch_ended(
-    status: str, tags: MetricTags, *, created_at: float | None = None, ended_at: float | None = None
-) -> None:
+def batch_ended(status: str, tags: MetricTags, created_at: float | None = None, ended_at: float | None = None) -> None:
     """
     A batch was seen ending with ``status``; with its ``created_at`` and end timestamp (Unix seconds, from the Batch
     object) also its create-to-end time. Statuses that are not an end are ignored.
@@ -147,15 +143,25 @@ def batch_ended(
         _timing("batches.duration", ended_at - created_at, tags)
 
 
-def batch_ended_from_object(batch: Mapping[str, Any], tags: MetricTags) -> None:
-    """``batch_ended`` from a Batch object's fields (``status``, ``created_at``, ``completed_at``, ...)."""
-    status = str(batch.get("status"))
+def batch_ended_from_object(batch: Any, tags: MetricTags) -> None:
+    """
+    ``batch_ended`` from a Batch object's fields (``status``, ``created_at``, ``completed_at``, ...): the SDK's
+    ``Batch`` as the hook returns it, or its JSON as a mapping.
+    """
+
+    def field(name: str) -> Any:
+        return batch.get(name) if isinstance(batch, Mapping) else getattr(batch, name, None)
+
+    status = str(field("status"))
     end_key = _END_TIMESTAMPS.get(status)
-    batch_ended(status, tags, created_at=batch.get("created_at"), ended_at=batch.get(end_key) if end_key else None)
+    batch_ended(status, tags, created_at=field("created_at"), ended_at=field(end_key) if end_key else None)
 
 
 def requests_ended(counts: Mapping[str, int], tags: MetricTags) -> None:
-    """Requests of ended batches by status (the job's ``counts``: ``succeeded``, ``failed``, ``expired``, ...)."""
+    """
+    Requests of ended batches by status: the job's ``counts`` (``succeeded``, ``failed``, ``expired``, ...; with
+    typed results ``invalid_output``, ``refused``, ``truncated`` too), or a batch's succeeded / failed.
+    """
     for status in REQUEST_STATUSES:
         count = int(counts.get(status, 0) or 0)
         if count > 0:
@@ -187,15 +193,3 @@ def estimated_cost(low: float, high: float | None, currency: str, tags: MetricTa
 def queue_refused(tags: MetricTags) -> None:
     """OpenAI refused a batch for the model's enqueued-token limit; the work waits, no request failed."""
     _incr("queue.refusals", 1, tags)
-
-
-def queue_waited(seconds: float, tags: MetricTags) -> None:
-    """Work waited ``seconds`` for queue capacity before it was submitted."""
-    if seconds >= 0:
-        _timing("queue.wait", seconds, tags)
-
-
-def poll_failures(count: int, tags: MetricTags) -> None:
-    """``count`` status polls failed (retried or given up on)."""
-    if count > 0:
-        _incr("poll.failures", count, tags)

@@ -476,11 +476,15 @@ class _Line(msgspec.Struct):
 _line_decoder = msgspec.json.Decoder(_Line)
 
 
-def queue_tokens(raw: bytes, endpoint: str | None) -> int:
+def queue_load(counted: RequestTokens) -> int:
     """
-    What one request line holds in its model's enqueued-token queue: its input tokens plus its output cap when it
-    sets one. OpenAI does not say whether the cap counts; this takes the stricter reading (the job then never
-    plans a batch the queue would refuse on that account).
+    What one counted request holds in its model's enqueued-token queue: its input tokens plus its output cap when
+    it sets one, at least 1. OpenAI does not say whether the cap counts; this takes the stricter reading (the job
+    then never plans a batch the queue would refuse on that account).
     """
-    counted = request_tokens(_line_decoder.decode(raw).body, endpoint)
     return max(1, counted.input_tokens + (counted.max_output_tokens or 0))
+
+
+def queue_tokens(raw: bytes, endpoint: str | None) -> int:
+    """``queue_load`` of one request line (the job's sharder and scheduler count with it)."""
+    return queue_load(request_tokens(_line_decoder.decode(raw).body, endpoint))

@@ -65,6 +65,7 @@ def test_estimate_prints_the_table(home: Path) -> None:
     queue = expected["queue"]
     assert queue is not None
     assert f"queue              {queue['fills']} fills of 100 tokens" in done.stdout
+    assert f"queue time         {queue['max_wait']} (a wave takes up to its completion window" in done.stdout
 
 
 def test_estimate_json_is_the_estimate(home: Path) -> None:

@@ -15,6 +15,9 @@ HTML comment (invisible on GitHub and in the built site):
   other lines are their output, compared exactly.
 - ``<!-- pytest -->``: a test module, run by pytest in a process of its own in the page's working folder, whose
   ``dags/`` is the DAG folder and on ``sys.path``; it must pass.
+- ``<!-- log -->`` after a DAG block: task log lines its run printed; each line must be in a line of the run's
+  output (which adds a time and a level around it), in this order.
+- ``<!-- xcom: TASK_ID -->`` after a DAG block: the JSON value the task pushed as its XCom in that run.
 
 Links and images must point at files that exist (and at headings that exist), mkdocs.yml's nav must list every
 page, every ``make <target>`` the pages name must be a Makefile target, and every connection given as an
@@ -49,7 +52,7 @@ PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
 MARKER = re.compile(
-    r"^\s*<!--\s*(?P<kind>fragment|imports-only|run|file|console|pytest)\b\s*:?\s*(?P<arg>.*?)\s*-->\s*$"
+    r"^\s*<!--\s*(?P<kind>fragment|imports-only|run|file|console|pytest|log|xcom)\b\s*:?\s*(?P<arg>.*?)\s*-->\s*$"
 )
 #: Seconds between polls while the docs' DAGs run (their default is a minute, as it should be for real batches).
 POLL_SECONDS = 0.2
@@ -164,7 +167,7 @@ def test_python_blocks_parse(block: Block) -> None:
 
 @pytest.mark.parametrize("block", BLOCKS, ids=str)
 def test_every_block_is_checked_or_marked_a_fragment(block: Block) -> None:
-    if block.marker in ("fragment", "file", "console", "pytest"):
+    if block.marker in ("fragment", "file", "console", "pytest", "log", "xcom"):
         assert block.marker != "file" or block.arg, f"{block.where}: <!-- file: NAME --> needs a file name"
         return
     assert block.lang in ("python", "py"), (
@@ -233,9 +236,42 @@ def quick_polls(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setitem(defaults, name, POLL_SECONDS)
 
 
+def _shown_after(block: Block) -> list[Block]:
+    """The ``log`` and ``xcom`` blocks that follow a DAG block on its page, up to the next DAG block."""
+    later = [b for b in BLOCKS if b.page == block.page and b.line > block.line]
+    shown = []
+    for other in later:
+        if other in DAG_BLOCKS:
+            break
+        if other.marker in ("log", "xcom"):
+            shown.append(other)
+    return shown
+
+
+def _check_shown(block: Block, run: Any, output: str) -> None:
+    from tests.conftest import xcoms
+
+    lines = output.splitlines()
+    for shown in _shown_after(block):
+        if shown.marker == "xcom":
+            pushed = xcoms(run, shown.arg)
+            assert pushed.get(-1) == json.loads(shown.text), f"{shown.where}: {shown.arg} pushed {pushed}"
+            continue
+        at = 0
+        for expected in shown.text.splitlines():
+            found = next((i for i in range(at, len(lines)) if expected.rstrip() in lines[i]), None)
+            assert found is not None, f"{shown.where}: {expected!r} is not in the run's output (in order):\n{output}"
+            at = found + 1
+
+
 @pytest.mark.parametrize("block", RUN_BLOCKS, ids=str)
 def test_dag_blocks_run(
-    block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, airflow_db: None, quick_polls: None
+    block: Block,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    airflow_db: None,
+    quick_polls: None,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     expected = re.fullmatch(r"batches=(\d+)", block.arg) if block.marker == "run" else None
     assert block.marker != "run" or expected, f"{block.where}: write <!-- run: batches=N -->"
@@ -250,6 +286,8 @@ def test_dag_blocks_run(
             run = dag.test()
             states = task_states(run)
             assert states and set(states.values()) == {"success"}, f"{block.where}: {dag.dag_id} ran {states}"
+        captured = capfd.readouterr()
+        _check_shown(block, run, captured.out + captured.err)
         if expected:
             assert server.batches_created == int(expected[1]), f"{block.where}: {server.batches_created} batches"
         else:

@@ -88,18 +88,34 @@ def test_a_model_missing_from_the_price_table_has_no_cost(tmp_path: Path) -> Non
 
 
 def test_queue_fills_under_an_enqueued_token_budget(tmp_path: Path) -> None:
-    path = write(tmp_path / "in.jsonl", [chat_line(n) for n in range(10)])
-    tokens = estimate_file(path)["input_tokens"]
-    budget = tokens // 3 - 1  # just under a third: four fills
+    """Each request holds its input tokens plus its output cap; shards are cut at the budget and sent in waves."""
+    lines = [chat_line(n) for n in range(10)]
+    path = write(tmp_path / "in.jsonl", lines)
+    load = request_tokens(lines[0]["body"], CHAT).input_tokens + 200  # every line counts the same here
+    budget = 4 * load - 1  # three requests per shard: shards of 3, 3, 3 and 1
     estimate = estimate_file(path, enqueued_token_budget=budget)
     queue = estimate["queue"]
     assert queue is not None
-    assert queue["fills"] == math.ceil(tokens / budget) == 4
+    assert estimate["shards"] == 4
+    assert queue["tokens"] == 10 * load
     assert queue["fits"] is True
-    assert "at least 4 waves" in queue["meaning"]
-    # A shard over the budget could never be enqueued: the budget caps each shard's tokens.
-    assert estimate["shards"] >= 4
-    assert estimate_file(path, enqueued_token_budget=tokens)["queue"]["fills"] == 1  # type: ignore[index]
+    # Not ceil(10 / 3.99) = 3: a wave holds whole shards, and no two shards of 3 fit together.
+    assert queue["fills"] == 4
+    assert queue["max_wait"] == "at most 4 x 24h"
+    assert "4 waves" in queue["meaning"]
+    table = render_estimate(estimate)
+    assert "queue time         at most 4 x 24h (a wave takes up to its completion window" in table
+    whole = estimate_file(path, enqueued_token_budget=10 * load, completion_window="48h")["queue"]
+    assert whole is not None
+    assert (whole["fills"], whole["max_wait"]) == (1, "at most 1 x 48h")
+
+
+def test_without_a_budget_shards_are_cut_on_the_bytes_estimate_as_the_sharder_does(tmp_path: Path) -> None:
+    path = write(tmp_path / "in.jsonl", [chat_line(n) for n in range(10)])
+    limits = ShardLimits(max_tokens=200)
+    cut = shard_batch_file(path, tmp_path / "shards", limits=limits)
+    assert len(cut) > 1
+    assert estimate_file(path, limits=limits)["shards"] == len(cut)
 
 
 def test_a_request_over_the_budget_is_named_by_its_line(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """
-The job knows its cost before it is paid: a dry run sends nothing and returns the estimate; a budget below the
-estimate sends nothing; a budget passed mid-job stops further submissions (what never ran then fails the job).
+The job knows its cost before it is paid: a dry run sends nothing and returns the estimate, whose shards are the
+ones the job cuts; a budget below the estimate sends nothing; a budget passed mid-job stops further submissions
+(what never ran then fails the job). The upload operator's dry run sends nothing either.
 
 Real HTTP to FakeOpenAIServer, whose request counters show what was sent; ``test_job``'s driver plays Airflow.
 """
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_openai_batch.exceptions import BatchFailedError, CostBudgetError
+from airflow_provider_openai_batch.exceptions import BatchFailedError, BatchInputError, CostBudgetError
 from airflow_provider_openai_batch.operators.job import OpenAIBatchJobOperator
 from airflow_provider_openai_batch.testing import FakeOpenAIServer
 from tests.conftest import FAST, connection_env, request_line
@@ -62,6 +63,64 @@ def test_a_dry_run_sends_nothing_and_returns_the_estimate(fake, tmp_path):
     assert estimate["cost"] is not None
     assert 0 < estimate["cost"]["low"] < estimate["cost"]["high"]
     assert not (tmp_path / "joined.jsonl").exists()
+
+
+def test_under_a_token_budget_the_estimate_cuts_the_shards_the_job_runs(fake, tmp_path):
+    """
+    Each request holds its input plus its 50-token cap in the queue; a 200-token budget takes three of them per
+    shard. The dry run says so before anything is sent, and the job then runs exactly those shards.
+    """
+    lines = capped(12)
+    estimate = job(tmp_path, lines, dry_run=True, max_enqueued_tokens=200).execute({"ti": TI("r")})
+    assert sent(fake) == 0
+    queue = estimate["queue"]
+    assert queue is not None and queue["fits"]
+    assert estimate["shards"] == 4
+    assert queue["fills"] == 4  # no two shards fit the budget together: one wave each
+    assert queue["max_wait"] == "at most 4 x 24h"
+    result = Driver(lambda: job(tmp_path, lines, max_enqueued_tokens=200), f"r-{uuid.uuid4()}", None).attempt()
+    assert result is not None and result["counts"]["succeeded"] == 12
+    first_round = [b for b in result["batches"] if b["round"] == 0]
+    assert len(first_round) == fake.count("batches.create") == estimate["shards"]
+
+
+def test_the_upload_operators_dry_run_sends_nothing_and_returns_the_estimate(fake, tmp_path, capfd, caplog):
+    from airflow_provider_openai_batch.operators.openai_batch import OpenAIBatchUploadOperator
+
+    upload = OpenAIBatchUploadOperator(
+        task_id="upload",
+        source=capped(10),
+        endpoint=ENDPOINT,
+        max_requests_per_file=4,
+        price_table=PRICES,
+        dry_run=True,
+    )
+    ti = TI("r")
+    ti.task_id = "upload"
+    with caplog.at_level("INFO"):
+        estimate = upload.execute({"ti": ti})
+    assert sent(fake) == 0, fake.calls
+    assert estimate["requests"] == 10 and estimate["shards"] == 3
+    assert estimate["cost"] is not None and estimate["cost"]["high"] is not None
+    logged = capfd.readouterr().out + "\n".join(record.getMessage() for record in caplog.records)
+    assert "Estimate:\nfile               upload.jsonl\n" in logged  # the name the upload would give the file
+    assert "shards             3\n" in logged
+    assert "Dry run: nothing was sent" in logged
+
+
+def test_the_upload_operators_dry_run_rejects_a_bad_file_as_the_upload_would(fake, tmp_path):
+    bad = capped(3)
+    bad[1]["method"] = "GET"
+    upload = dry_upload(bad)
+    with pytest.raises(BatchInputError, match=r"line 2, field 'method': must be 'POST'"):
+        upload.execute({"ti": TI("r")})
+    assert sent(fake) == 0
+
+
+def dry_upload(source: Any) -> Any:
+    from airflow_provider_openai_batch.operators.openai_batch import OpenAIBatchUploadOperator
+
+    return OpenAIBatchUploadOperator(task_id="upload", source=source, endpoint=ENDPOINT, dry_run=True)
 
 
 def test_a_budget_below_the_estimate_sends_nothing(fake, tmp_path):

@@ -308,3 +308,17 @@ def test_without_bpe_openai_counts_fall_back_to_the_heuristic_and_say_so() -> No
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1].split() == ["heuristic", "2"]
     assert "No o200k_base tokenizer" in done.stdout + done.stderr
+
+
+def test_a_request_holds_its_input_and_its_output_cap_in_the_queue() -> None:
+    """``queue_load``: what the job's sharder, scheduler and the estimate count a request as under a token budget."""
+    from airflow_provider_openai_batch.tokens import queue_load, queue_tokens
+
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Summarize the ticket."}]}
+    counted = tokens.request_tokens(body, tokens.CHAT_ENDPOINT)
+    capped = {**body, "max_completion_tokens": 40, "n": 2}
+    assert queue_load(counted) == counted.input_tokens  # no cap: the input alone
+    assert queue_load(tokens.request_tokens(capped, tokens.CHAT_ENDPOINT)) == counted.input_tokens + 80
+    raw = json.dumps({"custom_id": "a", "method": "POST", "url": tokens.CHAT_ENDPOINT, "body": capped}).encode()
+    assert queue_tokens(raw, tokens.CHAT_ENDPOINT) == counted.input_tokens + 80
+    assert queue_load(tokens.RequestTokens(0, None, 1)) == 1  # an image alone still holds a place

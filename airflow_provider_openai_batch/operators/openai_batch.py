@@ -96,6 +96,10 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
     :param max_bytes_per_file: Bytes per file (OpenAI: at most 200 MB).
     :param max_tokens_per_file: Estimated input tokens per file (bytes / 4), e.g. to stay under an
         enqueued-token quota.
+    :param dry_run: Validate, shard and estimate (``estimate.Estimate``: requests, shards as this operator would
+        cut them, tokens, cost range), log the estimate and return it as the XCom; nothing is uploaded.
+    :param price_table: Batch prices per million tokens per model, ``{model: {"input": $, "cached_input": $,
+        "output": $}}``, for ``dry_run``'s cost range.
 
     A retry of the same content reuses the earlier upload: each file name carries a hash of its content and is
     looked up among recent uploads, so a 200 MB file is not sent twice.
@@ -116,6 +120,8 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
         max_requests_per_file: int = MAX_REQUESTS_PER_FILE,
         max_bytes_per_file: int = MAX_BYTES_PER_FILE,
         max_tokens_per_file: int | None = None,
+        dry_run: bool = False,
+        price_table: dict[str, dict[str, float]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -129,8 +135,12 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
         self.reuse_window = reuse_window
         self.sharding = sharding
         self.limits = ShardLimits(max_requests_per_file, max_bytes_per_file, max_tokens_per_file)
+        self.estimate_only = dry_run  # BaseOperator.dry_run is a method of its own
+        self.price_table = price_table
 
-    def execute(self, context: Mapping[str, Any]) -> str | list[str]:
+    def execute(self, context: Mapping[str, Any]) -> str | list[str] | Mapping[str, Any]:
+        if self.estimate_only:
+            return self._dry_run(context)
         with tempfile.TemporaryDirectory(prefix="openai-batch-upload-") as folder:
             source: Source = self.source
             name = self.filename or (
@@ -158,6 +168,46 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
             ids = [self._upload(shard.path, f"{stem}.part{i:05d}.jsonl") for i, shard in enumerate(shards)]
             self.record_lineage(origin, [("files", file_id) for file_id in ids])
             return ids if len(ids) > 1 or self.sharding == "always" else ids[0]
+
+    def _dry_run(self, context: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Validate, shard and estimate as ``execute`` would (an ``estimate.Estimate``); nothing is uploaded."""
+        from airflow_provider_openai_batch.estimate import estimate_file, render_estimate
+
+        with tempfile.TemporaryDirectory(prefix="openai-batch-dry-run-") as folder:
+            source: Source = self.source
+            name = None
+            if isinstance(source, (list, tuple)):  # named as the upload would name the file at OpenAI
+                name = self.filename or f"{context['ti'].task_id}.jsonl"
+                path = Path(folder) / "requests.jsonl"
+                with path.open("wb") as out:
+                    out.writelines(encode_requests(self.source))
+                source = path
+            limits = self.limits
+            if self.sharding == "never":  # one file, held to OpenAI's limits as the upload holds it
+                validate_batch_file(
+                    source,
+                    endpoint=self.endpoint,
+                    allowed_endpoints=self.allowed_endpoints,
+                    max_requests=limits.max_requests,
+                    max_bytes=limits.max_bytes,
+                    max_embedding_inputs=limits.max_embedding_inputs,
+                )
+                limits = ShardLimits(max_requests=limits.max_requests, max_bytes=limits.max_bytes)
+            estimated = estimate_file(
+                source,
+                self.endpoint,
+                self.price_table,
+                limits=limits,
+                allowed_endpoints=self.allowed_endpoints,
+                name=name,
+            )
+        self.log.info("Estimate:\n%s", render_estimate(estimated))
+        if estimated["cost"] is not None:
+            cost_range = estimated["cost"]
+            tags = metrics.tags_from_context(context, model=estimated["model"], endpoint=self.endpoint)
+            metrics.estimated_cost(cost_range["low"], cost_range["high"], cost_range["currency"], tags)
+        self.log.info("Dry run: nothing was sent")
+        return estimated
 
     def _too_big(self, source: Source) -> bool:
         """Whether ``source`` must be split; a cheap size check first, a counting pass only when it may be."""

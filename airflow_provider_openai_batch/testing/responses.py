@@ -5,7 +5,9 @@ Every answer is a pure function of the request, so a test can compute what it ex
 yields byte-identical results. A request that asks for structured output (chat's ``response_format``, responses'
 ``text.format`` of type ``json_schema``) is answered with JSON valid for its schema, generated from the schema and
 the ``custom_id``; ``fake_output`` in a body makes the answer a refusal, a truncated one or one that breaks the
-schema (see :func:`output_fate`).
+schema (see :func:`output_fate`). An answer never holds more tokens than the request's output cap
+(:func:`output_cap`): one that would is cut there and ends as OpenAI ends it at the limit (``finish_reason:
+"length"``, a Responses ``status: "incomplete"``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import hashlib
 import json
 import re
 from typing import Any
+
+from airflow_provider_openai_batch.testing import tokens as queue_tokens
 
 Body = dict[str, Any]
 
@@ -41,8 +45,16 @@ def _digest(*parts: str) -> str:
 
 
 def _tokens(text: str) -> int:
-    """A stable, plausible token count: about one token per four characters."""
+    """A stable, plausible token count of an answer's text: about one token per four characters."""
     return max(1, (len(text) + 3) // 4)
+
+
+def _prompt_tokens(url: str, body: Body) -> int:
+    """
+    A request's ``usage`` input tokens: its whole input as OpenAI's tokenizers cut it, with the message framing of
+    OpenAI's token-counting cookbook (the fake's own counter, ``testing/tokens.py``, without the output cap).
+    """
+    return max(1, queue_tokens.input_tokens(url, body))
 
 
 def _prompt_text(body: Body) -> str:
@@ -67,6 +79,43 @@ def answer_text(body: Body) -> str:
     return f"echo: {_prompt_text(body)}"
 
 
+def output_cap(url: str, body: Body) -> int | None:
+    """
+    The most tokens the request lets the model generate: chat ``max_completion_tokens`` (else the deprecated
+    ``max_tokens``), responses ``max_output_tokens``, completions ``max_tokens``; ``None`` when it sets none.
+    """
+    if url.endswith("/chat/completions"):
+        keys: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
+    elif url.endswith("/responses"):
+        keys = ("max_output_tokens",)
+    elif url.endswith("/completions"):
+        keys = ("max_tokens",)
+    else:
+        return None
+    for key in keys:
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return max(1, value)
+    return None
+
+
+def _generated(url: str, body: Body) -> tuple[int, int | None]:
+    """
+    (output tokens, the cap the answer was cut at or ``None``): the echo's tokens, at most the request's cap. The
+    count follows the echo for every text answer (a structured one too), so ``usage_of`` needs no ``custom_id``.
+    """
+    natural = _tokens(answer_text(body))
+    cap = output_cap(url, body)
+    if cap is not None and natural > cap:
+        return cap, cap
+    return natural, None
+
+
+def _cut(text: str, cap: int) -> str:
+    """The first ``cap`` tokens of ``text`` (four characters each, as ``_tokens`` counts them)."""
+    return text[: cap * 4]
+
+
 def _usage_chat(prompt: int, completion: int) -> Body:
     return {
         "prompt_tokens": prompt,
@@ -89,11 +138,13 @@ def response_body(url: str, body: Body, custom_id: str, created: int) -> Body:
     prompt = _prompt_text(body)
     text = answer_text(body)
     # Usage follows the echo for every answer, so the batch's usage (``usage_of``) is the sum of its lines'.
-    p_tokens, c_tokens = _tokens(prompt), _tokens(text)
+    p_tokens, (c_tokens, cut_at) = _prompt_tokens(url, body), _generated(url, body)
     fate = output_fate(custom_id, body)
     schema = requested_schema(url, body)
     if schema is not None or fate is not None:
         text = _structured_text(schema, custom_id, fate, text)
+    if cut_at is not None and fate != "refused":  # the model stops at the cap: a truncated answer
+        text, fate = _cut(text, cut_at), "truncated"
     if url.endswith("/chat/completions"):
         message: Body = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
         if fate == "refused":
@@ -229,13 +280,12 @@ def usage_of(url: str, body: Body) -> tuple[int, int]:
     """(input tokens, output tokens) of one successful answer, for the batch's ``usage`` totals."""
     if url.endswith("/moderations") or url.endswith("/videos"):
         return 0, 0
+    prompt = _prompt_tokens(url, body)
     if "/images/" in url:
-        count = int(body.get("n", 1) or 1)
-        return _tokens(_prompt_text(body)), 272 * count
-    prompt = _tokens(_prompt_text(body))
+        return prompt, 272 * int(body.get("n", 1) or 1)
     if url.endswith("/embeddings"):
         return prompt, 0
-    return prompt, _tokens(answer_text(body))
+    return prompt, _generated(url, body)[0]
 
 
 def output_line(custom_id: str, url: str, body: Body, created: int, quirks: bool = False) -> Body:
