@@ -15,7 +15,6 @@ module only writes: what a row is and what its status means is ``outputs.py``'s 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import queue
 import threading
@@ -299,22 +298,21 @@ def write_typed(lines: Iterable[bytes], out: IO[bytes], layout: Layout | Callabl
     written = [0]
 
     def consume() -> None:
+        data = groups.get()
         try:
-            first = groups.get()
             chosen = layout() if callable(layout) else layout
             with pa.parquet.ParquetWriter(out, chosen.schema) as writer:
-                data = first
                 while data is not _DONE:
-                    if not failure:
-                        table = chosen._table(data)
-                        writer.write_table(table, row_group_size=max(1, table.num_rows))
-                        written[0] += table.num_rows
+                    table = chosen._table(data)
+                    writer.write_table(table, row_group_size=max(1, table.num_rows))
+                    written[0] += table.num_rows
                     data = groups.get()
         except BaseException as error:
             failure.append(error)
-            with contextlib.suppress(queue.Empty):  # let a blocked producer go on, to stop on its next put
-                while groups.get_nowait() is not _DONE:
-                    pass
+            # Take whatever is still offered, up to the end mark: the producer stops at its next group, and its
+            # last put (the end mark) always finds room.
+            while data is not _DONE:
+                data = groups.get()
 
     writer_thread = threading.Thread(target=consume, name="parquet-writer", daemon=True)
     writer_thread.start()

@@ -275,3 +275,58 @@ def test_input_lines_of_any_style_join_alike(tmp_path):
     assert table.column("custom_id").to_pylist() == ids
     vectors = table.column("embedding").to_pylist()
     assert vectors == [pytest.approx(responses.embedding_vector(r["body"]["input"]), abs=1e-6) for r in rows]
+
+
+class _FullDisk:
+    """A destination that takes ``room`` bytes, then fails as a full disk does."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+
+    def write(self, data: Any) -> int:
+        size = len(memoryview(data).cast("B"))
+        if size > self.room:
+            raise OSError(28, "No space left on device")
+        self.room -= size
+        return size
+
+    def flush(self) -> None:
+        pass
+
+    def tell(self) -> int:
+        return 0
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+
+def _in_thread(work: Any, seconds: float = 20) -> list[Any]:
+    """Run ``work`` in a thread: [result] or [exception]; a call still running after ``seconds`` fails the test."""
+    import threading
+
+    got: list[Any] = []
+
+    def run() -> None:
+        try:
+            got.append(work())
+        except BaseException as error:  # handed to the test
+            got.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s: a hang"
+    return got
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_a_writer_that_fails_stops_the_write_with_its_error(monkeypatch, attempt):
+    """The Parquet writer failing (here the disk fills up) ends the write with that error, while rows keep coming."""
+    monkeypatch.setattr(parquet, "ROWS_PER_GROUP", 1)  # a row group per line: the join keeps offering groups
+    layout = parquet.Layout(output_schema(Label))
+    line = b'{"custom_id":"req-0","status":"failed","output":null,"output_text":null,"error":null,"round":0}\n'
+    blocks = (line for _ in range(2_000))
+    got = _in_thread(lambda: parquet.write_typed(blocks, _FullDisk(room=64 * attempt), layout))
+    assert isinstance(got[0], OSError) and got[0].errno == 28
+    assert next(blocks, None) is not None  # it stopped early, not after reading every row
