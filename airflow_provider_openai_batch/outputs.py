@@ -634,6 +634,77 @@ def apply_output_schema(body: Mapping[str, Any], endpoint: str, spec: OutputSche
     return out
 
 
+#: The body field of each endpoint that caps the answer's tokens (the SDK's create params: chat's ``max_tokens`` is
+#: deprecated there for ``max_completion_tokens``, which reasoning models require).
+MAX_TOKENS_FIELDS = {
+    "/chat/completions": "max_completion_tokens",
+    "/responses": "max_output_tokens",
+    "/completions": "max_tokens",
+}
+#: Every field that caps an answer's tokens, on any endpoint.
+_CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
+def max_tokens_field(endpoint: str) -> str:
+    """The body field that caps an answer's tokens on ``endpoint`` (chat completions: ``max_completion_tokens``)."""
+    for suffix in MAX_TOKENS_FIELDS:  # "/chat/completions" before "/completions"
+        if endpoint.endswith(suffix):
+            return MAX_TOKENS_FIELDS[suffix]
+    raise ValueError(f"max_tokens applies to {', '.join('/v1' + e for e in MAX_TOKENS_FIELDS)}, not {endpoint!r}")
+
+
+def with_max_tokens(body: Mapping[str, Any], endpoint: str, max_tokens: int | None) -> dict[str, Any]:
+    """
+    ``body`` (a request body, or the fields to add to every one) with its answer capped at ``max_tokens`` under
+    ``endpoint``'s field (:func:`max_tokens_field`); a body that already sets a cap of another value raises
+    ``ValueError`` naming it, so a request never has two caps.
+    """
+    out = dict(body)
+    if max_tokens is None:
+        return out
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    field = max_tokens_field(endpoint)
+    for name in _CAP_FIELDS:
+        if name in out and out[name] != max_tokens:
+            raise ValueError(
+                f"the request sets {name}={out[name]!r} and max_tokens={max_tokens} asks for {field}={max_tokens}: "
+                "give one"
+            )
+    out[field] = max_tokens
+    return out
+
+
+def prompt_item(i: int, item: Any) -> tuple[str, str | list[dict[str, Any]]] | None:
+    """
+    The ``(custom_id, prompt)`` of the ``i``-th item of a source, or ``None`` when it is not a prompt (a request
+    dict). A prompt is a string or a list of messages (``prompt-000042`` from its position), a ``(key, prompt)``
+    pair, a ``[key, prompt]`` list whose second item is a string (how XCom gives a pair back), or a row
+    ``{"key": ..., "prompt": ...}`` (``key`` may be left out). A key is taken as a string (an id column's
+    integers are fine). A row with other fields raises ``ValueError`` naming them.
+    """
+    if isinstance(item, str):
+        return f"prompt-{i:06d}", item
+    if isinstance(item, tuple) and len(item) == 2:
+        return _keyed(i, item[0], item[1])
+    if isinstance(item, list):
+        if len(item) == 2 and isinstance(item[1], str) and not isinstance(item[0], Mapping):
+            return _keyed(i, item[0], item[1])
+        return f"prompt-{i:06d}", item
+    if isinstance(item, Mapping) and "prompt" in item and "body" not in item:
+        extra = sorted(str(k) for k in item if k not in ("key", "prompt"))
+        if extra:
+            raise ValueError(f"item {i}: a prompt row has 'key' and 'prompt', not {extra}")
+        return _keyed(i, item.get("key"), item["prompt"])
+    return None
+
+
+def _keyed(i: int, key: Any, prompt: Any) -> tuple[str, Any]:
+    if key is None or (isinstance(key, str) and not key.strip()):
+        return f"prompt-{i:06d}", prompt
+    return str(key), prompt
+
+
 def prompt_request(
     custom_id: str,
     prompt: str | list[dict[str, Any]],
@@ -646,7 +717,8 @@ def prompt_request(
     """
     One batch input line for a prompt: chat completions get it as the user message (a list is taken as the
     ``messages`` themselves), responses as ``input``; ``body`` adds other request fields (``temperature``,
-    ``max_tokens``, ``instructions``...), and ``output_schema`` the response format (:func:`apply_output_schema`).
+    ``max_tokens``, ``instructions``...; :func:`with_max_tokens` puts a cap under the endpoint's own field), and
+    ``output_schema`` the response format (:func:`apply_output_schema`).
     """
     if endpoint.endswith("/chat/completions"):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
@@ -682,12 +754,6 @@ class Outcome(msgspec.Struct, gc=False):
     text: str | None = None
     error: dict[str, Any] | None = None
     kind: OutputKind = "none"
-
-
-class _Part(msgspec.Struct, gc=False):
-    type: str = ""
-    text: Any = None
-    refusal: Any = None
 
 
 class _Item(msgspec.Struct, gc=False):

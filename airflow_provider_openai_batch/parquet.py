@@ -10,12 +10,13 @@ enums dictionary-encoded strings, a field that may be null is nullable; without 
 Rows arrive as typed JSONL lines (``custom_id, status, output, output_text, error, round``; :class:`Layout` says
 how to make them), a row group at a time: Arrow's JSON reader turns each group into columns in C++, in a thread of
 its own while the join makes the next group, so memory holds a group or two whatever the number of rows. This
-module only writes: what a row is and what its status means is ``outputs.py``'s and ``results.py``'s.
+module only writes: what a row is and what its status means is ``outputs.py``'s and ``results.py``'s, except for
+one thing only the columns know: an answer holding a value its column's type cannot (an integer past int64) is
+written as an ``invalid_output`` row, the answer kept as its text (``Layout.unfit`` counts them).
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import queue
 import threading
@@ -98,6 +99,8 @@ class Layout:
             names = pa.list_(pa.field("element", pa.dictionary(pa.int32(), pa.string())))
             fields = [("flagged", _Column(pa.bool_())), ("categories", _Column(names))]
         self.fields = [name for name, _ in fields]
+        #: Succeeded rows written as ``invalid_output``: their output held a value its column cannot.
+        self.unfit = 0
         converts = {name: column.convert for name, column in fields if column.convert is not None}
         #: Decode, convert and encode an output again only when some field needs it.
         self._convert: Convert | None = _struct_convert(converts) if converts else None
@@ -157,6 +160,8 @@ class Layout:
             status = int(code) if code is not None else None
         except (TypeError, ValueError):
             status = None
+        if status is not None and not -(1 << 31) <= status < 1 << 31:  # not an HTTP status: the column is int32
+            status = None
         return {
             "code": _text(error.get("code")),
             "message": _text(error.get("message")),
@@ -166,17 +171,75 @@ class Layout:
             "reason": _text(error.get("reason")),
         }
 
-    def _table(self, data: bytes) -> Any:
+    def _read(self, data: bytes) -> Any:
         pa = _pyarrow()
         parse = pa.json.ParseOptions(explicit_schema=self._read_schema, unexpected_field_behavior="ignore")
         try:
-            read = pa.json.read_json(
+            return pa.json.read_json(
                 io.BytesIO(data), read_options=pa.json.ReadOptions(block_size=_PARSE_BLOCK), parse_options=parse
             )
         except pa.ArrowInvalid:  # a line longer than a block: the group is read as one block
-            read = pa.json.read_json(
+            return pa.json.read_json(
                 io.BytesIO(data), read_options=pa.json.ReadOptions(block_size=len(data) + 1), parse_options=parse
             )
+
+    def _read_each(self, data: bytes) -> Any:
+        """
+        A group with a line the columns cannot hold, read in halves down to that line, which is read as an
+        ``invalid_output`` row instead (:meth:`_unfit`): the other rows keep their values.
+        """
+        pa = _pyarrow()
+        tables: list[Any] = []
+
+        def read(lines: list[bytes]) -> None:
+            try:
+                tables.append(self._read(b"".join(lines)))
+            except pa.ArrowInvalid as error:
+                if len(lines) > 1:
+                    half = len(lines) // 2
+                    read(lines[:half])
+                    read(lines[half:])
+                else:
+                    tables.append(self._read(self._unfit(lines[0], error)))
+
+        read([line for line in data.splitlines(keepends=True) if line.strip()])
+        return pa.concat_tables(tables)
+
+    def _unfit(self, line: bytes, error: Exception) -> bytes:
+        """
+        A succeeded row whose output holds a value its column's type cannot (an integer past int64) as an
+        ``invalid_output`` line: no output, the answer kept as ``output_text``, the error saying which value.
+        """
+        row = msgspec.json.decode(line)
+        output = row.get("output") if isinstance(row, dict) else None
+        if output is None:  # nothing of the row's own making to set aside: the line itself is wrong
+            raise error
+        where = _out_of_range(output, "$")
+        message = (
+            f"{where[0]}: {where[1]} does not fit the column type int64 (a 64-bit integer) of the Parquet file"
+            if where
+            else f"the answer does not fit the Parquet file's column types ({error})"
+        )
+        self.unfit += 1
+        return (
+            _encoder.encode(
+                {
+                    **row,
+                    "status": "invalid_output",
+                    "output": None,
+                    "output_text": _encoder.encode(output).decode(),
+                    "error": {"code": "invalid_output", "message": message},
+                }
+            )
+            + b"\n"
+        )
+
+    def _table(self, data: bytes) -> Any:
+        pa = _pyarrow()
+        try:
+            read = self._read(data)
+        except pa.ArrowInvalid:
+            read = self._read_each(data)
         columns = [read.column("custom_id"), read.column("status")]
         if self.fields:
             output = read.column("output").combine_chunks()
@@ -184,6 +247,24 @@ class Layout:
         columns += [read.column("output_text"), read.column("error"), read.column("round")]
         arrays = [column.cast(field.type) for column, field in zip(columns, self.schema, strict=True)]
         return pa.Table.from_arrays(arrays, schema=self.schema)
+
+
+_INT64 = range(-(1 << 63), 1 << 63)
+
+
+def _out_of_range(value: Any, path: str) -> tuple[str, int] | None:
+    """The first integer in ``value`` an int64 column cannot hold, with its JSON path."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None if value in _INT64 else (path, value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if (found := _out_of_range(item, f"{path}.{key}")) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (found := _out_of_range(item, f"{path}[{i}]")) is not None:
+                return found
+    return None
 
 
 def columns(output_schema: OutputSchema | None = None, kind: OutputKind = "text") -> Any:
@@ -299,22 +380,21 @@ def write_typed(lines: Iterable[bytes], out: IO[bytes], layout: Layout | Callabl
     written = [0]
 
     def consume() -> None:
+        data = groups.get()
         try:
-            first = groups.get()
             chosen = layout() if callable(layout) else layout
             with pa.parquet.ParquetWriter(out, chosen.schema) as writer:
-                data = first
                 while data is not _DONE:
-                    if not failure:
-                        table = chosen._table(data)
-                        writer.write_table(table, row_group_size=max(1, table.num_rows))
-                        written[0] += table.num_rows
+                    table = chosen._table(data)
+                    writer.write_table(table, row_group_size=max(1, table.num_rows))
+                    written[0] += table.num_rows
                     data = groups.get()
         except BaseException as error:
             failure.append(error)
-            with contextlib.suppress(queue.Empty):  # let a blocked producer go on, to stop on its next put
-                while groups.get_nowait() is not _DONE:
-                    pass
+            # Take whatever is still offered, up to the end mark: the producer stops at its next group, and its
+            # last put (the end mark) always finds room.
+            while data is not _DONE:
+                data = groups.get()
 
     writer_thread = threading.Thread(target=consume, name="parquet-writer", daemon=True)
     writer_thread.start()

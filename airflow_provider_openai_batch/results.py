@@ -887,6 +887,12 @@ def _write_typed(
         from airflow_provider_openai_batch.parquet import write_typed
 
         write_typed(lines, out, slot.get)
+    unfit = slot.layout.unfit if slot.layout is not None else 0
+    if unfit:  # succeeded rows whose value the columns cannot hold went into the file as invalid_output
+        counts.add("succeeded", -unfit)
+        counts.add("invalid_output", unfit)
+        if not counts["succeeded"]:
+            del counts["succeeded"]
     return dict(counts)
 
 

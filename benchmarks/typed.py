@@ -10,6 +10,10 @@ measures in fresh interpreters, each the median of ``--rounds`` runs with the sp
 - ``dict``: the same with Label's JSON Schema as a dict (validated by the compiled msgspec types);
 - ``jsonl``: today's JSONL join of the same files (the anchor: ``benchmarks/join.py`` measures it on embeddings);
 - ``rejoin``: a joined JSONL file (the job's last round) to typed Parquet, ``write_joined(iter_merged([...]), ...)``.
+
+Every Parquet file is read back: its Arrow schema must hold Label's types (``parquet.columns``). Peak extra RSS is
+also measured at a tenth of the rows, to show it stays flat. ``--rows`` sets the size (``make bench`` runs this as
+its ``typed`` step, sized by ``BENCH_TYPED_ROWS``).
 """
 
 from __future__ import annotations
@@ -27,9 +31,13 @@ import pydantic
 
 from benchmarks.common import MB, PeakRss, Row, emit, run_child, spread, table
 
+ROWS = 1_000_000
+
 SHARDS, PER_SHARD = 20, 50_000
 #: The goal for typed Parquet (rows/s over join and write).
 GOAL_ROWS_PER_S = 150_000
+#: Peak extra RSS goals: at most this much, and at most this much more than at a tenth of the rows (flat).
+GOAL_EXTRA_RSS_MB, GOAL_RSS_GROWTH_MB = 256, 64
 MODES = ("model", "dict", "jsonl", "rejoin")
 
 
@@ -123,8 +131,91 @@ def measure(folder: Path, mode: str) -> dict[str, object]:
     if target.suffix == ".parquet":
         import pyarrow.parquet as pq
 
+        from airflow_provider_openai_batch.parquet import columns
+
         assert pq.ParquetFile(target).metadata.num_rows == rows
+        read, wanted = pq.read_schema(target), columns(output_schema(Label))
+        assert read.names == wanted.names, (read.names, wanted.names)
+        for field in wanted:  # every column of the schema's own type: a dictionary enum, structs, lists, int64
+            assert read.field(field.name).type == field.type, (field.name, read.field(field.name).type, field.type)
     return {"mode": mode, "wall": wall, "cpu": cpu, "rows": rows, "counts": counts, "extra_rss": peak.extra}
+
+
+def prepare(folder: Path, rows: int) -> None:
+    """The input and result files of ``rows`` requests, and the joined JSONL ``rejoin`` reads."""
+    from airflow_provider_openai_batch.results import iter_joined, write_joined
+
+    started = time.perf_counter()
+    generate(folder, per_shard=max(1, rows // SHARDS))
+    print(
+        f"generated {SHARDS * max(1, rows // SHARDS):,} requests in {time.perf_counter() - started:.0f} s", flush=True
+    )
+    write_joined(iter_joined(*_files(folder), output_schema=Label), folder / "joined.jsonl")
+
+
+def measure_rounds(folder: Path, rounds: int, modes: tuple[str, ...] = MODES) -> dict[str, list[dict[str, object]]]:
+    """Each mode ``rounds`` times in a fresh interpreter, interleaved (a busy moment lands on every mode)."""
+    runs: dict[str, list[dict[str, object]]] = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            runs[mode].append(run_child("benchmarks.typed", "--folder", str(folder), "--mode", mode))
+    return runs
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def table_rows(runs: dict[str, list[dict[str, object]]], small: dict[str, list[dict[str, object]]]) -> list[Row]:
+    """The table's rows: rows/s of each mode beside the JSONL join's; peak extra RSS, and at a tenth of the rows."""
+    names = {
+        "model": "Typed Parquet, Pydantic model",
+        "dict": "Typed Parquet, JSON Schema dict",
+        "jsonl": "JSONL join of the same files, no extraction (anchor)",
+        "rejoin": "Joined JSONL to typed Parquet (the job's last step)",
+    }
+    speeds = {m: [float(r["rows"]) / float(r["wall"]) for r in runs[m]] for m in runs}  # type: ignore[arg-type]
+    anchor = f"JSONL join: {spread(speeds['jsonl'], '{:,.0f}')} rows/s" if "jsonl" in runs else "-"
+    rows = []
+    for mode, results in runs.items():
+        cpu = [float(r["cpu"]) for r in results]  # type: ignore[arg-type]
+        goal = mode in ("model", "dict")
+        rows.append(
+            Row(
+                f"{names[mode]}: {int(results[0]['rows']):,} rows",  # type: ignore[call-overload]
+                f"{spread(speeds[mode], '{:,.0f}')} rows/s, CPU {spread(cpu, '{:.1f}')} s",
+                f">= {GOAL_ROWS_PER_S:,} rows/s" if goal else "-",
+                anchor if goal else f"counts {results[0]['counts']}" if mode == "rejoin" else "-",
+                _median(speeds[mode]) >= GOAL_ROWS_PER_S if goal else None,
+            )
+        )
+    for mode in ("model", "dict"):
+        rss = [float(r["extra_rss"]) / MB for r in runs[mode]]  # type: ignore[arg-type]
+        tenth = [float(r["extra_rss"]) / MB for r in small[mode]]  # type: ignore[arg-type]
+        growth = _median(rss) - _median(tenth)
+        size, small_size = (int(str(measured[mode][0]["rows"])) for measured in (runs, small))
+        rows.append(
+            Row(
+                f"{names[mode]}: extra peak RSS at {size:,} rows (and at {small_size:,})",
+                f"{spread(rss, '{:.0f}')} MB ({spread(tenth, '{:.0f}')} MB: {growth:+.0f} MB)",
+                f"<= {GOAL_EXTRA_RSS_MB} MB, flat (<= +{GOAL_RSS_GROWTH_MB} MB over a tenth of the rows)",
+                "-",
+                max(rss) <= GOAL_EXTRA_RSS_MB and growth <= GOAL_RSS_GROWTH_MB,
+            )
+        )
+    return rows
+
+
+def run(work: Path, rows: int, rounds: int) -> list[Row]:
+    """Files of ``rows`` requests and of a tenth of them under ``work``; every mode measured: the table's rows."""
+    big, small = work / "typed", work / "typed-tenth"
+    big.mkdir()
+    small.mkdir()
+    prepare(big, rows)
+    prepare(small, rows // 10)
+    runs = measure_rounds(big, rounds)
+    tenth = measure_rounds(small, 1, ("model", "dict"))
+    return table_rows(runs, tenth)
 
 
 def main() -> None:
@@ -132,47 +223,13 @@ def main() -> None:
     parser.add_argument("--folder", help="measure one mode on files made before (a child run)")
     parser.add_argument("--mode", choices=MODES)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--per-shard", type=int, default=PER_SHARD)
+    parser.add_argument("--rows", type=int, default=ROWS)
     args = parser.parse_args()
     if args.folder and args.mode:
         emit(measure(Path(args.folder), args.mode))
         return
     with tempfile.TemporaryDirectory(prefix="bench-typed-", dir=os.environ.get("BENCH_TMP")) as work:
-        folder = Path(work)
-        started = time.perf_counter()
-        generate(folder, per_shard=args.per_shard)
-        print(f"generated {SHARDS * args.per_shard:,} requests in {time.perf_counter() - started:.0f} s", flush=True)
-        from airflow_provider_openai_batch.results import iter_joined, write_joined
-
-        write_joined(iter_joined(*_files(folder), output_schema=Label), folder / "joined.jsonl")
-        runs: dict[str, list[dict[str, object]]] = {mode: [] for mode in MODES}
-        for _ in range(args.rounds):  # interleaved, so a busy moment on the machine lands on every mode
-            for mode in MODES:
-                runs[mode].append(run_child("benchmarks.typed", "--folder", work, "--mode", mode))
-    rows = []
-    names = {
-        "model": "typed Parquet, Pydantic model",
-        "dict": "typed Parquet, JSON Schema dict",
-        "jsonl": "JSONL join, no extraction (anchor)",
-        "rejoin": "joined JSONL to typed Parquet (job's last step)",
-    }
-    for mode in MODES:
-        results = runs[mode]
-        speeds = [float(r["rows"]) / float(r["wall"]) for r in results]  # type: ignore[arg-type]
-        cpu = [float(r["cpu"]) for r in results]  # type: ignore[arg-type]
-        rss = [float(r["extra_rss"]) / MB for r in results]  # type: ignore[arg-type]
-        goal = mode in ("model", "dict")
-        rows.append(
-            Row(
-                f"{names[mode]}: {int(results[0]['rows']):,} rows",  # type: ignore[call-overload]
-                f"{spread(speeds, '{:,.0f}')} rows/s, CPU {spread(cpu, '{:.1f}')} s, peak +{spread(rss, '{:.0f}')} MB",
-                f">= {GOAL_ROWS_PER_S:,} rows/s" if goal else "-",
-                f"counts {results[0]['counts']}" if mode == "model" else "-",
-                (sorted(speeds)[len(speeds) // 2] >= GOAL_ROWS_PER_S) if goal else None,
-            )
-        )
-    print(table(rows))
-    emit({mode: runs[mode] for mode in MODES})
+        print(table(run(Path(work), args.rows, args.rounds)))
 
 
 if __name__ == "__main__":

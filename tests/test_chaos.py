@@ -70,6 +70,34 @@ def test_one_task_example_survives_chaos(seed, monkeypatch, airflow_db):
     assert all(label for (label,) in labels)
 
 
+@pytest.mark.parametrize("seed", range(JOB_RUNS))
+def test_typed_example_survives_chaos(seed, monkeypatch, airflow_db):
+    """The typed example under the same chaos: one batch, and every row's typed columns in the table."""
+    pytest.importorskip("pyarrow", reason="the typed example writes Parquet: the [parquet] extra")
+    import sqlite3
+    from pathlib import Path
+
+    from airflow_provider_openai_batch.outputs import output_schema
+    from airflow_provider_openai_batch.testing import responses
+
+    with FakeOpenAIServer(timings=FAST) as server:
+        server.faults.chaos(0.3, kinds=("429", "500", "502", "503", "drop"), seed=200 + seed)
+        monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", connection_env(server, max_retries=10))
+        monkeypatch.setenv("OPENAI_BATCH_EXAMPLE_POLL_SECONDS", "0.2")
+        module = importlib.reload(importlib.import_module("example_dags.example_openai_batch_typed"))
+        run = module.dag.test()
+        assert len(server.faults.injected) >= 1, "no fault was injected in this run"
+    assert set(task_states(run).values()) == {"success"}, task_states(run)
+    assert server.batches_created == 1
+    assert xcoms(run, "label_reviews")[-1]["counts"]["succeeded"] == 40
+    schema = output_schema(module.ReviewLabel).schema
+    table = sqlite3.connect(Path(module.HOME) / "reviews.sqlite")
+    rows = table.execute("SELECT id, sentiment, score, needs_reply FROM reviews ORDER BY id").fetchall()
+    assert [(str(id_), s, n, bool(r)) for id_, s, n, r in rows] == [
+        (str(i), *responses.schema_value(schema, str(i)).values()) for i in range(40)
+    ]
+
+
 def test_the_chaos_was_thirty_percent():
     assert len(TALLY) == RUNS, "run the whole module: the tally covers every run"
     failed, total = map(sum, zip(*TALLY, strict=True))

@@ -146,6 +146,8 @@ def test_each_example_is_one_self_contained_file(name, tmp_path):
     import subprocess
     import sys
 
+    if name == "example_openai_batch_typed.py":
+        pytest.importorskip("pyarrow", reason="the typed example writes Parquet: the [parquet] extra")
     shutil.copy(f"example_dags/{name}", tmp_path / name)
     code = "import runpy, sys; runpy.run_path(sys.argv[1])"
     # The user's dags folder holds this one file (Airflow puts it on sys.path); the repository is not on the path.
@@ -173,3 +175,31 @@ def test_example_one_task_job(server):
     table = Path(importlib.import_module("example_dags.example_openai_batch_job").HOME) / "reviews.sqlite"
     labels = sqlite3.connect(table).execute("SELECT sentiment FROM reviews ORDER BY id").fetchall()
     assert len(labels) == 25 and all(label for (label,) in labels)
+
+
+def test_example_typed_columns_back_into_the_table(server):
+    """Table rows → prompts → @task.openai_batch(output_schema=...) → typed Parquet → the table's typed columns."""
+    pytest.importorskip("pyarrow", reason="the typed example writes Parquet: the [parquet] extra")
+    import sqlite3
+    from pathlib import Path
+
+    from airflow_provider_openai_batch.outputs import output_schema
+    from airflow_provider_openai_batch.testing import responses
+
+    module = importlib.import_module("example_dags.example_openai_batch_typed")
+    dag = _load("example_openai_batch_typed")
+    run = dag.test()
+    assert set(task_states(run).values()) == {"success"}
+    job = xcoms(run, "label_reviews")[-1]
+    assert job["counts"]["succeeded"] == 40 and sum(job["counts"].values()) == 40
+    assert job["joined_uri"].endswith(".parquet") and len(job["batches"]) == 1
+    schema = output_schema(module.ReviewLabel).schema
+    db = sqlite3.connect(Path(module.HOME) / "reviews.sqlite")
+    rows = db.execute("SELECT id, sentiment, score, needs_reply, label_status FROM reviews ORDER BY id").fetchall()
+    assert len(rows) == 40
+    for id_, sentiment, score, needs_reply, status in rows:
+        expected = responses.schema_value(schema, str(id_))  # the fake model's answer for this custom_id
+        assert (sentiment, score, bool(needs_reply), status) == (
+            expected["sentiment"], expected["score"], expected["needs_reply"], "succeeded"
+        )  # fmt: skip
+    assert {type(score) for (score,) in db.execute("SELECT score FROM reviews")} == {int}

@@ -12,7 +12,7 @@ import array
 import base64
 import json
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar, get_args
 
 import openai
 import pydantic
@@ -32,10 +32,13 @@ from airflow_provider_openai_batch.outputs import (
     StrictSchemaError,
     apply_output_schema,
     check_strict_schema,
+    max_tokens_field,
     output_schema,
+    prompt_item,
     prompt_request,
     response_format,
     row_outcome,
+    with_max_tokens,
 )
 from airflow_provider_openai_batch.results import iter_joined, iter_merged, write_joined
 from airflow_provider_openai_batch.testing import FakeClock, FakeOpenAIServer, Timings, responses
@@ -539,3 +542,55 @@ def test_a_prompt_becomes_a_request_line_asking_for_the_schema(client, clock, tm
     assert responses_row["body"]["input"] == "Label it" and responses_row["body"]["text"]["format"]["name"] == "output"
     with pytest.raises(ValueError, match="chat/completions or /v1/responses"):
         prompt_request("d", "x", endpoint="/v1/embeddings", model="m")
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "field", "params"),
+    [
+        ("/v1/chat/completions", "max_completion_tokens", "openai.types.chat.CompletionCreateParams"),
+        ("/v1/responses", "max_output_tokens", "openai.types.responses.ResponseCreateParams"),
+        ("/v1/completions", "max_tokens", "openai.types.CompletionCreateParams"),
+    ],
+)
+def test_max_tokens_goes_under_each_endpoints_own_field(endpoint, field, params):
+    import importlib
+
+    from airflow_provider_openai_batch.tokens import max_output_tokens
+
+    assert max_tokens_field(endpoint) == field
+    module, _, name = params.rpartition(".")
+    sdk_params = getattr(importlib.import_module(module), name)  # the SDK's own create params (a union of two)
+    assert get_args(sdk_params) and all(field in typed.__annotations__ for typed in get_args(sdk_params))
+    if endpoint == "/v1/completions":
+        return  # prompts go to chat completions and responses only
+    params = with_max_tokens({"temperature": 0}, endpoint, 50)  # what a job adds to every prompt's request
+    body = prompt_request("a", "Label it", endpoint=endpoint, model="gpt-4o-mini", output_schema=Label, **params)
+    assert body["body"][field] == 50 and body["body"]["temperature"] == 0
+    assert not ({"max_tokens", "max_completion_tokens", "max_output_tokens"} - {field}) & set(body["body"])
+    assert max_output_tokens(body["body"], endpoint) == 50  # the queue estimate sees the cap
+    assert with_max_tokens({field: 50}, endpoint, 50) == {field: 50}
+    assert with_max_tokens({"top_p": 1}, endpoint, None) == {"top_p": 1}
+    with pytest.raises(ValueError, match=f"sets max_tokens=20 and max_tokens=50 asks for {field}=50"):
+        with_max_tokens({"max_tokens": 20}, endpoint, 50)
+    with pytest.raises(ValueError, match="positive integer"):
+        with_max_tokens({}, endpoint, 0)
+
+
+def test_max_tokens_on_an_endpoint_without_answers_is_refused():
+    with pytest.raises(ValueError, match="max_tokens applies to"):
+        max_tokens_field("/v1/embeddings")
+
+
+def test_prompt_items_of_every_shape():
+    messages = [{"role": "user", "content": "hi"}]
+    assert prompt_item(7, "Label it") == ("prompt-000007", "Label it")
+    assert prompt_item(0, ("r1", "Label it")) == ("r1", "Label it")
+    assert prompt_item(0, ("r1", messages)) == ("r1", messages)
+    assert prompt_item(0, ["r1", "Label it"]) == ("r1", "Label it")  # a pair after XCom
+    assert prompt_item(0, [42, "Label it"]) == ("42", "Label it")  # an integer id column
+    assert prompt_item(3, messages) == ("prompt-000003", messages)
+    assert prompt_item(0, {"key": "r1", "prompt": "Label it"}) == ("r1", "Label it")
+    assert prompt_item(5, {"prompt": "Label it"}) == ("prompt-000005", "Label it")
+    assert prompt_item(0, {"custom_id": "a", "method": "POST", "url": "/v1/responses", "body": {}}) is None
+    with pytest.raises(ValueError, match=r"item 2: a prompt row has 'key' and 'prompt', not \['text'\]"):
+        prompt_item(2, {"key": "r1", "prompt": "x", "text": "y"})

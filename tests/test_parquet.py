@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import pydantic
 import pytest
 
 pa = pytest.importorskip("pyarrow")
@@ -16,7 +17,7 @@ from airflow_provider_openai_batch.outputs import apply_output_schema, output_sc
 from airflow_provider_openai_batch.results import JoinedRow, iter_joined, iter_merged, write_joined  # noqa: E402
 from airflow_provider_openai_batch.testing import responses  # noqa: E402
 from tests.conftest import jsonl, request_line  # noqa: E402
-from tests.test_outputs import LABEL_DICT, Label  # noqa: E402
+from tests.test_outputs import LABEL_DICT, Item, Label  # noqa: E402
 
 DICT = pa.dictionary(pa.int32(), pa.string())
 
@@ -275,3 +276,95 @@ def test_input_lines_of_any_style_join_alike(tmp_path):
     assert table.column("custom_id").to_pylist() == ids
     vectors = table.column("embedding").to_pylist()
     assert vectors == [pytest.approx(responses.embedding_vector(r["body"]["input"]), abs=1e-6) for r in rows]
+
+
+class _FullDisk:
+    """A destination that takes ``room`` bytes, then fails as a full disk does."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+
+    def write(self, data: Any) -> int:
+        size = len(memoryview(data).cast("B"))
+        if size > self.room:
+            raise OSError(28, "No space left on device")
+        self.room -= size
+        return size
+
+    def flush(self) -> None:
+        pass
+
+    def tell(self) -> int:
+        return 0
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+
+def _in_thread(work: Any, seconds: float = 20) -> list[Any]:
+    """Run ``work`` in a thread: [result] or [exception]; a call still running after ``seconds`` fails the test."""
+    import threading
+
+    got: list[Any] = []
+
+    def run() -> None:
+        try:
+            got.append(work())
+        except BaseException as error:  # handed to the test
+            got.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s: a hang"
+    return got
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_a_writer_that_fails_stops_the_write_with_its_error(monkeypatch, attempt):
+    """The Parquet writer failing (here the disk fills up) ends the write with that error, while rows keep coming."""
+    monkeypatch.setattr(parquet, "ROWS_PER_GROUP", 1)  # a row group per line: the join keeps offering groups
+    layout = parquet.Layout(output_schema(Label))
+    line = b'{"custom_id":"req-0","status":"failed","output":null,"output_text":null,"error":null,"round":0}\n'
+    blocks = (line for _ in range(2_000))
+    got = _in_thread(lambda: parquet.write_typed(blocks, _FullDisk(room=64 * attempt), layout))
+    assert isinstance(got[0], OSError) and got[0].errno == 28
+    assert next(blocks, None) is not None  # it stopped early, not after reading every row
+
+
+class Counted(pydantic.BaseModel):
+    sentiment: Literal["positive", "negative", "neutral"]
+    score: int
+    items: list[Item]
+
+
+@pytest.mark.parametrize("schema", [Counted, "dict"], ids=["pydantic-model", "json-schema-dict"])
+def test_a_value_the_column_type_cannot_hold_makes_its_row_invalid_not_the_file(tmp_path, schema):
+    """An integer past int64 (valid JSON, valid for the schema) is one invalid_output row; the others are written."""
+    spec: Any = output_schema(Counted).schema if schema == "dict" else Counted
+    rows = _structured(5, spec)
+    inputs, results = _files(tmp_path, rows)
+    answers = [json.loads(line) for line in results[0].read_text().splitlines()]
+    huge = {"req-1": ("score", 10**20), "req-3": ("items", [{"name": "bolt", "quantity": -(2**63) - 1}])}
+    for answer in answers:
+        if answer["custom_id"] in huge:
+            message = answer["response"]["body"]["choices"][0]["message"]
+            field, value = huge[answer["custom_id"]]
+            message["content"] = json.dumps({**json.loads(message["content"]), field: value})
+    results[0].write_bytes(jsonl(answers))
+
+    target = tmp_path / "typed.parquet"
+    counts = write_joined(iter_joined(inputs, results, output_schema=spec), target)
+    assert counts == {"succeeded": 3, "invalid_output": 2}
+    got = pq.read_table(target).to_pylist()
+    assert [r["status"] for r in got] == ["succeeded", "invalid_output", "succeeded", "invalid_output", "succeeded"]
+    assert got[1]["score"] is None and json.loads(got[1]["output_text"])["score"] == 10**20  # the answer is kept
+    assert got[1]["error"]["code"] == "invalid_output"
+    assert "$.score" in got[1]["error"]["message"] and "int64" in got[1]["error"]["message"]
+    assert "$.items[0].quantity" in got[3]["error"]["message"]
+    assert json.loads(got[3]["output_text"])["items"][0]["quantity"] == -(2**63) - 1
+    assert got[0]["score"] == responses.schema_value(output_schema(spec).schema, "req-0")["score"]
+    # JSONL has no column types: there the same answer is a valid one.
+    again = write_joined(iter_joined(inputs, results, output_schema=spec), tmp_path / "typed.jsonl")
+    assert again == {"succeeded": 5}

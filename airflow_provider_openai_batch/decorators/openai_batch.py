@@ -1,8 +1,10 @@
 """
 ``@task.openai_batch``: a TaskFlow function that returns the requests, and a task that runs the whole batch job.
 
-The function returns request dicts, or a path / URI / ``ObjectStoragePath`` of a JSONL file; the task is an
-``OpenAIBatchJobOperator`` around it (registered through the provider's ``task-decorators``, like ``@task.docker``).
+The function returns request dicts, prompts (with ``model=``: strings, message lists, ``(key, prompt)`` pairs or
+``{"key", "prompt"}`` rows, as ``outputs.prompt_item`` reads them), or a path / URI / ``ObjectStoragePath`` of a
+JSONL file; the task is an ``OpenAIBatchJobOperator`` around it (registered through the provider's
+``task-decorators``, like ``@task.docker``).
 The function runs once per run of tries: after a deferral or a retry the job continues from its work folder; a
 clear runs the function again.
 """
@@ -56,7 +58,8 @@ class _OpenAIBatchDecoratedOperator(DecoratedOperator, OpenAIBatchJobOperator):
         if source is None or (isinstance(source, str) and not source.strip()) or isinstance(source, Mapping):
             raise TypeError(
                 f"{self.source_label()} returned {type(source).__name__} {str(source)[:80]!r}; it may return request "
-                "dicts (a list, or a generator yielding them), or a path, URI or ObjectStoragePath of a JSONL file"
+                "dicts or prompts (a list, or a generator yielding them), or a path, URI or ObjectStoragePath of a "
+                "JSONL file"
             )
         return source
 
