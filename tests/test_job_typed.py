@@ -107,3 +107,26 @@ def test_a_schema_strict_mode_refuses_is_refused_when_the_dag_is_parsed(tmp_path
     loose = {"type": "object", "properties": {"a": {"type": "string"}}}  # not every property required
     with pytest.raises(ValueError, match=r"required|additionalProperties"):
         job(tmp_path, [], output_schema=loose)
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/responses"])
+def test_prompt_rows_after_xcom_and_max_tokens(fake, tmp_path, endpoint):
+    """Pairs that came through XCom (lists), {key, prompt} rows, and max_tokens under the endpoint's own field."""
+    source = [["review-1", "Loved it"], {"key": "review-2", "prompt": "Broke after a day"}, {"prompt": "A chair"}]
+    op = lambda: OpenAIBatchJobOperator(  # noqa: E731
+        task_id="job",
+        source=source,
+        endpoint=endpoint,
+        destination=str(tmp_path / "joined.jsonl"),
+        poll_interval=0.05,
+        deferrable=True,
+        model="gpt-4o-mini",
+        max_tokens=60,
+        output_schema=ReviewLabel,
+    )
+    result = Driver(op, f"r-{uuid.uuid4()}", None).attempt()
+    assert result is not None and result["counts"]["succeeded"] == 3
+    joined = rows(tmp_path)
+    assert [r["custom_id"] for r in joined] == ["review-1", "review-2", "prompt-000002"]
+    field = "max_completion_tokens" if endpoint.endswith("/chat/completions") else "max_output_tokens"
+    assert all(r["request"][field] == 60 and "max_tokens" not in r["request"] for r in joined)

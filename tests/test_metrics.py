@@ -246,11 +246,6 @@ def test_a_job_run_by_dag_test_sends_what_its_result_reports(
     assert not any(name.startswith("requests.failed") for name in got), "no request failed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the job tags batches.created with state.model, which it learns only when a batch ends "
-    "(operators/job.py, where each created batch is recorded)",
-)
 def test_a_jobs_created_batches_carry_the_model_tag(job_run: tuple[dict[str, Any], dict[str, float], int]) -> None:
     _, got, _ = job_run
     assert got.get("batches.created" + JOB_TAGS) == 3

@@ -275,7 +275,7 @@ def test_every_poll_carries_the_key_organization_project_and_custom_headers(batc
     for headers in seen:
         assert headers["authorization"] == redacted_header(f"Bearer {server.api_key}")  # kept redacted
         assert headers["openai-organization"] == "org-etl" and headers["openai-project"] == "proj-nightly"
-        assert headers["x-team"] == "data-platform"
+        assert headers["x-team"] == redacted_header("data-platform")
         assert headers["user-agent"].startswith("AsyncOpenAI/")
     assert seen[1:] == seen[:1] * 3  # the repeats send what the SDK sent for the first
 

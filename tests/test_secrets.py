@@ -187,7 +187,7 @@ def test_the_fake_keeps_no_raw_key_in_the_headers_it_saw(monkeypatch):
     # Still enough to tell which key was sent, and the other headers as they were.
     assert seen[0]["authorization"] == redacted_header(f"Bearer {SECRET}") != redacted_header("Bearer sk-other")
     assert seen[0]["ocp-apim-subscription-key"] == redacted_header(HEADER_SECRET)
-    assert seen[0]["x-team"] == "etl"
+    assert seen[0]["x-team"] == redacted_header("etl")
 
 
 @needs_quiet_supervisor

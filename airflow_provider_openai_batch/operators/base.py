@@ -41,9 +41,9 @@ from airflow_provider_openai_batch.polling import (
     DEFAULT_MAX_POLL_FAILURES,
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
-    DEFER_BACKSTOP,
     PollFailures,
     PollPolicy,
+    defer_timeout,
     should_cancel_on_kill,
     task_instance_state,
 )
@@ -289,7 +289,7 @@ class BatchWaitingOperator(OpenAIBatchBaseOperator):
                 ),
                 method_name="execute_complete",
                 # Airflow's own backstop in case the triggerer is down at the deadline.
-                timeout=timedelta(seconds=max(0.0, end_time - time.time()) + 2 * self.poll_interval) + DEFER_BACKSTOP,
+                timeout=defer_timeout(end_time, self.poll_interval),
             )
         self._waiting_on, self._waiting_ti = batch_id, context.get("ti")
         pending = [look] if look is not None else []

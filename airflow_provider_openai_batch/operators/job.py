@@ -79,8 +79,10 @@ from airflow_provider_openai_batch.outputs import (
     ROW_STATUSES,
     OutputSchemaConflict,
     apply_output_schema,
+    prompt_item,
     prompt_request,
     response_format,
+    with_max_tokens,
 )
 from airflow_provider_openai_batch.outputs import output_schema as make_output_schema
 from airflow_provider_openai_batch.parquet import columns as parquet_columns
@@ -88,9 +90,9 @@ from airflow_provider_openai_batch.polling import (
     DEFAULT_MAX_POLL_FAILURES,
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
-    DEFER_BACKSTOP,
     PollFailures,
     PollPolicy,
+    defer_timeout,
 )
 from airflow_provider_openai_batch.results import (
     USAGE_KEYS,
@@ -114,6 +116,8 @@ from airflow_provider_openai_batch.triggers.job import (
 from airflow_provider_openai_batch.uploads import upload_once
 
 REQUEST_STATUSES = ("succeeded", "failed", "expired", "cancelled", "missing")
+#: The file request dicts (and prompts) are written to before the job validates and shards them.
+_WRITTEN_REQUESTS = "requests-of-the-task.jsonl"
 
 
 class JobDeadlineError(OpenAIBatchError):
@@ -192,10 +196,12 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         (docs/typed-results.md). A ``.parquet`` destination gets one typed column per field.
     :param extract: Without a schema, still give each row ``output``: the text of chat / responses / completions,
         the vector of embeddings, flagged and categories of moderations.
-    :param model: With prompts as the source (strings, message lists, or ``(key, prompt)`` pairs): the model of
-        every request; ``system_prompt`` is sent before each prompt on chat completions; ``request_params`` (e.g.
-        ``{"max_tokens": 200, "temperature": 0}``) go into every request body. Custom ids come from the key, or
-        the prompt's position (``prompt-000042``), so joins and resubmission still work.
+    :param model: With prompts as the source (strings, message lists, ``(key, prompt)`` pairs, as lists too after
+        XCom, or ``{"key": ..., "prompt": ...}`` rows): the model of every request; ``system_prompt`` is sent before
+        each prompt on chat completions; ``max_tokens`` caps each answer under the endpoint's own field
+        (``max_completion_tokens``, ``max_output_tokens`` or ``max_tokens``); ``request_params`` (e.g.
+        ``{"temperature": 0}``) go into every request body. Custom ids come from the key, or the prompt's position
+        (``prompt-000042``), so joins and resubmission still work.
     :param dry_run: Validate, shard and estimate (``estimate.Estimate``: requests, shards, tokens counted with the
         model's tokenizer, output caps, queue fills under the budget, a cost range) and return it without sending
         anything.
@@ -250,6 +256,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         model: str | None = None,
         system_prompt: str | None = None,
         request_params: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
         dry_run: bool = False,
         max_cost: float | None = None,
         cancel_on_budget: bool = False,
@@ -318,6 +325,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         self.model = model
         self.system_prompt = system_prompt
         self.request_params = dict(request_params or {})
+        self.max_tokens = max_tokens
         self.price_table = price_table
         self.estimate_only = dry_run  # BaseOperator.dry_run is a method of its own
         self.max_cost = max_cost
@@ -472,7 +480,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         if self.output_schema is not None and not is_request_data(source):
             source = _decoded_lines(source)  # each request of a file asks for the schema too
         if is_request_data(source):
-            path = scratch / "requests.jsonl"
+            path = scratch / _WRITTEN_REQUESTS
             with path.open("wb") as out:
                 out.writelines(encode_requests(self._requests(source)))  # type: ignore[arg-type]
             return path
@@ -484,6 +492,8 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         return source
 
     def _estimate(self, context: Mapping[str, Any], source: Source) -> Estimate:
+        # Request dicts written to scratch by _materialized are named after the task, not the temporary file.
+        written = isinstance(source, Path) and source.name == _WRITTEN_REQUESTS
         estimated = estimate_file(
             source,
             self.endpoint,
@@ -492,6 +502,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             limits=self.limits,
             allowed_endpoints=self.allowed_endpoints,
             completion_window=self.completion_window,
+            name=self.source_label() if written else None,
         )
         self.log.info("Estimate:\n%s", render_estimate(estimated))
         if estimated["cost"] is not None:
@@ -587,8 +598,12 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
     def _requests(self, source: Iterable[Any]) -> Iterable[dict[str, Any]]:
         """Request dicts as given, or made from prompts; with ``output_schema``, each asks for it."""
         for i, item in enumerate(source):
-            if isinstance(item, (str, list)) or (isinstance(item, tuple) and len(item) == 2):
-                yield self._prompt_request(i, item)
+            try:
+                prompt = prompt_item(i, item)
+            except ValueError as wrong:
+                raise BatchInputError(self.source_label(), [InputIssue(i + 1, "prompt", str(wrong))]) from None
+            if prompt is not None:
+                yield self._prompt_request(*prompt)
                 continue
             if not isinstance(item, Mapping):
                 raise TypeError(
@@ -606,10 +621,9 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                     ) from None
             yield request
 
-    def _prompt_request(self, i: int, item: Any) -> dict[str, Any]:
+    def _prompt_request(self, key: str, prompt: Any) -> dict[str, Any]:
         if not self.model:
             raise ValueError(f"{self.source_label()} gives prompts: model= is needed to make requests of them")
-        key, prompt = (str(item[0]), item[1]) if isinstance(item, tuple) else (f"prompt-{i:06d}", item)
         if self.system_prompt and self.endpoint.endswith("/chat/completions"):
             user = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
             prompt = [{"role": "system", "content": self.system_prompt}, *user]
@@ -621,7 +635,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             endpoint=self.endpoint,
             model=self.model,
             output_schema=self.output_schema,
-            **self.request_params,
+            **with_max_tokens(self.request_params, self.endpoint, self.max_tokens),
         )
 
     @staticmethod
@@ -689,11 +703,12 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         """Read every submitted batch; take in those that ended (a queue refusal sends its piece back to wait)."""
         for piece in state.by_state("submitted"):
             assert piece.batch_id is not None
-            summary = summarize(self.hook.get_batch(piece.batch_id))
+            batch = self.hook.get_batch(piece.batch_id)
+            summary = summarize(batch)
             if not is_terminal(summary["status"]):
                 continue
             tags = metrics.tags_from_context(context, model=summary["model"], endpoint=self.endpoint)
-            metrics.batch_ended(summary["status"], tags)
+            metrics.batch_ended_from_object(batch, tags)
             refusal = queue_refusal(summary)
             if refusal is not None:
                 metrics.queue_refused(tags)
@@ -865,10 +880,11 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             path.looked[key] = looked
         self._save(folder, state)
         created, failure = self._create(path, [(work, key, file_id) for _, work, key, file_id in wave])
-        tags = metrics.tags_from_context(context, model=state.model, endpoint=self.endpoint)
         for (piece, _, key, _), batch in zip(wave, created, strict=False):
             self._record(path, piece, key, batch)
-            metrics.batch_created(tags)
+            model = state.model or getattr(batch, "model", None)
+            metrics.batch_created(metrics.tags_from_context(context, model=model, endpoint=self.endpoint))
+        tags = metrics.tags_from_context(context, model=state.model, endpoint=self.endpoint)
         for piece, _, _, _ in wave[len(created) :]:
             piece.state = "waiting"  # not sent: the wave stopped before it
         self._save(folder, state)
@@ -958,7 +974,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                     progress=scheduler.progress_snapshot(state, self._spent_text(folder, state)),
                 ),
                 method_name="execute_complete",
-                timeout=timedelta(seconds=max(0.0, until - time.time()) + 2 * self.poll_interval) + DEFER_BACKSTOP,
+                timeout=defer_timeout(until, self.poll_interval),
             )
         self._running, self._running_ti = running, context.get("ti")
         policy = PollPolicy(self.poll_interval, self.max_poll_interval, self.max_poll_failures, jitter_first_poll=False)
@@ -995,7 +1011,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                     jitter_first_poll=False,
                 ),
                 method_name="execute_complete",
-                timeout=timedelta(seconds=max(0.0, moment - time.time())) + DEFER_BACKSTOP,
+                timeout=defer_timeout(moment, 0.0),  # nothing is polled meanwhile
             )
         time.sleep(max(0.0, moment - time.time()))
 
