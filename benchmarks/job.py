@@ -98,6 +98,7 @@ def main() -> None:
             "own_wall": own,
             "waiting_wall": waiting,
             "extra_rss": peak.extra,
+            "peak_rss": peak.peak,
             "api_calls": calls(args.stats_url) - calls_before,
             "triggers": len(triggers),
             "batches_per_trigger": [len(t.batch_ids) for t in triggers],
