@@ -87,7 +87,7 @@ with DAG(
         destination=str(HOME / "labels-{{ ds }}.parquet"),
         model=MODEL,
         system_prompt="Label the review's sentiment, score it from 1 (worst) to 5, and say if it needs a reply.",
-        request_params={"max_completion_tokens": 100},
+        max_tokens=100,  # max_completion_tokens on chat completions
         output_schema=ReviewLabel,
         poll_interval=POLL_SECONDS,
         deferrable=True,
