@@ -22,7 +22,7 @@ import re
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -922,16 +922,17 @@ def is_retryable(row: JoinedRow) -> bool:
     return (isinstance(code, int) and is_transient_status(code)) or kind in RETRYABLE_ERROR_CODES
 
 
-def write_retry_input(joined: Source, destination: Destination) -> int:
+def write_retry_input(joined: Source, destination: Destination, also: Collection[str] = ()) -> int:
     """
-    A batch input file of the requests in ``joined`` (a joined JSONL) that are worth sending again;
-    returns how many. Nothing is written when there is nothing to retry.
+    A batch input file of the requests in ``joined`` (a joined JSONL) that are worth sending again, and those whose
+    status is in ``also`` (typed statuses a user chose to resend, e.g. ``truncated``); returns how many. Nothing is
+    written when there is nothing to retry.
     """
     decoder = msgspec.json.Decoder(JoinedRow)
     lines = (
         _encoder.encode({"custom_id": r.custom_id, "method": "POST", "url": r.url, "body": r.request}) + b"\n"
         for r in map(decoder.decode, iter_lines(joined))
-        if is_retryable(r)
+        if is_retryable(r) or r.status in also
     )
     first = next(lines, None)
     if first is None:

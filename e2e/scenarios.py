@@ -9,6 +9,7 @@ killed and how long it took, and writes its evidence (timings, log excerpts) to 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from airflow_provider_openai_batch.scheduler import LEARNED_BUDGET_SHARE
 from airflow_provider_openai_batch.testing.tokens import request_tokens
 from e2e.deployment import TRIGGERERS, WORKERS, Deployment, iter_log_lines, parent_of, wait_until
 from e2e.fakes import Pause, ScenarioServer
@@ -29,10 +31,11 @@ SHARDED_REQUESTS = 60_000
 #: Requests in the download scenario's input: an output file of tens of MB, streamed slowly.
 BIG_REQUESTS = 20_000
 ENDPOINT = "/v1/chat/completions"
-#: The one-task job's input: JOB_REQUESTS requests in shards of JOB_SHARD_REQUESTS (4 batches in round 1); the
-#: requests in JOB_TRANSIENT fail once, for a reason worth another try, and go again in round 2: each shard's own
+#: The one-task job's input: JOB_REQUESTS requests in shards of JOB_SHARD_REQUESTS (11 batches in round 1), about ten
+#: times what the account's queue holds (one shard, within the 90 % of its limit the job keeps once it learned it);
+#: the requests in JOB_TRANSIENT fail once, for a reason worth another try, and go again in round 2: each shard's own
 #: transient failures as a piece of its own, as soon as that shard's batch ended (4 batches).
-JOB_REQUESTS = 12
+JOB_REQUESTS = 33
 JOB_SHARD_REQUESTS = 3
 JOB_TRANSIENT: dict[int, dict[str, Any]] = {
     1: {"status_code": 500, "type": "server_error", "code": "server_error", "times": 1},
@@ -603,9 +606,10 @@ def _job_input(path: Path, nonce: int) -> list[str]:
 
 def s7_one_task_job(h: Harness, out: Outcome) -> None:
     """
-    The one-task job (``@task.openai_batch``) over 4 shards with a second round, its worker killed (kill -9, the
-    whole worker) at a step drawn at random: the retry ends with exactly one batch per shard per round and the
-    complete joined result in input order. ``E2E_SEED`` replays a draw; ``E2E_JOB_STEP`` picks the step.
+    The one-task job (``@task.openai_batch``) over 10 shards, ten times what the account's queue holds, with a
+    second round, its worker killed (kill -9, the whole worker) at a step drawn at random: the retry ends with
+    exactly one admitted batch per shard per round, the queue never over its limit, and the complete joined result
+    in input order. ``E2E_SEED`` replays a draw; ``E2E_JOB_STEP`` picks the step.
     """
     fake, d = h.fakes[7], h.deployment
     dag_id = "e2e_one_task_job"
@@ -628,14 +632,16 @@ def s7_one_task_job(h: Harness, out: Outcome) -> None:
     print(f"e2e: scenario 7: seed {seed}, kill step {step.name} ({where})", flush=True)
     out.evidence.update({"seed": seed, "step": step.name, "call": f"{step.route} #{number}", "where": where})
     fake.server.state.failures.clear()  # each run's transient requests fail once (the fake counts per custom id)
-    # The account's queue for the model holds two shards' tokens (the fake's own count, CONTRACT A1): the job is
-    # refused at first, learns the limit and schedules within it (no budget is declared in the DAG).
+    # The account's queue for the model holds one shard's tokens (the fake's own count, CONTRACT A1), so that the
+    # share of it the job keeps once learned still holds the largest shard: the job is refused at first, learns the
+    # limit and schedules within it, a shard at a time (no budget is declared in the DAG).
     lines = [json.loads(line) for line in h.job_input.read_text().splitlines()]
     shard_tokens = max(
         sum(request_tokens(ENDPOINT, line["body"]) for line in lines[i : i + JOB_SHARD_REQUESTS])
         for i in range(0, len(lines), JOB_SHARD_REQUESTS)
     )
-    fake.server.state.queue_limits = {"gpt-4o-mini": 2 * shard_tokens}
+    limit = math.ceil(shard_tokens / LEARNED_BUDGET_SHARE) + 1
+    fake.server.state.queue_limits = {"gpt-4o-mini": limit}
     earlier = {b["id"] for b in fake.batches()}
     earlier_uploads = set(fake.uploads())
     fake.controls.pause_at(Pause(step.route, number, step.acted, step.client))
@@ -688,6 +694,9 @@ def s7_one_task_job(h: Harness, out: Outcome) -> None:
         "the fake holds a batch the job did not end with",
     )
     check(result["counts"]["succeeded"] == JOB_REQUESTS, f"counts {result['counts']}")
+    peak = fake.server.state.peak_enqueued("gpt-4o-mini")
+    out.evidence["peak_enqueued"] = peak
+    check(0 < peak <= limit, f"the account's queue held {peak} tokens, over its limit of {limit}")
     uploads = sorted(name for file_id, name in fake.uploads().items() if file_id not in earlier_uploads)
     out.evidence["uploads"] = uploads
     folder = Path(result["joined_uri"]).parent
@@ -703,7 +712,8 @@ def s7_one_task_job(h: Harness, out: Outcome) -> None:
     created_by = {n: sum(e.startswith("Created batch") for e in events) for n, events in tries.items()}
     out.notes.append(
         f"{len(batches)} batches = {first} shards in round 1 + {second} in round 2, one per (round, piece) key, "
-        f"within a queue of two shards ({out.evidence['queue_refusals']} refused, not charged) "
+        f"through a queue of one shard ({out.evidence['queue_refusals']} refused, not charged; "
+        f"at most {peak} of {limit} tokens enqueued) "
         f"({len(uploads)} input files uploaded); "
         f"batches created per try (task log) {created_by}; "
         f"try {final['try_number']} on {final['hostname']} finished the job; joined {len(joined)} rows in input "

@@ -130,3 +130,25 @@ def test_prompt_rows_after_xcom_and_max_tokens(fake, tmp_path, endpoint):
     assert [r["custom_id"] for r in joined] == ["review-1", "review-2", "prompt-000002"]
     field = "max_completion_tokens" if endpoint.endswith("/chat/completions") else "max_output_tokens"
     assert all(r["request"][field] == 60 and "max_tokens" not in r["request"] for r in joined)
+
+
+@pytest.mark.parametrize("resend", [(), ("truncated", "invalid_output")], ids=["default", "resend"])
+def test_invalid_and_truncated_rows_are_resent_only_when_asked(fake, tmp_path, resend):
+    """By default a row that came back unusable is kept as it is; ``resend_statuses`` sends it once more."""
+    source = [request_line(0), request_line(1, fake_output="invalid"), request_line(2, fake_output="truncated")]
+    sent: list[str] = []
+    result = Driver(
+        lambda: job(tmp_path, source, output_schema=ReviewLabel, resend_statuses=resend), f"r-{uuid.uuid4()}", None
+    ).attempt()
+    for batch in fake.state.batches.values():
+        sent.extend(cid for cid, _ in batch.requests)
+    assert result is not None
+    assert sorted(sent) == (["req-0", "req-1", "req-1", "req-2", "req-2"] if resend else ["req-0", "req-1", "req-2"])
+    assert result["rounds"] == (2 if resend else 1)
+    by_id = {r["custom_id"]: r for r in rows(tmp_path)}
+    assert (by_id["req-1"]["status"], by_id["req-2"]["status"]) == ("invalid_output", "truncated")
+
+
+def test_resend_statuses_are_checked_when_the_dag_is_parsed(tmp_path):
+    with pytest.raises(ValueError, match="resend_statuses may hold"):
+        job(tmp_path, [request_line(0)], output_schema=ReviewLabel, resend_statuses=("failed",))

@@ -116,6 +116,8 @@ from airflow_provider_openai_batch.triggers.job import (
 from airflow_provider_openai_batch.uploads import upload_once
 
 REQUEST_STATUSES = ("succeeded", "failed", "expired", "cancelled", "missing")
+#: Typed statuses a user may choose to send again (``resend_statuses``).
+RESENDABLE_STATUSES = ("invalid_output", "truncated", "refused")
 #: The file request dicts (and prompts) are written to before the job validates and shards them.
 _WRITTEN_REQUESTS = "requests-of-the-task.jsonl"
 
@@ -194,6 +196,9 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         ``text.format``; a request that sets another is refused naming its line), and each succeeded row is parsed
         and validated into ``output`` with the finer statuses ``invalid_output``, ``refused`` and ``truncated``
         (docs/typed-results.md). A ``.parquet`` destination gets one typed column per field.
+    :param resend_statuses: Typed statuses whose requests are sent again like transient failures, while
+        ``max_rounds`` allows: any of ``"invalid_output"``, ``"truncated"``, ``"refused"``. Default none: they would
+        likely come back the same way (raise the output cap before resending ``truncated``).
     :param extract: Without a schema, still give each row ``output``: the text of chat / responses / completions,
         the vector of embeddings, flagged and categories of moderations.
     :param model: With prompts as the source (strings, message lists, ``(key, prompt)`` pairs, as lists too after
@@ -252,6 +257,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         max_unrun_ratio: float | None = None,
         price_table: dict[str, dict[str, float]] | None = None,
         output_schema: Any = None,
+        resend_statuses: Collection[str] = (),
         extract: bool = False,
         model: str | None = None,
         system_prompt: str | None = None,
@@ -321,6 +327,14 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             if str(destination).endswith(".parquet"):
                 parquet_columns(make_output_schema(output_schema))  # field names the typed columns reserve
         self.output_schema = output_schema
+        unknown = set(resend_statuses) - set(RESENDABLE_STATUSES)
+        if unknown:
+            raise ValueError(
+                f"resend_statuses may hold {', '.join(RESENDABLE_STATUSES)}; got {', '.join(sorted(unknown))}"
+            )
+        if resend_statuses and output_schema is None and not extract:
+            raise ValueError("resend_statuses needs output_schema= or extract=True: without them no row has those")
+        self.resend_statuses = tuple(resend_statuses)
         self.extract = extract
         self.model = model
         self.system_prompt = system_prompt
@@ -751,14 +765,20 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         piece.state, piece.summary = "done", summary
         state.model = state.model or summary.get("model")
         counts = summary["request_counts"]
-        whole = ended_clean(summary) and counts["completed"] >= piece.requests  # type: ignore[arg-type]
+        # Nothing to resend when every request ran and none of them has a status the user asked to resend (which
+        # only the joined rows tell).
+        whole = (
+            ended_clean(summary)  # type: ignore[arg-type]
+            and counts["completed"] >= piece.requests
+            and not self.resend_statuses
+        )
         if piece.gen > 0 or (not whole and piece.gen + 1 < self.max_rounds):
             results = [p for p in (folder.output(piece), folder.error(piece)) if p.exists()]
             write_joined(iter_joined([folder.input(piece)], results, **self._typed()), folder.joined(piece))
         if whole or piece.gen + 1 >= self.max_rounds:
             return
         retry = Piece(piece.gen + 1, piece.part, 0, 0, "", 0)
-        sent = write_retry_input(folder.joined(piece), folder.input(retry))
+        sent = write_retry_input(folder.joined(piece), folder.input(retry), also=self.resend_statuses)
         if not sent:
             return
         stats = _file_stats(folder.input(retry))
