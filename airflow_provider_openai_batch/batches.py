@@ -405,6 +405,9 @@ class CreatePath:
         """
         made: list[tuple[Batch, str]] = []
         failure: OpenAIBatchAPIError | None = None
+        # The client is built (the connection read) before the window: reading a connection logs on some Airflow
+        # versions (3.0: "Connection Retrieved"), which must not fall between a create and its settle.
+        self.hook.get_conn()
         held = HeldLog()
         try:
             with held:

@@ -290,7 +290,7 @@ def test_a_deadline_without_cancelling_fails_the_try_and_the_retry_waits_for_the
 
         try:
             return await asyncio.wait_for(first(), seconds)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             return None
 
     assert asyncio.run(first_event_within(1.0)) is None, "the retry gave up at once on the same deadline"
