@@ -5,8 +5,9 @@ OpenAI limits the input tokens a model may have *enqueued* per organization (bat
 does not fit is accepted, then fails at the end of validation with ``token_limit_exceeded`` (``batch_status``
 reads it). So the job keeps its pieces' estimated tokens in flight within a budget: the one the user declares
 (``max_enqueued_tokens``), else the ``Limit: N`` OpenAI names in the first refusal, kept for the job. A refused piece
-waits for capacity with a backoff and is sent again with a new key; it never uses up a resubmission round. Pure
-decisions over ``job_state.JobState``: no I/O here.
+waits for capacity (with a backoff when it was refused although the budget said it fits: others share the queue)
+and is sent again with a new key; it never uses up a resubmission round. Pure decisions over ``job_state.JobState``
+and the progress line a person reads: no I/O here.
 """
 
 from __future__ import annotations
