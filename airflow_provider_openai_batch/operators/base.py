@@ -176,6 +176,16 @@ class OpenAIBatchBaseOperator(BaseOperator):
             except OpenAIBatchAPIError as error:
                 self.log.warning("Could not cancel batch %s on kill: %s", batch_id, error)
 
+    def report_estimate(self, context: Mapping[str, Any], estimated: Mapping[str, Any], endpoint: str) -> None:
+        """An estimate (``estimate.Estimate``) as the task log's table and, when priced, the estimated-cost metric."""
+        from airflow_provider_openai_batch.estimate import render_estimate
+
+        self.log.info("Estimate:\n%s", render_estimate(estimated))  # type: ignore[arg-type]
+        if estimated["cost"] is not None:
+            cost_range = estimated["cost"]
+            tags = metrics.tags_from_context(context, model=estimated["model"], endpoint=endpoint)
+            metrics.estimated_cost(cost_range["low"], cost_range["high"], cost_range["currency"], tags)
+
     def push_batch_id(self, context: Mapping[str, Any], batch_id: str) -> None:
         """
         First thing once a batch id is known: the id, and what the extra link needs to name the batch's page

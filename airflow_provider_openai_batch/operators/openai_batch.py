@@ -142,15 +142,7 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
         if self.estimate_only:
             return self._dry_run(context)
         with tempfile.TemporaryDirectory(prefix="openai-batch-upload-") as folder:
-            source: Source = self.source
-            name = self.filename or (
-                f"{context['ti'].task_id}.jsonl" if isinstance(source, (list, tuple)) else source_name(source)
-            )
-            if isinstance(source, (list, tuple)):
-                path = Path(folder) / "requests.jsonl"
-                with path.open("wb") as out:
-                    out.writelines(encode_requests(self.source))
-                source = path
+            source, name = self._source_file(context, Path(folder))
             origin = [] if isinstance(self.source, (list, tuple)) else [("storage", str(self.source))]
             if self.sharding == "never" or not self._too_big(source):
                 file_id = self._upload(source, name)
@@ -169,19 +161,23 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
             self.record_lineage(origin, [("files", file_id) for file_id in ids])
             return ids if len(ids) > 1 or self.sharding == "always" else ids[0]
 
+    def _source_file(self, context: Mapping[str, Any], folder: Path) -> tuple[Source, str]:
+        """The source as a file to read (request dicts written into ``folder``) and the name it has at OpenAI."""
+        if not isinstance(self.source, (list, tuple)):
+            return self.source, self.filename or source_name(self.source)
+        path = folder / "requests.jsonl"
+        with path.open("wb") as out:
+            out.writelines(encode_requests(self.source))
+        return path, self.filename or f"{context['ti'].task_id}.jsonl"
+
     def _dry_run(self, context: Mapping[str, Any]) -> Mapping[str, Any]:
         """Validate, shard and estimate as ``execute`` would (an ``estimate.Estimate``); nothing is uploaded."""
-        from airflow_provider_openai_batch.estimate import estimate_file, render_estimate
+        from airflow_provider_openai_batch.estimate import estimate_file
 
         with tempfile.TemporaryDirectory(prefix="openai-batch-dry-run-") as folder:
-            source: Source = self.source
-            name = None
-            if isinstance(source, (list, tuple)):  # named as the upload would name the file at OpenAI
-                name = self.filename or f"{context['ti'].task_id}.jsonl"
-                path = Path(folder) / "requests.jsonl"
-                with path.open("wb") as out:
-                    out.writelines(encode_requests(self.source))
-                source = path
+            source, upload_name = self._source_file(context, Path(folder))
+            # A file is named as it is; request dicts as the upload would name their file at OpenAI.
+            name = upload_name if isinstance(self.source, (list, tuple)) else None
             limits = self.limits
             if self.sharding == "never":  # one file, held to OpenAI's limits as the upload holds it
                 validate_batch_file(
@@ -201,11 +197,7 @@ class OpenAIBatchUploadOperator(OpenAIBatchBaseOperator):
                 allowed_endpoints=self.allowed_endpoints,
                 name=name,
             )
-        self.log.info("Estimate:\n%s", render_estimate(estimated))
-        if estimated["cost"] is not None:
-            cost_range = estimated["cost"]
-            tags = metrics.tags_from_context(context, model=estimated["model"], endpoint=self.endpoint)
-            metrics.estimated_cost(cost_range["low"], cost_range["high"], cost_range["currency"], tags)
+        self.report_estimate(context, estimated, self.endpoint)
         self.log.info("Dry run: nothing was sent")
         return estimated
 
