@@ -432,6 +432,15 @@ def read_queue_refusal(message: str, model: str | None = None) -> QueueRefusal:
     return QueueRefusal(message, None, "tokens", model)
 
 
+def failed_as_a_whole(summary: BatchSummary) -> bool:
+    """
+    The batch ran nothing because OpenAI refused all of it (its input, at validation): no request result to
+    collect, and sending it again as it is would fail the same way. A queue refusal is this too; ask
+    ``queue_refusal`` first, it is the one that waits and goes again.
+    """
+    return summary["status"] == "failed"
+
+
 def queue_refusal(summary: BatchSummary) -> QueueRefusal | None:
     """The refusal when ``summary`` is a batch that failed for the queue (``token_limit_exceeded``), else ``None``."""
     if summary["status"] != "failed":

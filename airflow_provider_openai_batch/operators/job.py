@@ -49,6 +49,7 @@ from airflow_provider_openai_batch.batch_status import (
     cost_verdict,
     ended_clean,
     evaluate_job,
+    failed_as_a_whole,
     is_queue_refusal_code,
     is_terminal,
     queue_refusal,
@@ -57,7 +58,7 @@ from airflow_provider_openai_batch.batch_status import (
     summarize,
 )
 from airflow_provider_openai_batch.batches import REUSE_MODES, BatchWork, CreatePath, ReuseMode, SiblingLook
-from airflow_provider_openai_batch.estimate import Estimate, estimate_file, render_estimate
+from airflow_provider_openai_batch.estimate import Estimate, estimate_file
 from airflow_provider_openai_batch.exceptions import (
     BatchFailedError,
     BatchInputError,
@@ -518,11 +519,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             completion_window=self.completion_window,
             name=self.source_label() if written else None,
         )
-        self.log.info("Estimate:\n%s", render_estimate(estimated))
-        if estimated["cost"] is not None:
-            cost_range = estimated["cost"]
-            tags = metrics.tags_from_context(context, model=estimated["model"], endpoint=self.endpoint)
-            metrics.estimated_cost(cost_range["low"], cost_range["high"], cost_range["currency"], tags)
+        self.report_estimate(context, estimated, self.endpoint)
         return estimated
 
     def _dry_run(self, context: Mapping[str, Any]) -> Estimate:
@@ -729,7 +726,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                 self._refused(folder, state, piece, refusal.message, summary["model"])
                 self._save(folder, state)
                 continue
-            if summary["status"] == "failed":
+            if failed_as_a_whole(summary):
                 self._save(folder, state)
                 errors = "; ".join(f"[{e.get('code')}] {e.get('message')}" for e in summary["errors"][:5])
                 raise BatchFailedError(
