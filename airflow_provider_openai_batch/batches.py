@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -275,6 +275,8 @@ class CreatePath:
         self.context = context
         self.identity = task_identity(context)
         self.first = first_try(context, retries)
+        try_number = getattr(context.get("ti"), "try_number", None)
+        self.try_number = try_number if isinstance(try_number, int) else None
         self.policy = policy
         self.reuse = reuse
         self.lookback = lookback
@@ -294,7 +296,7 @@ class CreatePath:
         return idempotency_key(self.identity, *work.key_parts())
 
     def metadata(self, work: BatchWork, key: str) -> dict[str, str]:
-        return build_metadata(work.metadata, key, self.first)
+        return build_metadata(work.metadata, key, self.first, self.try_number)
 
     # --- the state store record: {"batches": {key: {"batch_id", "first_try"}}} -------------------------------
 
@@ -393,7 +395,10 @@ class CreatePath:
         return created[0]
 
     def create_many(
-        self, wave: list[tuple[BatchWork, str, str | None]]
+        self,
+        wave: list[tuple[BatchWork, str, str | None]],
+        *,
+        no_later_try: Callable[[], bool] | None = None,
     ) -> tuple[list[Batch], OpenAIBatchAPIError | None]:
         """
         Create a wave of batches (``(work, key, input file id)`` each, each once) and settle them together: one pause
@@ -402,6 +407,12 @@ class CreatePath:
         the SDK and the settle have to say is held (``idempotency.HeldLog``) and said after. A create that fails
         stops the wave: the batches created before it are settled and returned with the error, which the caller
         raises (or handles, a queue refusal) once it has recorded the ones made.
+
+        ``no_later_try``, asked right after the creates, says from the caller's own record that no later try of
+        this task instance has begun (the job's work folder still names this try). When it does and this try is
+        the first of its run of tries (``sole_try``), the settle is skipped: no earlier try of the run exists, and
+        a later one begins looking only after our creates, so each of its batches is younger than ours or, in the
+        same second, loses the tie to the earlier try (``surviving_batch``); its own settle cancels it.
         """
         made: list[tuple[Batch, str]] = []
         failure: OpenAIBatchAPIError | None = None
@@ -417,10 +428,21 @@ class CreatePath:
                     except OpenAIBatchAPIError as error:
                         failure = error
                         break
-                survivors = self.settle_many(made, held) if made else []
+                if made and no_later_try is not None and self.sole_try and no_later_try():
+                    say = held.speaker(self.log)
+                    for own, _ in made:
+                        say.info("Created batch %s for %s", own.id, own.input_file_id)
+                    survivors = [own for own, _ in made]
+                else:
+                    survivors = self.settle_many(made, held) if made else []
         finally:
             held.release()
         return survivors, failure
+
+    @property
+    def sole_try(self) -> bool:
+        """Whether this try is the first of its run of tries: no earlier try of the run can be creating."""
+        return self.first is not None and self.try_number == self.first
 
     def _send(self, work: BatchWork, key: str, input_file_id: str | None, held: HeldLog) -> Batch:
         file_id = input_file_id or work.input_file_id

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -34,7 +35,10 @@ log = logging.getLogger(__name__)
 IDEMPOTENCY_METADATA_KEY = "airflow_idempotency_key"
 #: The first try number of the run of tries that created the batch (see ``first_try``).
 FIRST_TRY_METADATA_KEY = "airflow_first_try"
-RESERVED_METADATA_KEYS = (IDEMPOTENCY_METADATA_KEY, FIRST_TRY_METADATA_KEY)
+#: The try number that created the batch: of racers created in the same second, the earlier try's wins
+#: (``surviving_batch``), so a try that knows no later try has begun looking needs no settle for them.
+TRY_METADATA_KEY = "airflow_try"
+RESERVED_METADATA_KEYS = (IDEMPOTENCY_METADATA_KEY, FIRST_TRY_METADATA_KEY, TRY_METADATA_KEY)
 STATE_STORE_KEY = "openai_batch_create"
 MAX_METADATA_KEYS = 16
 #: ``[openai_batch] deployment_salt`` (env ``AIRFLOW__OPENAI_BATCH__DEPLOYMENT_SALT``) names this deployment in
@@ -199,11 +203,13 @@ def scan_start(context: Mapping[str, Any], fallback: timedelta = DEFAULT_LOOKBAC
     return started - CLOCK_SKEW.total_seconds()
 
 
-def build_metadata(user_metadata: Mapping[str, Any] | None, key: str, first: int | None = None) -> dict[str, str]:
+def build_metadata(
+    user_metadata: Mapping[str, Any] | None, key: str, first: int | None = None, try_number: int | None = None
+) -> dict[str, str]:
     """
-    The user's metadata plus our key (and the first try number, when known), checked against OpenAI's limits
-    before anything is sent (16 keys, 64-character keys, 512-character string values), with an error that names
-    the field.
+    The user's metadata plus our key (and the first try and this try's number, when known), checked against
+    OpenAI's limits before anything is sent (16 keys, 64-character keys, 512-character string values), with an
+    error that names the field.
     """
     metadata = dict(user_metadata or {})
     issues: list[InputIssue] = []
@@ -231,6 +237,8 @@ def build_metadata(user_metadata: Mapping[str, Any] | None, key: str, first: int
     metadata[IDEMPOTENCY_METADATA_KEY] = key
     if first is not None:
         metadata[FIRST_TRY_METADATA_KEY] = str(first)
+    if try_number is not None:
+        metadata[TRY_METADATA_KEY] = str(try_number)
     return metadata
 
 
@@ -369,7 +377,8 @@ def surviving_batch(own: B, batches: Iterable[B], key: str, since: float, first:
     this try started looking for an earlier batch (epoch seconds). Contenders are ``own`` and the batches with
     the same idempotency key (and, when known, the same first try: a re-run after a clear races nobody) that were
     created after ``since`` (less ``RACE_SKEW``) and are not dead or being
-    cancelled. The oldest wins (``created_at``, ties broken by id), so every try computes the same winner:
+    cancelled. The oldest wins (``created_at``; in the same second the earlier try's, by ``airflow_try``; then the
+    id), so every try computes the same winner:
     a race needs each try's lookup to run before the other's create, so each try's listing holds every older
     racer, provided it lists after the second of its own ``created_at`` has passed (``SETTLE_PAUSE``), which also
     shows it every racer created in the same second. Batches of tries that ended before this one started are
@@ -385,4 +394,12 @@ def surviving_batch(own: B, batches: Iterable[B], key: str, since: float, first:
             continue
         if batch.created_at >= cutoff and can_survive_a_race(batch.status):
             contenders.append(batch)
-    return min(contenders, key=lambda batch: (batch.created_at, batch.id))
+    return min(contenders, key=lambda batch: (batch.created_at, _try_of(batch), batch.id))
+
+
+def _try_of(batch: Any) -> int:
+    """The try that created ``batch`` (``airflow_try``); a batch that does not say sorts after those that do."""
+    try:
+        return int((getattr(batch, "metadata", None) or {}).get(TRY_METADATA_KEY))
+    except (TypeError, ValueError):
+        return sys.maxsize

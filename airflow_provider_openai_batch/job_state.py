@@ -6,7 +6,7 @@ another worker continues from it. Its layout is a format that in-flight jobs dep
 it is versioned (``FORMAT``); a folder of another format is never read as this one.
 
 ```
-<work>/state.json                 {"format": 2, "pieces": [...], "budget": ..., "started": ...}  (written atomically)
+<work>/state.json                 {"format": 3, "pieces": [...], "budget": ..., "started": ...}  (written atomically)
 <work>/gen-<g>/input-<part>.jsonl  a piece's requests (generation 0: the shards of the input; g > 0: resubmissions)
 <work>/gen-<g>/output-<part>.jsonl, error-<part>.jsonl   its batch's result files, once it ended
 <work>/gen-<g>/joined-<part>.jsonl  its requests joined to its results (when a later generation needs them)
@@ -14,7 +14,8 @@ it is versioned (``FORMAT``); a folder of another format is never read as this o
 ```
 
 A piece moves ``waiting`` (for queue capacity, or its backoff after a queue refusal) → ``creating`` (the create is
-being sent: a later try looks for its batch before sending again) → ``submitted`` → ``done`` (results downloaded).
+being sent: a later try looks for its batch before sending again) → ``submitted`` → ``ended`` (its batch ended; it
+no longer holds queue capacity, its results are not downloaded yet) → ``done`` (results downloaded).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from typing import Any, Literal
 
 from airflow_provider_openai_batch.storage import atomic_writer
 
-FORMAT = 2
-PieceState = Literal["waiting", "creating", "submitted", "done"]
+FORMAT = 3
+#: Formats this version reads: format 2 is format 3 without the ``ended`` state.
+READS_FORMATS = (2, 3)
+PieceState = Literal["waiting", "creating", "submitted", "ended", "done"]
 
 
 @dataclass
@@ -61,7 +64,7 @@ class Piece:
     #: Its batch passed the job's deadline for it: cancelled (its output kept), or left running for a retry to
     #: collect (``cancel_on_timeout=False``); either way its deadline is not acted on again.
     deadline_passed: bool = False
-    #: The batch summary once the piece is done.
+    #: The batch summary once its batch ended.
     summary: dict[str, Any] | None = None
 
     @property
@@ -168,7 +171,7 @@ class JobWorkFolder:
         if not self.state_file.exists():
             return None
         value = json.loads(self.state_file.read_bytes())
-        if not isinstance(value, dict) or value.get("format") != FORMAT:
+        if not isinstance(value, dict) or value.get("format") not in READS_FORMATS:
             found = value.get("format") if isinstance(value, dict) else "?"
             raise ValueError(
                 f"{self.root} holds a job work folder of format {found}, not {FORMAT}: it was written by another "

@@ -24,7 +24,7 @@ REQUESTS = 1_000_000
 class _TaskInstance:
     """What the job reads of Airflow's task instance: its identity (for idempotency keys), and XCom for links."""
 
-    dag_id, task_id, run_id, map_index, try_number = "bench", "job", "bench-run", -1, 1
+    dag_id, task_id, run_id, map_index, try_number, max_tries = "bench", "job", "bench-run", -1, 1, 0
 
     def xcom_push(self, key: str, value: Any) -> None:
         pass

@@ -193,3 +193,13 @@ def test_a_failed_duplicate_check_keeps_the_batch_and_the_try(server, conn_id, m
     batch_id = op.execute({"ti": FakeTI(run_id=f"scheduled__{uuid.uuid4()}")})
     assert list(server.state.batches) == [batch_id]
     assert server.state.status(server.state.batches[batch_id]) != "cancelling"
+
+
+def test_in_the_same_second_the_earlier_trys_batch_wins_whatever_the_ids():
+    """A first try that skipped its settle (the job: no later try had begun) must win a same-second tie."""
+    from airflow_provider_openai_batch.idempotency import TRY_METADATA_KEY
+
+    first_try, retry = batch("batch_z", 1000), batch("batch_a", 1000)
+    first_try.metadata[TRY_METADATA_KEY], retry.metadata[TRY_METADATA_KEY] = "1", "2"
+    for own in (first_try, retry):
+        assert surviving_batch(own, [retry, first_try], KEY, since=990) is first_try

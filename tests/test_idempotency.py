@@ -250,7 +250,7 @@ def test_metadata_limits_are_checked_before_sending(shared_server, input_file_id
         metadata={f"k{i}": "v" for i in range(16)},
     )
     before = shared_server.count("batches.create")
-    with pytest.raises(ValueError, match="16 keys; at most 14"):
+    with pytest.raises(ValueError, match="16 keys; at most 13"):
         op.execute({"ti": FakeTI("r")})
     op.metadata = {"note": "x" * 513}
     with pytest.raises(ValueError, match="field 'note': 513 characters"):

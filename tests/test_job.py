@@ -154,10 +154,12 @@ def inject(op: OpenAIBatchJobOperator, point: str | None) -> None:
         after("_record")
     elif point == "after_download":
         after("_take_in")
+    elif point == "after_ended":
+        after("_collect")  # the ended batches are recorded as ended, their results not yet taken in
     elif point == "after_join":
-        after("_collect")
+        after("_take_in_ended")
     elif point == "round_2_create":
-        after("_create", lambda path, wave: any(":gen=1:" in str(work.input_identity) for work, _, _ in wave))
+        after("_create", lambda path, folder, wave: any(":gen=1:" in str(w.input_identity) for w, _, _ in wave))
     elif point == "before_write":
 
         def finish_crash(*args: Any, **kwargs: Any) -> Any:
@@ -287,6 +289,7 @@ POINTS = (
     "after_record",
     "deferred",
     "after_download",
+    "after_ended",
     "after_join",
     "round_2_create",
     "before_write",

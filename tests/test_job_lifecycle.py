@@ -379,3 +379,70 @@ def test_a_batch_that_failed_for_its_input_fails_the_job_with_openais_errors(job
     job_server.script_batches("fail")
     with pytest.raises(BatchFailedError, match=r"failed as a whole: \[\w+\]"):
         Driver(lambda: job(tmp_path, [request_line(0)]), f"r-{uuid.uuid4()}", None).attempt()
+
+
+def test_a_first_try_creates_without_the_settle_and_a_retry_settles(job_server, tmp_path, monkeypatch):
+    """
+    The settle (a pause, then a listing) is for a try that may have a racer that wins. A first try whose work folder
+    still names it right after its creates has none: no earlier try exists, and a later one begins looking after
+    those creates. A retry may race the first try's orphan: it settles.
+    """
+    from airflow.providers.common.compat.sdk import TaskDeferred
+
+    from airflow_provider_openai_batch.batches import CreatePath
+
+    settled: list[int] = []
+    real_settle = CreatePath.settle_many
+
+    def counting(self: CreatePath, made: Any, held: Any = None) -> Any:
+        settled.append(self.try_number or 0)
+        return real_settle(self, made, held)
+
+    monkeypatch.setattr(CreatePath, "settle_many", counting)
+    rows = [request_line(i) for i in range(4)]
+    for try_number in (1, 2):
+        ti = TI(f"r-{uuid.uuid4()}", retries=1)
+        ti.task_id, ti.try_number = "job", try_number
+        with pytest.raises(TaskDeferred):
+            job(tmp_path / str(try_number), rows, max_requests_per_file=2, retries=1).execute({"ti": ti})
+    assert settled == [2], "the first try settled (or the retry did not)"
+
+
+def test_a_retry_that_misses_the_first_trys_unsettled_batches_keeps_one_per_piece(job_server, tmp_path):
+    """
+    The first try dies right after creating (unsettled: it had no racer that could win); the listing lags, so its
+    retry does not find those batches and creates its own. The retry's settle waits until its own batches are listed,
+    sees the first try's older ones there, and cancels its own: one live batch per piece.
+    """
+    from airflow_provider_openai_batch.idempotency import IDEMPOTENCY_METADATA_KEY
+    from tests.test_job import Crash
+
+    job_server.list_lag = 3.0
+    rows = [request_line(i) for i in range(4)]
+    run_id = f"r-{uuid.uuid4()}"
+    ti = TI(run_id, retries=1)
+    ti.task_id = "job"
+    first = job(tmp_path, rows, max_requests_per_file=2, retries=1)
+    real_create = first._create
+
+    def dies_after_creating(*args: Any, **kwargs: Any) -> Any:
+        real_create(*args, **kwargs)
+        raise Crash()
+
+    first._create = dies_after_creating  # type: ignore[method-assign]
+    before = set(job_server.state.batches)
+    with pytest.raises(Crash):
+        first.execute({"ti": ti})
+    ti.retry()
+    driver = Driver(lambda: job(tmp_path, rows, max_requests_per_file=2, retries=1), run_id, None)
+    driver.ti = ti
+    result = driver.attempt()
+    assert result is not None and result["counts"]["succeeded"] == 4
+    made = [b for batch_id, b in job_server.state.batches.items() if batch_id not in before]
+    live: dict[str, int] = {}
+    for stored in made:
+        if job_server.state.status(stored) != "cancelled":
+            key = (stored.metadata or {})[IDEMPOTENCY_METADATA_KEY]
+            live[key] = live.get(key, 0) + 1
+    assert len(made) == 4, "the retry's lookup was meant to miss the first try's batches (a lagging listing)"
+    assert sorted(live.values()) == [1, 1], f"live batches per piece: {live}"

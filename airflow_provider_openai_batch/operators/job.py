@@ -544,7 +544,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         assert self.price_table is not None
         usage = dict.fromkeys(USAGE_KEYS, 0)
         done = 0
-        for piece in state.by_state("done"):
+        for piece in [*state.by_state("ended"), *state.by_state("done")]:
             if (piece.summary or {}).get("status") == "not_sent":
                 continue
             for key, value in _piece_usage(folder, piece).items():
@@ -669,12 +669,17 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         while True:
             self._collect(context, folder, state)
             self._second_looks(path, folder, state)
+            # What now fits is sent before the results of what ended are downloaded: the queue's capacity is not
+            # left idle while a large output file comes down.
             if self._within_budget(folder, state):
                 self._cut_oversized(folder, state)
                 self._submit(context, path, folder, state)
+            resend = self._take_in_ended(folder, state)
             self._save(folder, state)
             if all(p.state == "done" for p in state.pieces):
                 return self._finish(context, folder, state)
+            if resend:
+                continue  # requests to send again: sent now when they fit, not after the next batch ends
             self.log.info(scheduler.progress_line(state, time.time(), self._spent_text(folder, state)))
             if not state.in_flight():
                 # Nothing runs and nothing may be sent yet (a backoff): sleep until it may.
@@ -711,7 +716,8 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         )
 
     def _collect(self, context: Mapping[str, Any], folder: JobWorkFolder, state: JobState) -> None:
-        """Read every submitted batch; take in those that ended (a queue refusal sends its piece back to wait)."""
+        """Read every submitted batch: one that ended is ``ended`` (its results are taken in after the next
+        creates, ``_take_in_ended``); a queue refusal sends its piece back to wait."""
         for piece in state.by_state("submitted"):
             assert piece.batch_id is not None
             batch = self.hook.get_batch(piece.batch_id)
@@ -733,8 +739,18 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
                     f"Batch {summary['batch_id']} ({piece.name}) failed as a whole: {errors or 'no error details'}",
                     summary,
                 )
-            self._take_in(folder, state, piece, dict(summary))
+            piece.state, piece.summary = "ended", dict(summary)
+            state.model = state.model or summary.get("model")
             self._save(folder, state)
+
+    def _take_in_ended(self, folder: JobWorkFolder, state: JobState) -> bool:
+        """Take in every ended piece (``_take_in``); whether that left requests to send again."""
+        waiting = len(state.by_state("waiting"))
+        for piece in state.by_state("ended"):
+            assert piece.summary is not None
+            self._take_in(folder, state, piece, piece.summary)
+            self._save(folder, state)
+        return len(state.by_state("waiting")) > waiting
 
     def _refused(self, folder: JobWorkFolder, state: JobState, piece: Piece, message: str, model: str | None) -> None:
         refusal = read_queue_refusal(message, model)
@@ -760,7 +776,6 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         if summary["error_file_id"]:
             self.hook.download_file(summary["error_file_id"], folder.error(piece), overwrite=True, keep_empty=False)
         piece.state, piece.summary = "done", summary
-        state.model = state.model or summary.get("model")
         counts = summary["request_counts"]
         # Nothing to resend when every request ran and none of them has a status the user asked to resend (which
         # only the joined rows tell).
@@ -805,12 +820,16 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         except OpenAIBatchAPIError as error:
             self.log.warning("Could not list batches to look again for duplicates (%s)", error)
             return
+        listed = {b.id: b for b in listing}
         for piece in due:
             piece.second_look_done = True
             if piece.looked_at is None or now - piece.looked_at > create_path.SIBLING_LOOK_WITHIN:
                 continue
             look = SiblingLook(path.key(self._work_of(piece)), path.first, piece.looked_at)
-            own = SimpleNamespace(id=piece.batch_id, created_at=int(piece.created_at or 0), status="in_progress")
+            # As listed (its metadata names the try that made it: the tie-break between same-second racers).
+            own = listed.get(str(piece.batch_id)) or SimpleNamespace(
+                id=piece.batch_id, created_at=int(piece.created_at or 0), status="in_progress", metadata=None
+            )
             survivor = look.survivor(own, listing)
             if survivor.id != piece.batch_id:
                 create_path.cancel_duplicate(self.hook, str(piece.batch_id), survivor.id, self.log)
@@ -896,7 +915,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             piece.state, piece.looked_at, piece.planned = "creating", looked, state.budget is not None
             path.looked[key] = looked
         self._save(folder, state)
-        created, failure = self._create(path, [(work, key, file_id) for _, work, key, file_id in wave])
+        created, failure = self._create(path, folder, [(work, key, file_id) for _, work, key, file_id in wave])
         for (piece, _, key, _), batch in zip(wave, created, strict=False):
             self._record(path, piece, key, batch)
             model = state.model or getattr(batch, "model", None)
@@ -927,10 +946,14 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         )
 
     def _create(
-        self, path: CreatePath, wave: list[tuple[BatchWork, str, str | None]]
+        self, path: CreatePath, folder: JobWorkFolder, wave: list[tuple[BatchWork, str, str | None]]
     ) -> tuple[list[Any], OpenAIBatchAPIError | None]:
-        """The one create path (``batches.CreatePath.create_many``): each batch once, the wave settled together."""
-        return path.create_many(wave)
+        """
+        The one create path (``batches.CreatePath.create_many``): each batch once, the wave settled together. The
+        work folder still naming this try right after the creates says that no later try has begun looking: the
+        first try of a run then skips the settle (no try can hold a batch that beats ours).
+        """
+        return path.create_many(wave, no_later_try=lambda: folder.owner() == self._owner)
 
     @staticmethod
     def _record(path: CreatePath, piece: Piece, key: str, batch: Any) -> None:
