@@ -164,7 +164,9 @@ def progress_snapshot(state: JobState, spent: str | None = None) -> ProgressSnap
     """The job's progress as its work folder says now; ``spent`` is the cost so far, rendered, when priced."""
     total = sum(p.requests for p in state.pieces if p.gen == 0)
     done = sum(
-        (p.summary or {}).get("request_counts", {}).get("completed", 0) for p in state.pieces if p.state in ("ended", "done")
+        (p.summary or {}).get("request_counts", {}).get("completed", 0)
+        for p in state.pieces
+        if p.state in ("ended", "done")
     )
     return ProgressSnapshot(
         total=total,
