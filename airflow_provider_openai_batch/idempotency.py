@@ -399,7 +399,8 @@ def surviving_batch(own: B, batches: Iterable[B], key: str, since: float, first:
 
 def _try_of(batch: Any) -> int:
     """The try that created ``batch`` (``airflow_try``); a batch that does not say sorts after those that do."""
+    value = (getattr(batch, "metadata", None) or {}).get(TRY_METADATA_KEY)
     try:
-        return int((getattr(batch, "metadata", None) or {}).get(TRY_METADATA_KEY))
+        return int(value) if value is not None else sys.maxsize
     except (TypeError, ValueError):
         return sys.maxsize
