@@ -149,7 +149,10 @@ class SiblingLook:
         return self.since - RACE_SKEW.total_seconds()
 
     def survivor(self, own: Any, listing: Iterable[Any]) -> Any:
-        """The batch that keeps running: ``own`` or an older live sibling (``idempotency.surviving_batch``)."""
+        """The batch that keeps running: ``own`` or an older live sibling (``idempotency.surviving_batch``). ``own``
+        is judged as listed when it is (its metadata names the try that made it, which breaks a same-second tie)."""
+        listing = list(listing)
+        own = next((batch for batch in listing if batch.id == own.id), own)
         return surviving_batch(own, listing, self.key, self.since, self.first)
 
 
