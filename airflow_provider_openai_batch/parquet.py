@@ -9,7 +9,8 @@ enums dictionary-encoded strings, a field that may be null is nullable; without 
 
 Rows arrive as typed JSONL lines (``custom_id, status, output, output_text, error, round``; :class:`Layout` says
 how to make them), a row group at a time: Arrow's JSON reader turns each group into columns in C++, in a thread of
-its own while the join makes the next group, so memory holds a group or two whatever the number of rows. This
+its own while the join makes the next group and a third thread writes the group before, so memory holds a few
+groups whatever the number of rows. This
 module only writes: what a row is and what its status means is ``outputs.py``'s and ``results.py``'s, except for
 one thing only the columns know: an answer holding a value its column's type cannot (an integer past int64) is
 written as an ``invalid_output`` row, the answer kept as its text (``Layout.unfit`` counts them).
@@ -30,11 +31,12 @@ from airflow_provider_openai_batch.outputs import OutputKind, OutputSchema, _res
 
 #: Columns every typed file has; an output schema's top-level fields may not take these names.
 RESERVED_COLUMNS = ("custom_id", "status", "output_text", "error", "round")
-#: Rows per row group: about 5-10 MB of typed lines at a time (memory holds about four groups, one at each stage
-#: of ``write_typed``).
-ROWS_PER_GROUP = 32_768
+#: Rows per row group: about 3-5 MB of typed lines at a time (memory holds about four groups, one at each stage
+#: of ``write_typed``, and the allocator keeps what converting a group took: larger groups made peak memory grow
+#: with the number of rows).
+ROWS_PER_GROUP = 16_384
 #: Bytes of typed lines per row group at most (long answers, large vectors).
-BYTES_PER_GROUP = 32 << 20
+BYTES_PER_GROUP = 16 << 20
 #: The JSON reader splits a row group into blocks of this size to parse them in parallel (it holds about ten times
 #: a block per block it parses).
 _PARSE_BLOCK = 1 << 20
