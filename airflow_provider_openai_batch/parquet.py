@@ -9,7 +9,8 @@ enums dictionary-encoded strings, a field that may be null is nullable; without 
 
 Rows arrive as typed JSONL lines (``custom_id, status, output, output_text, error, round``; :class:`Layout` says
 how to make them), a row group at a time: Arrow's JSON reader turns each group into columns in C++, in a thread of
-its own while the join makes the next group, so memory holds a group or two whatever the number of rows. This
+its own while the join makes the next group and a third thread writes the group before, so memory holds a few
+groups whatever the number of rows. This
 module only writes: what a row is and what its status means is ``outputs.py``'s and ``results.py``'s, except for
 one thing only the columns know: an answer holding a value its column's type cannot (an integer past int64) is
 written as an ``invalid_output`` row, the answer kept as its text (``Layout.unfit`` counts them).
@@ -30,10 +31,12 @@ from airflow_provider_openai_batch.outputs import OutputKind, OutputSchema, _res
 
 #: Columns every typed file has; an output schema's top-level fields may not take these names.
 RESERVED_COLUMNS = ("custom_id", "status", "output_text", "error", "round")
-#: Rows per row group: about 5-10 MB of typed lines at a time (memory holds about three groups).
-ROWS_PER_GROUP = 32_768
+#: Rows per row group: about 3-5 MB of typed lines at a time (memory holds about four groups, one at each stage
+#: of ``write_typed``, and the allocator keeps what converting a group took: larger groups made peak memory grow
+#: with the number of rows).
+ROWS_PER_GROUP = 16_384
 #: Bytes of typed lines per row group at most (long answers, large vectors).
-BYTES_PER_GROUP = 32 << 20
+BYTES_PER_GROUP = 16 << 20
 #: The JSON reader splits a row group into blocks of this size to parse them in parallel (it holds about ten times
 #: a block per block it parses).
 _PARSE_BLOCK = 1 << 20
@@ -370,34 +373,57 @@ def write_typed(lines: Iterable[bytes], out: IO[bytes], layout: Layout | Callabl
     Write blocks of typed JSONL lines (whole lines each) to ``out`` as Parquet; returns the rows written.
 
     ``layout`` may be a function that gives it, asked once the first row group is gathered (a join knows its
-    endpoint only once it has read its first input). Row groups are gathered here and converted and written in a
-    second thread (Arrow's reader and Parquet's writer leave Python's lock while they work, so the two run side by
-    side on two cores).
+    endpoint only once it has read its first input). Row groups are gathered here, turned into columns in a second
+    thread and written in a third, so a group is converted while the one before it is written (Arrow's reader and
+    Parquet's writer leave Python's lock while they work, so they run side by side on two cores). Each hand-over
+    holds one group, so memory holds a few groups whatever the number of rows.
     """
     pa = _pyarrow()
     groups: queue.Queue[Any] = queue.Queue(maxsize=1)
+    tables: queue.Queue[Any] = queue.Queue(maxsize=1)
     failure: list[BaseException] = []
     written = [0]
+    chosen: list[Layout] = []
 
-    def consume() -> None:
+    def drain(handover: queue.Queue[Any], item: Any) -> None:
+        # Take whatever is still offered, up to the end mark: the stage before stops at its next item, and its
+        # last put (the end mark) always finds room.
+        while item is not _DONE:
+            item = handover.get()
+
+    def convert() -> None:
         data = groups.get()
         try:
-            chosen = layout() if callable(layout) else layout
-            with pa.parquet.ParquetWriter(out, chosen.schema) as writer:
-                while data is not _DONE:
-                    table = chosen._table(data)
-                    writer.write_table(table, row_group_size=max(1, table.num_rows))
-                    written[0] += table.num_rows
-                    data = groups.get()
+            chosen.append(layout() if callable(layout) else layout)
+            while data is not _DONE and not failure:
+                tables.put(chosen[0]._table(data))
+                data = groups.get()
         except BaseException as error:
             failure.append(error)
-            # Take whatever is still offered, up to the end mark: the producer stops at its next group, and its
-            # last put (the end mark) always finds room.
-            while data is not _DONE:
-                data = groups.get()
+        finally:
+            tables.put(_DONE)
+            drain(groups, data)
 
-    writer_thread = threading.Thread(target=consume, name="parquet-writer", daemon=True)
-    writer_thread.start()
+    def write() -> None:
+        table = tables.get()
+        try:
+            if table is _DONE and not chosen:
+                return  # the layout itself failed: nothing to write
+            with pa.parquet.ParquetWriter(out, chosen[0].schema) as writer:
+                while table is not _DONE:
+                    writer.write_table(table, row_group_size=max(1, table.num_rows))
+                    written[0] += table.num_rows
+                    table = tables.get()
+        except BaseException as error:
+            failure.append(error)
+        drain(tables, table)
+
+    stages = [
+        threading.Thread(target=convert, name="parquet-convert", daemon=True),
+        threading.Thread(target=write, name="parquet-writer", daemon=True),
+    ]
+    for stage in stages:
+        stage.start()
     try:
         for data in _groups(lines):
             if failure:
@@ -405,7 +431,8 @@ def write_typed(lines: Iterable[bytes], out: IO[bytes], layout: Layout | Callabl
             groups.put(data)
     finally:
         groups.put(_DONE)
-        writer_thread.join()
+        for stage in stages:
+            stage.join()
     if failure:
         raise failure[0]
     return written[0]

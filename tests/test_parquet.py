@@ -333,6 +333,19 @@ def test_a_writer_that_fails_stops_the_write_with_its_error(monkeypatch, attempt
     assert next(blocks, None) is not None  # it stopped early, not after reading every row
 
 
+def test_a_group_that_cannot_be_converted_stops_the_write_with_its_error(monkeypatch):
+    """A row group the converting stage fails on ends the write with that error, while rows keep coming."""
+    import msgspec
+
+    monkeypatch.setattr(parquet, "ROWS_PER_GROUP", 1)
+    layout = parquet.Layout(output_schema(Label))
+    line = b'{"custom_id":"req-0","status":"failed","output":null,"output_text":null,"error":null,"round":0}\n'
+    blocks = (b"{not json\n" if i == 3 else line for i in range(2_000))
+    got = _in_thread(lambda: parquet.write_typed(blocks, _FullDisk(room=1 << 30), layout))
+    assert isinstance(got[0], msgspec.DecodeError)
+    assert next(blocks, None) is not None  # it stopped early, not after reading every row
+
+
 class Counted(pydantic.BaseModel):
     sentiment: Literal["positive", "negative", "neutral"]
     score: int
