@@ -444,7 +444,7 @@ def iter_exact_lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes, bytes]]:
 
 
 #: About how many bytes of lines ``iter_line_blocks`` reads at a time.
-LINE_BLOCK_BYTES = 1 << 22
+LINE_BLOCK_BYTES = 1 << 20
 
 
 def iter_line_blocks(stream: IO[bytes], size: int = LINE_BLOCK_BYTES) -> Iterator[tuple[int, list[bytes]]]:
