@@ -13,9 +13,10 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import typing_extensions
 
@@ -86,13 +87,17 @@ def _inputs(value: Any) -> int:
     return 1
 
 
-def check_input(path: Path, endpoint: str) -> InputReport:
+def check_input(source: Path | IO[bytes], endpoint: str) -> InputReport:
+    """Judge the input file at ``source``, a path or a file already open for reading in binary (read from where it
+    stands): the server opens the file as the batch is created and judges it later, as OpenAI validates a batch
+    after answering its create."""
     report = InputReport()
     seen: set[str] = set()
     embedding_inputs = 0
     required = required_fields(endpoint)
     number = 0
-    with path.open("rb") as handle:  # a line is what ends in "\n"; the newline ending the last line adds no line
+    opened = source.open("rb") if isinstance(source, Path) else nullcontext(source)
+    with opened as handle:  # a line is what ends in "\n"; the newline ending the last line adds no line
         for number, raw in enumerate(handle, start=1):
             body = _check_line(report, number, raw, endpoint, required, seen)
             if body is not None and endpoint == "/v1/embeddings":

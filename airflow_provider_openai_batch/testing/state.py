@@ -7,6 +7,12 @@ Status is derived from the clock whenever a batch is read, so tests can use a re
 The account is modelled here too: each model's enqueued-token queue (``queue_limits``). Whether a batch gets into
 its model's queue is decided at the moment its validation ends on the clock, in the order of those moments, against
 the batches admitted before it that had not yet ended at that moment: the same outcome whichever batch is read first.
+
+The CPU work is done where OpenAI does it, off the request path: a create answers at once and a worker thread reads
+the input file while the batch says ``validating``, then writes the batch's answers ahead while it runs, so the read
+that finds it ``completed`` only writes the files. Only the work moves: every status, count and outcome is still
+decided by the clock, and a reader that needs the validation's results at or after its end on the clock waits for the
+worker (the worker never takes the state's lock, so waiting under it is safe).
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from airflow_provider_openai_batch.endpoints import batch_endpoints
 from airflow_provider_openai_batch.testing import responses
@@ -37,6 +44,8 @@ QueueUnit = Literal["tokens", "requests"]
 ORGANIZATION = "org-fake"
 #: ``errors.data[].code`` of a queue refusal, and ``error.code`` of Azure's 400 at create.
 QUEUE_ERROR_CODE = "token_limit_exceeded"
+#: An answer written ahead: the md5 of its ``custom_id`` (the output file's order), its output line, and its usage.
+Answer = tuple[bytes, bytes, int, int]
 
 
 class FakeClock:
@@ -138,8 +147,25 @@ class StoredFile:
         }
 
 
+@dataclass(frozen=True)
+class Validation:
+    """What validating a batch's input finds: its requests and model, why it fails (``BatchError`` dicts, empty when
+    it does not), and what it puts in its model's queue (counted only when the account is modelled)."""
+
+    requests: list[tuple[str, dict[str, Any]]]
+    model: str | None
+    issues: list[dict[str, Any]]
+    tokens: int
+
+
 @dataclass
 class StoredBatch:
+    """
+    A batch. ``requests``, ``model``, ``issues`` and ``tokens`` are what its validation found: reading one waits for
+    the worker, so they are read only once the validation has ended on the clock (or the batch has ended); before
+    that ``listed_total`` and ``listed_model``, a glance at the file at create, are what the batch shows.
+    """
+
     id: str
     input_file_id: str
     endpoint: str
@@ -147,10 +173,18 @@ class StoredBatch:
     metadata: dict[str, str] | None
     created_at: float
     scenario: str
-    requests: list[tuple[str, dict[str, Any]]]
-    model: str | None
-    #: ``BatchError`` dicts: why the batch fails validation (empty when it does not).
-    issues: list[dict[str, Any]] = field(default_factory=list)
+    validation: Future[Validation]
+    #: The lines of the input file and the first line's model, read at create: what the batch shows while validating.
+    listed_total: int = 0
+    listed_model: str | None = None
+    #: Set when the batch fails for a reason of its own (the queue refused it, scenario ``fail``), over what the
+    #: validation found.
+    failed_with: list[dict[str, Any]] | None = None
+    #: Its answers for the normal ending, written ahead by the worker (``None`` for a request marked ``fake_error``,
+    #: decided at the end), while the batch is admitted or running; ``written_for``: the ``created`` stamp and
+    #: ``compatible_quirks`` they were written with.
+    written: Future[list[Answer | None]] | None = None
+    written_for: tuple[int, bool] | None = None
     cancel_requested_at: float | None = None
     cancelled_done: int | None = None
     final_status: str | None = None
@@ -159,8 +193,6 @@ class StoredBatch:
     error_file_id: str | None = None
     usage: dict[str, Any] | None = None
     final_counts: dict[str, int] | None = None
-    #: What the batch puts in its model's queue (counted only when the account is modelled).
-    tokens: int = 0
     #: Creation order: breaks ties between batches whose validation ends at the same moment.
     seq: int = 0
     #: ``"pending"`` until its validation ends, then ``"admitted"`` or ``"refused"``; ``"none"`` when the batch never
@@ -169,6 +201,28 @@ class StoredBatch:
     #: When it entered the queue: its validation end (``at_validation``) or its creation (``at_create``).
     admitted_at: float | None = None
 
+    @property
+    def requests(self) -> list[tuple[str, dict[str, Any]]]:
+        return self.validation.result().requests
+
+    @property
+    def model(self) -> str | None:
+        return self.validation.result().model
+
+    @property
+    def tokens(self) -> int:
+        """What the batch puts in its model's queue (counted only when the account is modelled)."""
+        return self.validation.result().tokens
+
+    @property
+    def issues(self) -> list[dict[str, Any]]:
+        """``BatchError`` dicts: why the batch fails (empty when it does not)."""
+        return self.failed_with if self.failed_with is not None else self.validation.result().issues
+
+    @issues.setter
+    def issues(self, value: list[dict[str, Any]]) -> None:
+        self.failed_with = value
+
 
 def _id(prefix: str) -> str:
     return f"{prefix}{os.urandom(12).hex()}"
@@ -176,6 +230,44 @@ def _id(prefix: str) -> str:
 
 def _errors_json(issues: list[dict[str, Any]]) -> dict[str, Any]:
     return {"object": "list", "data": list(issues)}
+
+
+def _glance(handle: IO[bytes]) -> tuple[int, str | None]:
+    """
+    The lines of an open input file and its first line's ``body.model``, in a pass the C code does (a count of
+    newlines): what a batch shows while it validates. For a file that passes validation the lines are its requests
+    (an empty line fails it); the handle is left at the start for the validation.
+    """
+    first = handle.readline()
+    lines, last = (1 if first.endswith(b"\n") else 0), first
+    for chunk in iter(lambda: handle.read(1 << 20), b""):
+        lines += chunk.count(b"\n")
+        last = chunk
+    lines += 1 if last and not last.endswith(b"\n") else 0
+    handle.seek(0)
+    try:
+        body = json.loads(first).get("body")
+        model = body.get("model") if isinstance(body, dict) else None
+    except (ValueError, AttributeError):
+        model = None
+    return lines, model if isinstance(model, str) else None
+
+
+def _answer(custom_id: str, endpoint: str, body: dict[str, Any], created: int, quirks: bool) -> Answer:
+    """One successful request's output line, with what sorts it in the output file and its usage."""
+    line = responses.output_line(custom_id, endpoint, body, created, quirks)
+    return (hashlib.md5(custom_id.encode()).digest(), json.dumps(line).encode(), *responses.usage_of(endpoint, body))
+
+
+def _answers(
+    endpoint: str, requests: list[tuple[str, dict[str, Any]]], created: int, quirks: bool
+) -> list[Answer | None]:
+    """The answers of a batch's requests as its normal ending writes them; ``None`` for a request marked
+    ``fake_error``, whose fate is decided at the end (a transient one's depends on the runs before)."""
+    return [
+        None if body.get("fake_error") else _answer(custom_id, endpoint, body, created, quirks)
+        for custom_id, body in requests
+    ]
 
 
 def _short(limit: int) -> str:
@@ -240,6 +332,8 @@ class FakeState:
         self._admitted: defaultdict[str, list[StoredBatch]] = defaultdict(list)
         self._peak: defaultdict[tuple[str, QueueUnit], int] = defaultdict(int)
         self._lock = threading.RLock()
+        #: Validates inputs and writes answers ahead, one task at a time in the order given; never takes ``_lock``.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fake-openai-worker")
 
     @property
     def models_account(self) -> bool:
@@ -247,8 +341,24 @@ class FakeState:
         return self.queue_limits is not None or self.request_queue_limits is not None
 
     def close(self) -> None:
+        """Stop the worker (answers not yet written ahead are dropped; validations still queued run, so every batch
+        stays readable) and delete the files."""
+        with self._lock:
+            ahead = [batch.written for batch in self.batches.values() if batch.written is not None]
+        for written in ahead:
+            written.cancel()
+        self._worker.shutdown(wait=True)
         if self._tmp is not None:
             self._tmp.cleanup()
+
+    def _submit(self, work: Callable[..., Any], *args: Any) -> bool:
+        """Hand ``work`` to the worker; ``False`` once the worker is shut down (a closed state, the interpreter
+        exiting)."""
+        try:
+            self._worker.submit(work, *args)
+        except RuntimeError:
+            return False
+        return True
 
     # --- files -------------------------------------------------------------------------------
 
@@ -297,19 +407,39 @@ class FakeState:
         completion_window: str,
         metadata: dict[str, str] | None,
     ) -> StoredBatch:
-        """Raises ``QueueLimitExceeded`` when the model's queue is full and refusals come at create."""
+        """
+        Answers at once, as OpenAI does: the input is validated by the worker while the batch says ``validating``.
+        Except with refusals at create (Azure's fail-fast), which need the batch's tokens to answer: then the input
+        is validated here. Raises ``QueueLimitExceeded`` when the model's queue is full and refusals come at create.
+        """
         stored = self.files[input_file_id]
-        report = check_input(stored.path, endpoint)
-        tokens = 0
-        if self.models_account:
-            bodies = (body for _, body in report.requests)
-            tokens = batch_tokens(endpoint, bodies, model=report.model, with_cap=self.count_output_cap)
+        # Opened now: the worker reads what was uploaded even if the file is deleted while the batch validates.
+        handle = stored.path.open("rb")
+        try:
+            return self._create_batch(handle, input_file_id, endpoint, completion_window, metadata)
+        except BaseException:
+            handle.close()  # not handed to the worker: that is the last thing a create does
+            raise
+
+    def _create_batch(
+        self,
+        handle: IO[bytes],
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: dict[str, str] | None,
+    ) -> StoredBatch:
+        listed_total, listed_model = _glance(handle)
+        at_create = self.models_account and self.queue_refusal == "at_create"
+        validation: Future[Validation] = Future()
+        if at_create:
+            self._validate(handle, endpoint, validation, None)
         with self._lock:
             now = self.clock()
             self._settle_queue(now)
-            queued = self.models_account and report.model is not None
-            if queued and self.queue_refusal == "at_create":
-                refusal = self._judge(report.model or "", tokens, len(report.requests), now, None)
+            if at_create and validation.result().model is not None:
+                found = validation.result()
+                refusal = self._judge(found.model or "", found.tokens, len(found.requests), now, None)
                 if refusal is not None:
                     raise QueueLimitExceeded(refusal)
             scripted = self.scripted_scenarios.pop(0) if self.scripted_scenarios else None
@@ -322,19 +452,30 @@ class FakeState:
                 metadata=metadata,
                 created_at=now,
                 scenario=scenario,
-                requests=report.requests,
-                model=report.model,
-                issues=report.errors,
-                tokens=tokens,
+                validation=validation,
+                listed_total=listed_total,
+                listed_model=listed_model,
                 seq=next(self._seq),
             )
-            if queued and self.queue_refusal == "at_create":
-                # Admitted as it is created: it holds its tokens while validating, whatever validation finds.
-                self._admit(batch, now)
-            elif queued and not batch.issues and scenario != "fail":
+            if at_create:
+                if batch.model is not None:
+                    # Admitted as it is created: it holds its tokens while validating, whatever validation finds.
+                    self._admit(batch, now)
+                elif not batch.issues:
+                    self._write_ahead(batch)
+            elif self.models_account and scenario != "fail":
+                # Whether it enters the queue (it has a model and no issues) is known once validated.
                 batch.queue = "pending"
                 self._pending.append(batch)
             self.batches[batch.id] = batch
+            if not at_create:
+                # Not queued: answers are written ahead as soon as the validation finds nothing wrong.
+                ahead = batch.queue == "none" and self._answers_due(batch)
+                if ahead:
+                    batch.written, batch.written_for = Future(), self._written_for(batch)
+                if not self._submit(self._validate, handle, endpoint, validation, batch if ahead else None):
+                    self._validate(handle, endpoint, validation, None)  # no worker: here, and nothing written ahead
+                    batch.written = None
         return batch
 
     def cancel(self, batch_id: str) -> StoredBatch:
@@ -346,9 +487,82 @@ class FakeState:
                 if batch.queue == "pending":  # cancelled while validating: it never reaches the queue
                     self._pending.remove(batch)
                     batch.queue = "none"
+                if batch.written is not None:  # it will not end as planned
+                    batch.written.cancel()
+                    batch.written = None
                 batch.cancel_requested_at = now
                 batch.cancelled_done = self._done_count(batch, batch.cancel_requested_at)
             return batch
+
+    # --- the worker's tasks (never under ``_lock``) -------------------------------------------------
+
+    def _validate(
+        self, handle: IO[bytes], endpoint: str, into: Future[Validation], then_write: StoredBatch | None
+    ) -> None:
+        """Validate the input, then, for ``then_write`` when nothing is wrong, queue the writing of its answers."""
+        try:
+            with handle:
+                report = check_input(handle, endpoint)
+                tokens = 0
+                if self.models_account:
+                    bodies = (body for _, body in report.requests)
+                    tokens = batch_tokens(endpoint, bodies, model=report.model, with_cap=self.count_output_cap)
+        except BaseException as error:
+            into.set_exception(error)
+            if then_write is not None and then_write.written is not None:
+                then_write.written.cancel()
+            return
+        found = Validation(report.requests, report.model, report.errors, tokens)
+        into.set_result(found)
+        written = then_write.written if then_write is not None else None
+        if written is None or then_write is None or then_write.written_for is None:
+            return
+        if found.issues:
+            written.cancel()
+            return
+        if not self._submit(self._write, written, then_write.endpoint, found.requests, *then_write.written_for):
+            written.cancel()
+
+    @staticmethod
+    def _write(
+        into: Future[list[Answer | None]], endpoint: str, requests: list[Any], created: int, quirks: bool
+    ) -> None:
+        if not into.set_running_or_notify_cancel():
+            return  # the batch ended or was cancelled first
+        try:
+            into.set_result(_answers(endpoint, requests, created, quirks))
+        except BaseException as error:
+            into.set_exception(error)
+
+    def _answers_due(self, batch: StoredBatch) -> bool:
+        """Whether a batch's answers are worth writing ahead: it ends by running its requests (not ``fail``, not
+        ``stall``, which only a cancel ends)."""
+        return batch.scenario not in ("fail", "stall") and batch.cancel_requested_at is None
+
+    def _written_for(self, batch: StoredBatch) -> tuple[int, bool]:
+        """The ``created`` stamp of its answers when it ends as planned (``_finish`` at its finalized moment)."""
+        return int(self._phase_times(batch)[2]), self.compatible_quirks
+
+    def _write_ahead(self, batch: StoredBatch) -> None:
+        """Queue the writing of a validated batch's answers on the worker (under ``_lock``; it only submits)."""
+        if batch.written is not None or not self._answers_due(batch):
+            return
+        written: Future[list[Answer | None]] = Future()
+        batch.written, batch.written_for = written, self._written_for(batch)
+        if not self._submit(self._write, written, batch.endpoint, batch.requests, *batch.written_for):
+            batch.written = None
+
+    def _written_answers(self, batch: StoredBatch, created: int) -> list[Answer | None] | None:
+        """The answers written ahead, when they were written for this ending (else ``None``: compute them), and
+        forget them: they are needed once."""
+        written, batch.written = batch.written, None
+        if written is None or batch.written_for != (created, self.compatible_quirks):
+            if written is not None:
+                written.cancel()
+            return None
+        if written.cancel():  # still queued behind other work: computing them here is quicker than waiting
+            return None
+        return written.result()
 
     # --- the account: each model's enqueued-token queue ----------------------------------------
 
@@ -359,7 +573,7 @@ class FakeState:
         if batch.cancel_requested_at is not None:
             return batch.cancel_requested_at + self.timings.cancelling
         validated, _, finalized = self._phase_times(batch)
-        if batch.issues or batch.scenario == "fail":
+        if batch.scenario == "fail" or batch.issues:
             return validated
         return math.inf if batch.scenario == "stall" else finalized
 
@@ -416,6 +630,8 @@ class FakeState:
         self._admitted[model].append(batch)
         self._peak[(model, "tokens")] = max(self._peak[(model, "tokens")], held_tokens + batch.tokens)
         self._peak[(model, "requests")] = max(self._peak[(model, "requests")], held_requests + len(batch.requests))
+        if not batch.issues:
+            self._write_ahead(batch)
 
     def _settle_queue(self, now: float) -> None:
         """
@@ -429,6 +645,12 @@ class FakeState:
         for batch in due:
             self._pending.remove(batch)
             validated = self._phase_times(batch)[0]
+            # Waits for the worker if it has not validated the batch yet: this is the moment its validation ends.
+            if batch.issues or batch.model is None:  # it fails validation, or has no model's queue to enter
+                batch.queue = "none"
+                if not batch.issues:
+                    self._write_ahead(batch)
+                continue
             refusal = self._judge(batch.model or "", batch.tokens, len(batch.requests), validated, batch.id)
             if refusal is None:
                 self._admit(batch, validated)
@@ -493,10 +715,10 @@ class FakeState:
             self._advance(batch)
             return self._status_now(batch)
 
-    def _status_now(self, batch: StoredBatch) -> str:
+    def _status_now(self, batch: StoredBatch, now: float | None = None) -> str:
         if batch.final_status is not None:
             return batch.final_status
-        now = self.clock()
+        now = self.clock() if now is None else now
         validated, processed, _ = self._phase_times(batch)
         if batch.cancel_requested_at is not None:
             return "cancelling"
@@ -518,10 +740,13 @@ class FakeState:
             if now >= batch.cancel_requested_at + self.timings.cancelling:
                 self._finish(batch, "cancelled", batch.cancelled_done or 0, batch.cancel_requested_at)
             return
-        if batch.issues and now >= validated:
+        if now < validated:
+            return  # nothing is decided before the validation ends (and its results are not read)
+        if batch.issues:
             batch.final_status, batch.finished_at = "failed", validated
+            batch.written = None  # cancelled by the worker as it found the issues
             return
-        if batch.scenario == "fail" and now >= validated:
+        if batch.scenario == "fail":
             batch.issues = [
                 {"code": "fake_failure", "line": None, "message": "The batch failed (scenario 'fail').", "param": None}
             ]
@@ -544,6 +769,7 @@ class FakeState:
         err_lines: list[bytes] = []
         failed = in_tokens = out_tokens = 0
         quirks = self.compatible_quirks
+        written = self._written_answers(batch, created)
         for index, (custom_id, body) in enumerate(batch.requests):
             if index >= done:
                 reason = "batch_expired" if status == "expired" else "batch_cancelled"
@@ -554,9 +780,11 @@ class FakeState:
                     json.dumps(responses.failed_request_line(custom_id, body["fake_error"], quirks)).encode()
                 )
             else:
-                line = responses.output_line(custom_id, batch.endpoint, body, created, quirks)
-                out_lines.append((hashlib.md5(custom_id.encode()).digest(), json.dumps(line).encode()))
-                i, o = responses.usage_of(batch.endpoint, body)
+                answer = written[index] if written is not None else None
+                if answer is None:  # not written ahead, or marked and not failing this time (a transient error)
+                    answer = _answer(custom_id, batch.endpoint, body, created, quirks)
+                digest, line, i, o = answer
+                out_lines.append((digest, line))
                 in_tokens, out_tokens = in_tokens + i, out_tokens + o
         # OpenAI does not keep input order in result files; neither do we, so joins are exercised for real.
         out_lines.sort()
@@ -598,29 +826,41 @@ class FakeState:
 
         return self.add_file(f"{batch.id}_{kind}.jsonl", "batch_output", write).id
 
-    def counts(self, batch: StoredBatch) -> dict[str, int]:
+    def _validation_ended(self, batch: StoredBatch, now: float) -> bool:
+        """Whether what the validation found may be shown: its end on the clock has come, or the batch has ended."""
+        return batch.final_status is not None or now >= self._phase_times(batch)[0]
+
+    def counts(self, batch: StoredBatch, now: float | None = None) -> dict[str, int]:
+        """
+        ``request_counts``. Before the validation ends on the clock, the file's lines as the total (``_glance``):
+        never the worker's findings, which would make the answer depend on how fast the worker is.
+        """
+        now = self.clock() if now is None else now
+        if not self._validation_ended(batch, now):
+            return {"total": batch.listed_total, "completed": 0, "failed": 0}
         total = len(batch.requests)
-        status = self._status_now(batch)
+        status = self._status_now(batch, now)
         if status == "validating" or batch.issues:
             return {"total": 0 if batch.issues else total, "completed": 0, "failed": 0}
         if batch.final_counts is not None:
             return dict(batch.final_counts)
-        if batch.cancel_requested_at is not None:
-            done = batch.cancelled_done or 0
-        else:
-            done = self._done_count(batch, self.clock())
+        cancelled = batch.cancel_requested_at is not None
+        done = (batch.cancelled_done or 0) if cancelled else self._done_count(batch, now)
         # While running, a marked request counts as failed once done (its real fate is decided at the end).
         failed = sum(1 for _, body in batch.requests[:done] if isinstance(body, dict) and body.get("fake_error"))
         return {"total": total, "completed": done - failed, "failed": failed}
 
     def batch_json(self, batch: StoredBatch) -> dict[str, Any]:
         with self._lock:
-            self._advance(batch)
-            status = self._status_now(batch)
+            now = self.clock()
+            self._advance(batch, now)
+            status = self._status_now(batch, now)
             validated, processed, _ = self._phase_times(batch)
             created = int(batch.created_at)
             ended = int(batch.finished_at) if batch.finished_at is not None else None
-            counts: dict[str, int] | None = self.counts(batch)
+            counts: dict[str, int] | None = self.counts(batch, now)
+            known = self._validation_ended(batch, now)
+            issues = batch.issues if known else None
             output_file_id, error_file_id = batch.output_file_id, batch.error_file_id
             if self.azure_quirks:
                 output_file_id, error_file_id = output_file_id or "", error_file_id or ""
@@ -630,8 +870,8 @@ class FakeState:
                 "id": batch.id,
                 "object": "batch",
                 "endpoint": batch.endpoint,
-                "model": batch.model,
-                "errors": _errors_json(batch.issues) if batch.issues else None,
+                "model": batch.model if known else batch.listed_model,
+                "errors": _errors_json(issues) if issues else None,
                 "input_file_id": batch.input_file_id,
                 "completion_window": batch.completion_window,
                 "status": status,
