@@ -13,10 +13,11 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import typing_extensions
 
@@ -87,8 +88,8 @@ def _inputs(value: Any) -> int:
     return 1
 
 
-def check_input(source: Path | IO[bytes], endpoint: str) -> InputReport:
-    """Judge the input file at ``source``, a path or a file already open for reading in binary (read from where it
+def check_input(source: Path | Iterable[bytes], endpoint: str) -> InputReport:
+    """Judge the input file at ``source``, a path or the lines of a file already open in binary (read from where it
     stands): the server opens the file as the batch is created and judges it later, as OpenAI validates a batch
     after answering its create."""
     report = InputReport()

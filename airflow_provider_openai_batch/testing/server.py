@@ -338,6 +338,10 @@ class FakeOpenAIServer:
 
     def _wrap(self, name: str, handler: Handler, azure: bool) -> Handler:
         async def endpoint(request: Request) -> Response:
+            with self.state.gate.request():  # the fake's background work gives way meanwhile
+                return await answer(request)
+
+        async def answer(request: Request) -> Response:
             with self._calls_lock:
                 self.calls[name] += 1
                 self.clients[(name, request.headers.get("user-agent", "").split("/", 1)[0])] += 1

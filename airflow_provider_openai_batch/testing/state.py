@@ -17,6 +17,7 @@ worker (the worker never takes the state's lock, so waiting under it is safe).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -25,17 +26,19 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, TypeVar
 
 from airflow_provider_openai_batch.endpoints import batch_endpoints
 from airflow_provider_openai_batch.testing import responses
 from airflow_provider_openai_batch.testing.input_rules import check_input
 from airflow_provider_openai_batch.testing.tokens import batch_tokens
+
+T = TypeVar("T")
 
 #: When a full queue refuses a batch: OpenAI fails it at the end of validation; Azure's fail-fast answers 400 at create.
 QueueRefusalMode = Literal["at_validation", "at_create"]
@@ -158,6 +161,60 @@ class Validation:
     tokens: int
 
 
+class RequestGate:
+    """
+    Lets the worker's background work give way to the requests being answered. OpenAI's API answers a create or a
+    retrieve in the same time whatever it is validating or running meanwhile; here both share one interpreter, so
+    the worker (validating inputs, writing answers ahead) pauses between small steps while a request is being
+    answered, unless a request is waiting for the worker itself (then pausing would only slow that request).
+    """
+
+    #: Lines the worker handles between two looks at the gate, and the longest it gives way at each look.
+    STEP = 256
+    MAX_PAUSE = 0.05
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.answering = 0
+        self.waiting = 0
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Around the answering of one request."""
+        with self._lock:
+            self.answering += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.answering -= 1
+
+    def result(self, future: Future[T]) -> T:
+        """``future.result()``, counted as a request waiting for the worker while it is not done."""
+        if future.done():
+            return future.result()
+        with self._lock:
+            self.waiting += 1
+        try:
+            return future.result()
+        finally:
+            with self._lock:
+                self.waiting -= 1
+
+    def give_way(self) -> None:
+        """While requests are being answered and none waits for the worker: pause (``MAX_PAUSE`` at most)."""
+        deadline = time.monotonic() + self.MAX_PAUSE
+        while self.answering > self.waiting and time.monotonic() < deadline:
+            time.sleep(0.0005)
+
+    def paced(self, items: Iterable[T]) -> Iterator[T]:
+        """``items``, giving way every ``STEP`` of them."""
+        for n, item in enumerate(items, start=1):
+            if n % self.STEP == 0:
+                self.give_way()
+            yield item
+
+
 @dataclass
 class StoredBatch:
     """
@@ -200,24 +257,29 @@ class StoredBatch:
     queue: Literal["none", "pending", "admitted", "refused"] = "none"
     #: When it entered the queue: its validation end (``at_validation``) or its creation (``at_create``).
     admitted_at: float | None = None
+    #: The state's gate (waiting for the validation is counted there, so the worker does not give way meanwhile).
+    gate: RequestGate | None = None
+
+    def _validated(self) -> Validation:
+        return self.gate.result(self.validation) if self.gate is not None else self.validation.result()
 
     @property
     def requests(self) -> list[tuple[str, dict[str, Any]]]:
-        return self.validation.result().requests
+        return self._validated().requests
 
     @property
     def model(self) -> str | None:
-        return self.validation.result().model
+        return self._validated().model
 
     @property
     def tokens(self) -> int:
         """What the batch puts in its model's queue (counted only when the account is modelled)."""
-        return self.validation.result().tokens
+        return self._validated().tokens
 
     @property
     def issues(self) -> list[dict[str, Any]]:
         """``BatchError`` dicts: why the batch fails (empty when it does not)."""
-        return self.failed_with if self.failed_with is not None else self.validation.result().issues
+        return self.failed_with if self.failed_with is not None else self._validated().issues
 
     @issues.setter
     def issues(self, value: list[dict[str, Any]]) -> None:
@@ -260,7 +322,7 @@ def _answer(custom_id: str, endpoint: str, body: dict[str, Any], created: int, q
 
 
 def _answers(
-    endpoint: str, requests: list[tuple[str, dict[str, Any]]], created: int, quirks: bool
+    endpoint: str, requests: Iterable[tuple[str, dict[str, Any]]], created: int, quirks: bool
 ) -> list[Answer | None]:
     """The answers of a batch's requests as its normal ending writes them; ``None`` for a request marked
     ``fake_error``, whose fate is decided at the end (a transient one's depends on the runs before)."""
@@ -334,6 +396,8 @@ class FakeState:
         self._lock = threading.RLock()
         #: Validates inputs and writes answers ahead, one task at a time in the order given; never takes ``_lock``.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fake-openai-worker")
+        #: The worker gives way to requests being answered (the server marks each one).
+        self.gate = RequestGate()
 
     @property
     def models_account(self) -> bool:
@@ -436,7 +500,11 @@ class FakeState:
             self._validate(handle, endpoint, validation, None)
         with self._lock:
             now = self.clock()
-            self._settle_queue(now)
+            if at_create:
+                # Judged against the queue as it stands now: the admissions due by now are decided first. Otherwise
+                # nothing here depends on them (they are decided in the order of their moments whenever read), and
+                # deciding them would wait for validations still running.
+                self._settle_queue(now)
             if at_create and validation.result().model is not None:
                 found = validation.result()
                 refusal = self._judge(found.model or "", found.tokens, len(found.requests), now, None)
@@ -456,6 +524,7 @@ class FakeState:
                 listed_total=listed_total,
                 listed_model=listed_model,
                 seq=next(self._seq),
+                gate=self.gate,
             )
             if at_create:
                 if batch.model is not None:
@@ -502,10 +571,10 @@ class FakeState:
         """Validate the input, then, for ``then_write`` when nothing is wrong, queue the writing of its answers."""
         try:
             with handle:
-                report = check_input(handle, endpoint)
+                report = check_input(self.gate.paced(handle), endpoint)
                 tokens = 0
                 if self.models_account:
-                    bodies = (body for _, body in report.requests)
+                    bodies = (body for _, body in self.gate.paced(report.requests))
                     tokens = batch_tokens(endpoint, bodies, model=report.model, with_cap=self.count_output_cap)
         except BaseException as error:
             into.set_exception(error)
@@ -520,12 +589,13 @@ class FakeState:
         if found.issues:
             written.cancel()
             return
-        if not self._submit(self._write, written, then_write.endpoint, found.requests, *then_write.written_for):
+        requests = self.gate.paced(found.requests)
+        if not self._submit(self._write, written, then_write.endpoint, requests, *then_write.written_for):
             written.cancel()
 
     @staticmethod
     def _write(
-        into: Future[list[Answer | None]], endpoint: str, requests: list[Any], created: int, quirks: bool
+        into: Future[list[Answer | None]], endpoint: str, requests: Iterable[Any], created: int, quirks: bool
     ) -> None:
         if not into.set_running_or_notify_cancel():
             return  # the batch ended or was cancelled first
@@ -549,7 +619,7 @@ class FakeState:
             return
         written: Future[list[Answer | None]] = Future()
         batch.written, batch.written_for = written, self._written_for(batch)
-        if not self._submit(self._write, written, batch.endpoint, batch.requests, *batch.written_for):
+        if not self._submit(self._write, written, batch.endpoint, self.gate.paced(batch.requests), *batch.written_for):
             batch.written = None
 
     def _written_answers(self, batch: StoredBatch, created: int) -> list[Answer | None] | None:
@@ -562,7 +632,7 @@ class FakeState:
             return None
         if written.cancel():  # still queued behind other work: computing them here is quicker than waiting
             return None
-        return written.result()
+        return self.gate.result(written)
 
     # --- the account: each model's enqueued-token queue ----------------------------------------
 
