@@ -800,12 +800,15 @@ class FakeState:
 
     def _advance(self, batch: StoredBatch, now: float | None = None) -> None:
         """Settle a batch whose terminal moment has passed (by ``now``, default the clock's): decide its status and
-        write its result files. Queue admissions due by then are decided first, all of them, in their order."""
+        write its result files. Once its validation has ended, the queue admissions due by then are decided first,
+        all of them, in their order; before that nothing about it depends on them (so reading a batch that is still
+        validating never waits for the worker to validate the others)."""
         now = self.clock() if now is None else now
-        self._settle_queue(now)
+        validated, _, finalized = self._phase_times(batch)
+        if now >= validated:
+            self._settle_queue(now)
         if batch.final_status is not None or batch.queue == "pending":
             return
-        validated, _, finalized = self._phase_times(batch)
         if batch.cancel_requested_at is not None:
             if now >= batch.cancel_requested_at + self.timings.cancelling:
                 self._finish(batch, "cancelled", batch.cancelled_done or 0, batch.cancel_requested_at)
