@@ -447,12 +447,13 @@ def iter_exact_lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes, bytes]]:
 LINE_BLOCK_BYTES = 1 << 20
 
 
-def iter_line_blocks(stream: IO[bytes], size: int = LINE_BLOCK_BYTES) -> Iterator[tuple[int, list[bytes]]]:
-    """``(number of the first line, lines without their endings)``, about ``size`` bytes of lines at a time: the
-    lines ``iter_raw_lines`` yields, split by the C reader rather than one Python step each."""
+def iter_line_blocks(stream: IO[bytes], size: int | None = None) -> Iterator[tuple[int, list[bytes]]]:
+    """``(number of the first line, lines without their endings)``, about ``size`` bytes of lines at a time
+    (``LINE_BLOCK_BYTES``): the lines ``iter_raw_lines`` yields, split by the C reader rather than one Python step
+    each."""
     number = 1
     while True:
-        exact = stream.readlines(size)
+        exact = stream.readlines(size or LINE_BLOCK_BYTES)
         if not exact:
             return
         lines = [line[:-2] if line[-2:] == b"\r\n" else line[:-1] if line[-1:] == b"\n" else line for line in exact]
@@ -657,48 +658,57 @@ def shard_batch_file(
             shards.append(Shard(path, count, size, digest.hexdigest(), start, tokens))
             out = None
 
-    def lines_checked(first: int, block: list[bytes]) -> Iterator[tuple[int, bytes, int]]:
-        """The block's requests with their embedding inputs: checked at once when they are all ordinary, else
-        line by line (every problem found and named)."""
+    def lines_checked(first: int, block: list[bytes]) -> tuple[Iterable[int], list[bytes], list[int]]:
+        """The block's requests: line numbers, lines and embedding inputs. Checked at once when they are all
+        ordinary, else line by line (every problem found and named)."""
         inputs = validator.check_block(first, block)
         if inputs is not None:
-            yield from zip(range(first, first + len(block)), block, inputs, strict=True)
-            return
+            return range(first, first + len(block)), block, inputs
+        numbers, lines, counted = [], [], []
         for lineno, line in enumerate(block, start=first):
             inputs_before = validator.embedding_inputs
             raw = validator.check_line(lineno, line)
             if raw is not None:
-                yield lineno, raw, validator.embedding_inputs - inputs_before
+                numbers.append(lineno)
+                lines.append(raw)
+                counted.append(validator.embedding_inputs - inputs_before)
+        return numbers, lines, counted
 
+    max_requests, max_bytes, max_tokens = limits.max_requests, limits.max_bytes, limits.max_tokens
+    max_inputs = limits.max_embedding_inputs
     with open_source(source) as stream:
         for first, block in iter_line_blocks(stream):
-            for lineno, raw, line_inputs in lines_checked(first, block):
-                if validator.collector.issues:
-                    continue  # keep reading to report every problem, but write nothing more
-                this_tokens = count_tokens(raw)
-                if len(raw) + 1 > limits.max_bytes:
-                    validator.collector.add(
-                        lineno, None, _request_too_big(len(raw) + 1, limits.max_bytes), "file_too_large"
-                    )
+            numbers, lines, counted = lines_checked(first, block)
+            if validator.collector.issues:
+                continue  # keep reading to report every problem, but write nothing more
+            sizes = [len(raw) + 1 for raw in lines]
+            if count_tokens is estimate_tokens:
+                line_tokens_of = [max(1, (size - 1) // 4) for size in sizes]
+            else:
+                line_tokens_of = [count_tokens(raw) for raw in lines]
+            for lineno, raw, size_of, line_inputs, this_tokens in zip(
+                numbers, lines, sizes, counted, line_tokens_of, strict=True
+            ):
+                if size_of > max_bytes:
+                    validator.collector.add(lineno, None, _request_too_big(size_of, max_bytes), "file_too_large")
                     continue
-                if limits.max_tokens is not None and this_tokens > limits.max_tokens:
+                if max_tokens is not None and this_tokens > max_tokens:
                     validator.collector.add(
                         lineno,
                         None,
                         f"one request of about {this_tokens:,} input tokens; a file holds at most "
-                        f"{limits.max_tokens:,} (max_tokens) and a request cannot be split across files",
+                        f"{max_tokens:,} (max_tokens) and a request cannot be split across files",
                         "token_limit_exceeded",
                     )
                     continue
-                if too_many_inputs(validator, lineno, line_inputs, limits):
+                if line_inputs > max_inputs and too_many_inputs(validator, lineno, line_inputs, limits):
                     continue
-                full = out is not None and (
-                    count + 1 > limits.max_requests
-                    or size + len(raw) + 1 > limits.max_bytes
-                    or (limits.max_tokens is not None and tokens + this_tokens > limits.max_tokens)
-                    or inputs + line_inputs > limits.max_embedding_inputs
-                )
-                if full:
+                if out is not None and (
+                    count >= max_requests
+                    or size + size_of > max_bytes
+                    or (max_tokens is not None and tokens + this_tokens > max_tokens)
+                    or inputs + line_inputs > max_inputs
+                ):
                     close()
                 if out is None:
                     out = (folder / f"shard-{len(shards):05d}.jsonl").open("wb")
@@ -706,7 +716,7 @@ def shard_batch_file(
                     count = size = tokens = inputs = 0
                     start = lineno
                 pending.append(raw)
-                count, size, tokens = count + 1, size + len(raw) + 1, tokens + this_tokens
+                count, size, tokens = count + 1, size + size_of, tokens + this_tokens
                 inputs += line_inputs
             flush()
     if out is not None:

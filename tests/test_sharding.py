@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -96,3 +97,90 @@ def test_a_request_over_the_token_limit_alone_is_an_input_error_naming_its_line(
         shard_batch_file(path, tmp_path / "s", limits=ShardLimits(max_tokens=500))
     text = str(raised.value)
     assert f"{path}:line 3" in text and "a file holds at most 500" in text and "shard-" not in text, text
+
+
+# --- lines checked a block at a time (BatchFileValidator.check_block) say exactly what line-by-line checks say ----
+
+
+def _line(i: int, **changes: object) -> bytes:
+    line = request_line(i)
+    line.update(changes)
+    return json.dumps(line).encode()
+
+
+def _embedding(i: int, value: object) -> bytes:
+    return json.dumps(request_line(i, url="/v1/embeddings", model="text-embedding-3-small", input=value)).encode()
+
+
+#: Each breaks a rule on a line past the first block (blocks of a few lines here), or is valid in a way the block
+#: check does not take at once (so the line checks run), or is plainly valid.
+_BLOCK_CASES = {
+    "valid": [_line(i) for i in range(40)],
+    "crlf": [_line(i) + b"\r" for i in range(40)],
+    "duplicate across blocks": [_line(i) for i in range(30)] + [_line(3)],
+    "duplicate within a block": [_line(i) for i in range(30)] + [_line(31), _line(31)],
+    "wrong method": [_line(i) for i in range(30)] + [_line(30, method="GET")],
+    "other url": [_line(i) for i in range(30)] + [_line(30, url="/v1/embeddings")],
+    "other model": [_line(i) for i in range(30)] + [json.dumps(request_line(30, model="gpt-4o")).encode()],
+    "no model": [_line(i) for i in range(30)] + [_line(30, body={"messages": []})],
+    "null model": [_line(i) for i in range(30)] + [_line(30, body={"model": None, "messages": []})],
+    "no messages": [_line(i) for i in range(30)] + [_line(30, body={"model": "gpt-4o-mini"})],
+    "body a list": [_line(i) for i in range(30)] + [_line(30, body=[1])],
+    "no body": [_line(i) for i in range(30)]
+    + [json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/chat/completions"}).encode()],
+    "empty custom_id": [_line(i) for i in range(30)] + [_line(30, custom_id="")],
+    "numeric custom_id": [_line(i) for i in range(30)] + [_line(30, custom_id=30)],
+    "not json": [_line(i) for i in range(30)] + [b'{"custom_id": "x",'],
+    "two objects on a line": [_line(i) for i in range(30)] + [_line(30) + b"," + _line(31)],
+    "not utf-8": [_line(i) for i in range(30)] + [_line(30).replace(b"Say", b"S\xff")],
+    "blank line between": [_line(i) for i in range(30)] + [b"", _line(30)],
+    "blank lines at the end": [_line(i) for i in range(30)] + [b"", b""],
+    "too deep": [_line(i) for i in range(30)]
+    + [_line(30, body={"model": "gpt-4o-mini", "messages": [], "x": json.loads("[" * 200 + "]" * 200)})],
+    "a BOM": [b"\xef\xbb\xbf" + _line(0)] + [_line(i) for i in range(1, 30)],
+}
+_EMBEDDING_CASES = {
+    "inputs counted": [_embedding(i, ["a", "b", "c"] if i % 3 else "one") for i in range(60)],
+    "token arrays": [_embedding(i, [1, 2, 3] if i % 2 else [[1, 2], [3]]) for i in range(60)],
+}
+
+
+def _shard_outcome(tmp_path, lines: list[bytes], endpoint: str, limits: ShardLimits) -> object:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    folder = tmp_path / f"shards-{len(list(tmp_path.iterdir()))}"
+    try:
+        made = shard_batch_file(source, folder, endpoint=endpoint, limits=limits)
+    except BatchInputError as error:
+        return [(i.line, i.field, i.message, i.code) for i in error.issues]
+    return [(s.requests, s.bytes, s.sha256, s.tokens, s.first_line, s.path.read_bytes()) for s in made]
+
+
+@pytest.mark.parametrize(
+    ("lines", "endpoint", "limits"),
+    [pytest.param(v, "/v1/chat/completions", ShardLimits(max_requests=7), id=k) for k, v in _BLOCK_CASES.items()]
+    + [
+        pytest.param(v, "/v1/embeddings", ShardLimits(max_embedding_inputs=20), id=k)
+        for k, v in _EMBEDDING_CASES.items()
+    ],
+)
+def test_lines_checked_a_block_at_a_time_are_judged_and_sharded_as_line_by_line(
+    lines, endpoint, limits, tmp_path, monkeypatch
+):
+    from airflow_provider_openai_batch import batch_file
+
+    monkeypatch.setattr(batch_file, "LINE_BLOCK_BYTES", 600)  # a few lines a block: problems land past the first
+    check_block, taken = batch_file.BatchFileValidator.check_block, []
+
+    def counted(self: Any, first: int, block: list[bytes]) -> Any:
+        inputs = check_block(self, first, block)
+        taken.append(inputs is not None)
+        return inputs
+
+    monkeypatch.setattr(batch_file.BatchFileValidator, "check_block", counted)
+    by_block = _shard_outcome(tmp_path, lines, endpoint, limits)
+    if not lines[0].startswith(b"\xef\xbb\xbf"):  # a BOM is a problem of line 1: every block is then checked by line
+        assert any(taken), "no block was taken at once: the test would not compare anything"
+    monkeypatch.setattr(batch_file.BatchFileValidator, "check_block", lambda self, first, block: None)
+    by_line = _shard_outcome(tmp_path, lines, endpoint, limits)
+    assert by_block == by_line
