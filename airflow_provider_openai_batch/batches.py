@@ -17,8 +17,10 @@ instance, in order:
 5. **Settle.** Two tries of one task instance can run at once (an orphaned Celery task process keeps running while
    Airflow starts the next try): each may look, find nothing and create. Right after creating, each try lists the
    batches made since *it started looking* (less ``RACE_SKEW``) and applies ``surviving_batch``: the oldest live
-   contender wins, the others cancel their own. Nothing is logged before that (an orphan dies at its first log
-   line): what the create, the SDK's retries and the settle have to say is held and said after (``HeldLog``).
+   contender wins (in the same second, the earlier try's), the others cancel their own. Nothing is logged before
+   that (an orphan dies at its first log line): what the create, the SDK's retries and the settle have to say is
+   held and said after (``HeldLog``). A caller whose own record shows that no later try has begun (the job's work
+   folder) skips the settle on the first try of a run: no racer can win against it (``create_many``).
 6. **A second look**: OpenAI does not say that a new batch is listed at once. A settle listing that does not show
    the try's own batch is lagging, and may miss a racer too: the try lists again (a few seconds apart, up to
    ``SETTLE_WAIT_FOR_OWN``) until its own batch shows, and then applies the rule. A listing that shows a batch shows
