@@ -414,7 +414,7 @@ class CreatePath:
         raises (or handles, a queue refusal) once it has recorded the ones made.
 
         ``no_later_try``, asked right after the creates, says from the caller's own record that no later try of
-        this task instance has begun (the job's work folder still names this try). When it does and this try is
+        this task instance has begun (the job's work folder holds no later try's mark). When it does and this try is
         the first of its run of tries (``sole_try``), the settle is skipped: no earlier try of the run exists, and
         a later one begins looking only after our creates, so each of its batches is younger than ours or, in the
         same second, loses the tie to the earlier try (``surviving_batch``); its own settle cancels it.

@@ -11,6 +11,7 @@ it is versioned (``FORMAT``); a folder of another format is never read as this o
 <work>/gen-<g>/output-<part>.jsonl, error-<part>.jsonl   its batch's result files, once it ended
 <work>/gen-<g>/joined-<part>.jsonl  its requests joined to its results (when a later generation needs them)
 <work>/joined-0.jsonl              generation 0 joined in input order (only when later generations are merged in)
+<work>/tries/<n>                   one empty file per try that worked on the folder (never overwritten)
 ```
 
 A piece moves ``waiting`` (for queue capacity, or its backoff after a queue refusal) → ``creating`` (the create is
@@ -185,6 +186,24 @@ class JobWorkFolder:
             return None
         value = json.loads(self.state_file.read_bytes())
         return str(value.get("owner") or "") if isinstance(value, dict) else None
+
+    def mark_try(self, try_number: int) -> None:
+        """
+        Record that ``try_number`` works on this folder: a file of its own under ``tries/``, written before the try
+        looks for or creates anything and never overwritten (unlike ``JobState.owner``, which the state's writers
+        take turns at), so a try can tell for sure whether a later one has begun (``later_try_began``).
+        """
+        marker = self.root / "tries" / str(try_number)
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_bytes(b"")
+
+    def later_try_began(self, try_number: int) -> bool:
+        """Whether a try later than ``try_number`` has marked this folder (``mark_try``)."""
+        tries = self.root / "tries"
+        if not tries.exists():
+            return False
+        return any(p.name.isdigit() and int(p.name) > try_number for p in tries.iterdir())
 
     def save(self, state: JobState) -> None:
         with atomic_writer(self.state_file, overwrite=True) as out:

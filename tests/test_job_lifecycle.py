@@ -384,8 +384,8 @@ def test_a_batch_that_failed_for_its_input_fails_the_job_with_openais_errors(job
 def test_a_first_try_creates_without_the_settle_and_a_retry_settles(job_server, tmp_path, monkeypatch):
     """
     The settle (a pause, then a listing) is for a try that may have a racer that wins. A first try whose work folder
-    still names it right after its creates has none: no earlier try exists, and a later one begins looking after
-    those creates. A retry may race the first try's orphan: it settles.
+    holds no later try's mark right after its creates has none: no earlier try exists, and a later one begins
+    looking after those creates. A retry may race the first try's orphan: it settles.
     """
     from airflow.providers.common.compat.sdk import TaskDeferred
 
@@ -446,3 +446,36 @@ def test_a_retry_that_misses_the_first_trys_unsettled_batches_keeps_one_per_piec
             live[key] = live.get(key, 0) + 1
     assert len(made) == 4, "the retry's lookup was meant to miss the first try's batches (a lagging listing)"
     assert sorted(live.values()) == [1, 1], f"live batches per piece: {live}"
+
+
+def test_a_first_try_settles_when_a_later_try_marked_its_folder(job_server, tmp_path, monkeypatch):
+    """
+    The state's owner name is taken in turns (a first try's write can land over a later try's); each try's mark on
+    the folder is not. A later try that began while the first try was sending makes the first try settle, whatever
+    the owner name says.
+    """
+    from airflow.providers.common.compat.sdk import TaskDeferred
+
+    from airflow_provider_openai_batch.batches import CreatePath
+
+    settled: list[int] = []
+    real_settle = CreatePath.settle_many
+
+    def counting(self: CreatePath, made: Any, held: Any = None) -> Any:
+        settled.append(self.try_number or 0)
+        return real_settle(self, made, held)
+
+    monkeypatch.setattr(CreatePath, "settle_many", counting)
+    ti = TI(f"r-{uuid.uuid4()}", retries=1)
+    ti.task_id = "job"
+    first = job(tmp_path, [request_line(i) for i in range(2)], retries=1)
+    real_upload = first._upload
+
+    def later_try_begins(*args: Any, **kwargs: Any) -> Any:
+        first._work({"ti": ti}).mark_try(2)  # the retry marks the folder; the state still names try 1
+        return real_upload(*args, **kwargs)
+
+    first._upload = later_try_begins  # type: ignore[method-assign]
+    with pytest.raises(TaskDeferred):
+        first.execute({"ti": ti})
+    assert settled == [1], "the first try skipped its settle although a later try had begun"

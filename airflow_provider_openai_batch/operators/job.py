@@ -386,7 +386,9 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         return self._advance(context, folder, state)
 
     def _own(self, context: Mapping[str, Any], folder: JobWorkFolder, state: JobState) -> JobState:
-        """This process now writes the folder: its name goes in, so an orphaned try that wrote before sees it."""
+        """This process now writes the folder: its name goes in, so an orphaned try that wrote before sees it, and its
+        try marks the folder for good (``JobWorkFolder.mark_try``: what an earlier try's skipped settle relies on)."""
+        folder.mark_try(_try_of(self._owner))
         state.owner = self._owner
         folder.save(state)
         return state
@@ -820,16 +822,12 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         except OpenAIBatchAPIError as error:
             self.log.warning("Could not list batches to look again for duplicates (%s)", error)
             return
-        listed = {b.id: b for b in listing}
         for piece in due:
             piece.second_look_done = True
             if piece.looked_at is None or now - piece.looked_at > create_path.SIBLING_LOOK_WITHIN:
                 continue
             look = SiblingLook(path.key(self._work_of(piece)), path.first, piece.looked_at)
-            # As listed (its metadata names the try that made it: the tie-break between same-second racers).
-            own = listed.get(str(piece.batch_id)) or SimpleNamespace(
-                id=piece.batch_id, created_at=int(piece.created_at or 0), status="in_progress", metadata=None
-            )
+            own = SimpleNamespace(id=piece.batch_id, created_at=int(piece.created_at or 0), status="in_progress")
             survivor = look.survivor(own, listing)
             if survivor.id != piece.batch_id:
                 create_path.cancel_duplicate(self.hook, str(piece.batch_id), survivor.id, self.log)
@@ -949,11 +947,13 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
         self, path: CreatePath, folder: JobWorkFolder, wave: list[tuple[BatchWork, str, str | None]]
     ) -> tuple[list[Any], OpenAIBatchAPIError | None]:
         """
-        The one create path (``batches.CreatePath.create_many``): each batch once, the wave settled together. The
-        work folder still naming this try right after the creates says that no later try has begun looking: the
-        first try of a run then skips the settle (no try can hold a batch that beats ours).
+        The one create path (``batches.CreatePath.create_many``): each batch once, the wave settled together. No
+        later try's mark on the work folder right after the creates says that no later try has begun looking (each
+        marks it before it looks or creates): the first try of a run then skips the settle (no try can hold a batch
+        that beats ours).
         """
-        return path.create_many(wave, no_later_try=lambda: folder.owner() == self._owner)
+        this_try = _try_of(self._owner)
+        return path.create_many(wave, no_later_try=lambda: not folder.later_try_began(this_try))
 
     @staticmethod
     def _record(path: CreatePath, piece: Piece, key: str, batch: Any) -> None:
