@@ -381,7 +381,23 @@ def test_a_batch_that_failed_for_its_input_fails_the_job_with_openais_errors(job
         Driver(lambda: job(tmp_path, [request_line(0)]), f"r-{uuid.uuid4()}", None).attempt()
 
 
-def test_a_first_try_creates_without_the_settle_and_a_retry_settles(job_server, tmp_path, monkeypatch):
+@pytest.fixture
+def settled(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The try number of every settle the create path runs, in order."""
+    from airflow_provider_openai_batch.batches import CreatePath
+
+    tries: list[int] = []
+    real_settle = CreatePath.settle_many
+
+    def counting(self: CreatePath, made: Any, held: Any = None) -> Any:
+        tries.append(self.try_number or 0)
+        return real_settle(self, made, held)
+
+    monkeypatch.setattr(CreatePath, "settle_many", counting)
+    return tries
+
+
+def test_a_first_try_creates_without_the_settle_and_a_retry_settles(job_server, tmp_path, settled):
     """
     The settle (a pause, then a listing) is for a try that may have a racer that wins. A first try whose work folder
     holds no later try's mark right after its creates has none: no earlier try exists, and a later one begins
@@ -389,16 +405,6 @@ def test_a_first_try_creates_without_the_settle_and_a_retry_settles(job_server, 
     """
     from airflow.providers.common.compat.sdk import TaskDeferred
 
-    from airflow_provider_openai_batch.batches import CreatePath
-
-    settled: list[int] = []
-    real_settle = CreatePath.settle_many
-
-    def counting(self: CreatePath, made: Any, held: Any = None) -> Any:
-        settled.append(self.try_number or 0)
-        return real_settle(self, made, held)
-
-    monkeypatch.setattr(CreatePath, "settle_many", counting)
     rows = [request_line(i) for i in range(4)]
     for try_number in (1, 2):
         ti = TI(f"r-{uuid.uuid4()}", retries=1)
@@ -448,7 +454,7 @@ def test_a_retry_that_misses_the_first_trys_unsettled_batches_keeps_one_per_piec
     assert sorted(live.values()) == [1, 1], f"live batches per piece: {live}"
 
 
-def test_a_first_try_settles_when_a_later_try_marked_its_folder(job_server, tmp_path, monkeypatch):
+def test_a_first_try_settles_when_a_later_try_marked_its_folder(job_server, tmp_path, settled):
     """
     The state's owner name is taken in turns (a first try's write can land over a later try's); each try's mark on
     the folder is not. A later try that began while the first try was sending makes the first try settle, whatever
@@ -456,16 +462,6 @@ def test_a_first_try_settles_when_a_later_try_marked_its_folder(job_server, tmp_
     """
     from airflow.providers.common.compat.sdk import TaskDeferred
 
-    from airflow_provider_openai_batch.batches import CreatePath
-
-    settled: list[int] = []
-    real_settle = CreatePath.settle_many
-
-    def counting(self: CreatePath, made: Any, held: Any = None) -> Any:
-        settled.append(self.try_number or 0)
-        return real_settle(self, made, held)
-
-    monkeypatch.setattr(CreatePath, "settle_many", counting)
     ti = TI(f"r-{uuid.uuid4()}", retries=1)
     ti.task_id = "job"
     first = job(tmp_path, [request_line(i) for i in range(2)], retries=1)
