@@ -554,6 +554,7 @@ class _Compiler:
                 attributes,
                 rename=dict(zip([a for a, _ in attributes], properties, strict=True)),
                 forbid_unknown_fields=True,
+                gc=False,  # decoded only to be checked and dropped: no cycles, and not tracked costs less
             )
         if types is None:
             return Any

@@ -132,7 +132,9 @@ class Layout:
         if fields:
             read.append(("output", output))
         read += [("output_text", pa.string()), ("error", error), ("round", pa.int32())]
-        self._read_schema = pa.schema(read)
+        #: The columns rows are read into from typed lines (before ``columns_of``: no dictionaries, ``output`` a
+        #: struct of the fields).
+        self.read_schema = pa.schema(read)
 
     def output(self, kind: OutputKind, value: Any) -> Any:
         """A succeeded row's output (a Python value, or the JSON bytes as ``msgspec.Raw``) as the line's ``output``."""
@@ -176,7 +178,7 @@ class Layout:
 
     def _read(self, data: bytes) -> Any:
         pa = _pyarrow()
-        parse = pa.json.ParseOptions(explicit_schema=self._read_schema, unexpected_field_behavior="ignore")
+        parse = pa.json.ParseOptions(explicit_schema=self.read_schema, unexpected_field_behavior="ignore")
         try:
             return pa.json.read_json(
                 io.BytesIO(data), read_options=pa.json.ReadOptions(block_size=_PARSE_BLOCK), parse_options=parse
@@ -237,12 +239,17 @@ class Layout:
             + b"\n"
         )
 
-    def _table(self, data: bytes) -> Any:
+    def read_lines(self, data: bytes) -> Any:
+        """Typed lines (whole lines) as a table of :attr:`read_schema`; a row its columns cannot hold is unfit."""
         pa = _pyarrow()
         try:
-            read = self._read(data)
+            return self._read(data)
         except pa.ArrowInvalid:
-            read = self._read_each(data)
+            return self._read_each(data)
+
+    def columns_of(self, read: Any) -> Any:
+        """A table of :attr:`read_schema` as the file's columns (:attr:`schema`)."""
+        pa = _pyarrow()
         columns = [read.column("custom_id"), read.column("status")]
         if self.fields:
             output = read.column("output").combine_chunks()
@@ -368,9 +375,14 @@ def _struct_convert(converts: dict[str, Convert]) -> Convert:
 _DONE = object()
 
 
-def write_typed(lines: Iterable[bytes], out: IO[bytes], layout: Layout | Callable[[], Layout]) -> int:
+def write_typed(
+    rows: Iterable[bytes] | Iterable[Any], out: IO[bytes], layout: Layout | Callable[[], Layout], *, read: bool = False
+) -> dict[str, int]:
     """
-    Write blocks of typed JSONL lines (whole lines each) to ``out`` as Parquet; returns the rows written.
+    Write blocks of typed JSONL lines (whole lines each) to ``out`` as Parquet; returns the rows written with each
+    status (counted from the file's ``status`` column, so a row written as ``invalid_output`` because its value
+    did not fit its column counts as one). ``read=True``: ``rows`` are tables of the layout's ``read_schema``
+    instead (the typed join's, ``typed_join.py``), one row group each.
 
     ``layout`` may be a function that gives it, asked once the first row group is gathered (a join knows its
     endpoint only once it has read its first input). Row groups are gathered here, turned into columns in a second
@@ -379,10 +391,12 @@ def write_typed(lines: Iterable[bytes], out: IO[bytes], layout: Layout | Callabl
     holds one group, so memory holds a few groups whatever the number of rows.
     """
     pa = _pyarrow()
+    import pyarrow.compute as pc
+
     groups: queue.Queue[Any] = queue.Queue(maxsize=1)
     tables: queue.Queue[Any] = queue.Queue(maxsize=1)
     failure: list[BaseException] = []
-    written = [0]
+    counts: dict[str, int] = {}
     chosen: list[Layout] = []
 
     def drain(handover: queue.Queue[Any], item: Any) -> None:
@@ -396,7 +410,10 @@ def write_typed(lines: Iterable[bytes], out: IO[bytes], layout: Layout | Callabl
         try:
             chosen.append(layout() if callable(layout) else layout)
             while data is not _DONE and not failure:
-                tables.put(chosen[0]._table(data))
+                table = data if read else chosen[0].read_lines(data)
+                for status in pc.value_counts(table.column("status")).to_pylist():
+                    counts[status["values"]] = counts.get(status["values"], 0) + status["counts"]
+                tables.put(chosen[0].columns_of(table))
                 data = groups.get()
         except BaseException as error:
             failure.append(error)
@@ -412,7 +429,6 @@ def write_typed(lines: Iterable[bytes], out: IO[bytes], layout: Layout | Callabl
             with pa.parquet.ParquetWriter(out, chosen[0].schema) as writer:
                 while table is not _DONE:
                     writer.write_table(table, row_group_size=max(1, table.num_rows))
-                    written[0] += table.num_rows
                     table = tables.get()
         except BaseException as error:
             failure.append(error)
@@ -425,17 +441,18 @@ def write_typed(lines: Iterable[bytes], out: IO[bytes], layout: Layout | Callabl
     for stage in stages:
         stage.start()
     try:
-        for data in _groups(lines):
+        for data in rows if read else _groups(rows):
             if failure:
                 break
-            groups.put(data)
+            if not read or data.num_rows:  # type: ignore[union-attr]
+                groups.put(data)
     finally:
         groups.put(_DONE)
         for stage in stages:
             stage.join()
     if failure:
         raise failure[0]
-    return written[0]
+    return counts
 
 
 def _groups(lines: Iterable[bytes]) -> Iterator[bytes]:

@@ -205,43 +205,57 @@ def _decoded(decode: Callable[[bytes], Any], lines: list[bytes]) -> list[Any]:
 
 
 def _spill(
-    chunks: Iterable[list[bytes] | tuple[list[str], list[bytes]]],
+    chunks: Iterable[list[bytes] | tuple[list[Any], list[bytes]]],
     folder: Path,
     prefix: str,
     shift: int,
     order: IO[bytes] | None = None,
-    *,
-    keys_only: bool = False,
 ) -> list[int]:
     """
-    Lines into ``_FANOUT`` bucket files by bits of their ``custom_id``'s hash, in the order read; the bucket of
-    each line, one byte a line, into ``order`` when given. ``keys_only``: a line is written as ``{"custom_id"}``
-    only (a typed join needs nothing else of an input). A chunk may come with its keys (``(keys, lines)``), read
-    already. Returns the bytes written per bucket.
+    Lines into ``_FANOUT`` bucket files by bits of their key's hash, in the order read; the bucket of each line,
+    one byte a line, into ``order`` when given. A chunk's keys are the ``custom_id`` decoded from its lines, unless
+    it comes with them (``(keys, lines)``: a typed join's key lines, hashed as their bytes). Returns the bytes
+    written per bucket.
     """
-    mask, key = _FANOUT - 1, _key_decoder.decode
+    key = _key_decoder.decode
     sizes = [0] * _FANOUT
     with contextlib.ExitStack() as stack:
         outs = [stack.enter_context((folder / f"{prefix}{b}").open("wb")) for b in range(_FANOUT)]
         for chunk in chunks:
             if isinstance(chunk, tuple):
-                ids, lines = chunk
-            elif keys_only:
-                ids = _keys(chunk)
-                lines = _encoder.encode_lines([_Keyed(i) for i in ids]).splitlines(keepends=True)
+                keys, lines = chunk
             else:
-                ids, lines = [k.custom_id for k in _decoded(key, chunk)], chunk
-            buckets = [(hash(i) >> shift) & mask for i in ids]
+                keys, lines = [k.custom_id for k in _decoded(key, chunk)], chunk
+            buckets = bucket_of(keys, shift)
             if order is not None:
                 order.write(bytes(buckets))
-            held: list[list[bytes]] = [[] for _ in range(_FANOUT)]
-            appends = [h.append for h in held]
-            for bucket, line in zip(buckets, lines, strict=True):
-                appends[bucket](line)
-            for bucket, bucket_lines in enumerate(held):
-                if bucket_lines:
-                    sizes[bucket] += outs[bucket].write(b"".join(bucket_lines))
+            to_buckets(outs, buckets, lines, sizes)
     return sizes
+
+
+def bucket_of(keys: Sequence[Any], shift: int) -> list[int]:
+    """The bucket of each key at the level ``shift`` (bits of its hash)."""
+    mask = _FANOUT - 1
+    return [(hash(k) >> shift) & mask for k in keys]
+
+
+def to_buckets(files: Sequence[IO[bytes]], buckets: list[int], lines: list[bytes], sizes: list[int]) -> None:
+    """Each line appended to its bucket's file, in order; ``sizes`` counts the bytes written per bucket."""
+    held: list[list[bytes]] = [[] for _ in range(_FANOUT)]
+    appends = [h.append for h in held]
+    for bucket, line in zip(buckets, lines, strict=True):
+        appends[bucket](line)
+    for bucket, bucket_lines in enumerate(held):
+        if bucket_lines:
+            sizes[bucket] += files[bucket].write(b"".join(bucket_lines))
+
+
+def key_lines(ids: list[str]) -> list[bytes]:
+    """
+    Key lines: each ``custom_id`` as its JSON string (as msgspec writes it) and a newline. A typed join keeps no
+    more of an input, and matches inputs to results by these bytes: the same key is always the same bytes.
+    """
+    return _encoder.encode_lines(ids).splitlines(keepends=True)
 
 
 #: Input lines longer than this on average (requests with their prompts and schemas) have their keys read off
@@ -249,89 +263,156 @@ def _spill(
 _LONG_LINE = 512
 
 
-def _keys(lines: list[bytes]) -> list[str]:
+def _input_key_lines(sources: Iterable[Source]) -> Iterator[tuple[list[bytes], list[bytes]]]:
     """
-    The ``custom_id`` of each line, blank lines left out. A long line that starts with it (as ``json.dumps`` and
-    msgspec write requests) has it read off the bytes up to its closing quote, without parsing the request after
-    it (most of the line); any other line (another key first, an escape in the id) is decoded.
+    The key line of every input line (:func:`key_lines`, blank lines left out), a chunk at a time, as
+    ``(keys, lines)`` for :func:`_spill` (the same list: the key lines are what a typed join keeps of its inputs).
+    """
+    for lines in _source_chunks(sources):
+        keys = _key_lines_of(lines)
+        yield keys, keys
+
+
+def _key_lines_of(lines: list[bytes]) -> list[bytes]:
+    """
+    The key lines of ``lines``. A long line that starts with its ``custom_id`` (as ``json.dumps`` and msgspec
+    write requests), the id's JSON string without an escape, has that string taken off the bytes as the key
+    line's, without parsing the request after it (most of the line): msgspec escapes only quotes, backslashes and
+    control characters, none of which such a string holds. Any other line (another key first, an escape in the
+    id) is decoded.
     """
     decode = _key_decoder.decode
     if sum(map(len, lines)) < _LONG_LINE * len(lines):
-        return [k.custom_id for k in _decoded(decode, lines)]
-    ids: list[str] = []
-    append = ids.append
+        return key_lines([k.custom_id for k in _decoded(decode, lines)])
+    found: list[bytes] = []
+    append, encode = found.append, _encoder.encode
     for line in lines:
         if line.startswith(b'{"custom_id": "'):
-            start = 15
-        elif line.startswith(b'{"custom_id":"'):
             start = 14
+        elif line.startswith(b'{"custom_id":"'):
+            start = 13
         else:
             if line.strip():
-                append(decode(line).custom_id)
+                append(encode(decode(line).custom_id))
             continue
-        end = line.find(b'"', start)
+        end = line.find(b'"', start + 1) + 1
         if end > 0 and line.find(b"\\", start, end) < 0:
-            append(line[start:end].decode())
+            append(line[start:end])
         else:
-            append(decode(line).custom_id)
-    return ids
+            append(encode(decode(line).custom_id))
+    return (b"\n".join(found) + b"\n").splitlines(keepends=True) if found else []
 
 
-#: Joins one bucket: (its inputs in order, its results, where the joined lines go, the counts).
-BucketJoin = Callable[[Iterable[list[bytes]], Iterable[list[bytes]], IO[bytes], "_Counts"], None]
+#: Joins one bucket: (its inputs' file, its results' file, where the joined lines go, the counts).
+BucketJoin = Callable[[Path, Path, IO[bytes], "_Counts"], None]
+
+
+class Buckets:
+    """
+    How a join keeps its results in bucket files and gives its rows back: here JSONL lines, joined by a
+    :data:`BucketJoin` and read back as blocks of lines. ``typed_join.ArrowBuckets`` keeps Arrow columns instead.
+    """
+
+    def __init__(self, join_bucket: BucketJoin | None = None) -> None:
+        self.join_bucket = join_bucket
+
+    def spill(self, results: Iterable[Any], folder: Path, shift: int) -> list[int]:
+        """Results into bucket files ``r<bucket>``; returns their sizes in bytes."""
+        return _spill(results, folder, "r", shift)
+
+    def results(self, folder: Path, bucket: int) -> Iterable[Any]:
+        """A bucket's results as :meth:`spill` takes them (to split it a level down)."""
+        return _file_chunks(folder / f"r{bucket}")
+
+    def inputs(self, path: Path) -> Iterable[Any]:
+        """A bucket's inputs as :func:`_spill` takes them (to split it a level down)."""
+        return _file_chunks(path)
+
+    def join(self, in_path: Path, folder: Path, bucket: int, out_path: Path, counts: _Counts) -> None:
+        """A bucket's rows in the order of its inputs (``in_path``), into ``out_path``."""
+        assert self.join_bucket is not None
+        with out_path.open("wb", buffering=_BUFFER) as out:
+            self.join_bucket(in_path, folder / f"r{bucket}", out, counts)
+
+    def write(self, out_path: Path, joined: Iterable[Any]) -> None:
+        """Rows joined a level down (as :meth:`in_order` gives them) into ``out_path``."""
+        with out_path.open("wb", buffering=_BUFFER) as out:
+            for block in joined:
+                out.write(block)
+
+    def drop(self, folder: Path, bucket: int) -> None:
+        (folder / f"r{bucket}").unlink(missing_ok=True)
+
+    def in_order(self, folder: Path) -> Iterator[Any]:
+        return _in_order(folder)
 
 
 def _join_blocks(
-    inputs: Iterable[list[bytes]],
-    results: Iterable[list[bytes] | tuple[list[str], list[bytes]]],
+    inputs: Iterable[list[bytes] | tuple[list[Any], list[bytes]]],
+    results: Iterable[Any],
     folder: Path,
     counts: _Counts,
-    join_bucket: BucketJoin,
+    buckets: Buckets,
     depth: int = 0,
-    keys_only: bool = False,
-) -> Iterator[bytes]:
+) -> Iterator[Any]:
     """
-    Joined JSONL lines in the order of ``inputs``, in blocks: a hash join that spills to disk (Grace).
+    Joined rows in the order of ``inputs``, in blocks: a hash join that spills to disk (Grace).
 
     Result and input lines go to ``_FANOUT`` bucket files by the hash of their ``custom_id``, and the bucket of
     every input, in input order, to an order file. Each bucket is then joined on its own (its results indexed in
-    memory, its inputs streamed in order), and the buckets' joined lines are read back in the order file's order.
+    memory, its inputs streamed in order), and the buckets' joined rows are read back in the order file's order.
     Memory holds one bucket's results: a bucket over ``_BUCKET_BYTES`` is split the same way again, a level down.
+    ``buckets`` keeps the results and gives the rows (JSONL lines, or Arrow columns).
     """
     shift = depth * _HASH_BITS
-    sizes = _spill(results, folder, "r", shift)
+    sizes = buckets.spill(results, folder, shift)
     with (folder / "order").open("wb") as order:
-        _spill(inputs, folder, "i", shift, order, keys_only=keys_only)
+        _spill(inputs, folder, "i", shift, order)
     for bucket in range(_FANOUT):
-        in_path, result_path = folder / f"i{bucket}", folder / f"r{bucket}"
-        with (folder / f"o{bucket}").open("wb", buffering=_BUFFER) as out:
-            if sizes[bucket] > _BUCKET_BYTES and depth < _MAX_DEPTH:
-                below = folder / f"d{bucket}"
-                below.mkdir()
-                for block in _join_blocks(
-                    _file_chunks(in_path), _file_chunks(result_path), below, counts, join_bucket, depth + 1
-                ):
-                    out.write(block)
-                shutil.rmtree(below)
-            else:
-                join_bucket(_file_chunks(in_path), _file_chunks(result_path), out, counts)
+        in_path, out_path = folder / f"i{bucket}", folder / f"o{bucket}"
+        if sizes[bucket] > _BUCKET_BYTES and depth < _MAX_DEPTH:
+            below = folder / f"d{bucket}"
+            below.mkdir()
+            rows = _join_blocks(
+                buckets.inputs(in_path), buckets.results(folder, bucket), below, counts, buckets, depth + 1
+            )
+            buckets.write(out_path, rows)
+            shutil.rmtree(below)
+        else:
+            buckets.join(in_path, folder, bucket, out_path, counts)
         in_path.unlink()
-        result_path.unlink()
+        buckets.drop(folder, bucket)
+    yield from buckets.in_order(folder)
+
+
+#: Rows read back in input order at a time (bytes of the order file: one a row).
+_ORDER_BYTES = 1 << 14
+
+
+def _in_order(folder: Path) -> Iterator[bytes]:
+    """
+    The buckets' joined lines (``o<bucket>``) in the order file's order, in blocks. Each bucket's lines are read
+    ahead a block at a time, as many as the next stretch of the order needs, and taken one by one off a queue:
+    a read per row cost more than the rest of the join's own work on a typed row.
+    """
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context((folder / f"o{b}").open("rb", buffering=_BUFFER)) for b in range(_FANOUT)]
-        nexts = [reader.readline for reader in readers]
+        held: list[collections.deque[bytes]] = [collections.deque() for _ in range(_FANOUT)]
+        takes = [pending.popleft for pending in held]
         with (folder / "order").open("rb") as order:
-            while sequence := order.read(_CHUNK_BYTES // 128):
-                yield b"".join([nexts[bucket]() for bucket in sequence])
+            while sequence := order.read(_ORDER_BYTES):
+                for bucket, wanted in collections.Counter(sequence).items():
+                    pending, read = held[bucket], readers[bucket].readlines
+                    while len(pending) < wanted and (more := read(_BUFFER)):
+                        pending.extend(more)
+                yield b"".join([takes[bucket]() for bucket in sequence])
 
 
-def _join_bucket(
-    inputs: Iterable[list[bytes]], results: Iterable[list[bytes]], out: IO[bytes], counts: _Counts
-) -> None:
+def _join_bucket(in_path: Path, result_path: Path, out: IO[bytes], counts: _Counts) -> None:
     """One bucket: its results indexed in memory (a later line for the same id wins), its inputs joined in order."""
-    index = _index(results)
+    index = _index(_file_chunks(result_path))
     raw, total, before = msgspec.Raw, 0, sum(counts.values())
-    for lines in inputs:
+    for lines in _file_chunks(in_path):
         requests = _decoded(_raw_request_decoder.decode, lines)
         found = map(index.get, [r.custom_id for r in requests])
         rows = [
@@ -371,11 +452,9 @@ def _index(results: Iterable[list[bytes]]) -> dict[str, msgspec.Raw | _RawResult
 def _extracting_join_bucket(extract: _Extract) -> BucketJoin:
     """:func:`_join_bucket` whose rows also carry ``output``, with the status the answer gives (``outputs.py``)."""
 
-    def join_bucket(
-        inputs: Iterable[list[bytes]], results: Iterable[list[bytes]], out: IO[bytes], counts: _Counts
-    ) -> None:
-        index, raw, outcome = _index(results), msgspec.Raw, extract.outcome
-        for lines in inputs:
+    def join_bucket(in_path: Path, result_path: Path, out: IO[bytes], counts: _Counts) -> None:
+        index, raw, outcome = _index(_file_chunks(result_path)), msgspec.Raw, extract.outcome
+        for lines in _file_chunks(in_path):
             rows: list[Any] = []
             for request in _decoded(_raw_request_decoder.decode, lines):
                 found = index.get(request.custom_id)
@@ -474,13 +553,17 @@ class _Joined(Iterator[JoinedRow]):
     """
     Joined rows made as JSONL blocks: :func:`write_joined` writes the blocks as they are, without building a row
     object each; iterating decodes them. ``make`` fills ``counts`` (rows per status) as it goes; ``typed`` makes
-    the compact lines of a typed Parquet file instead. Nothing is read until the first row or block is asked for.
+    the rows of a typed Parquet file instead: its compact lines, or (``typed_tables``, the join's) tables of the
+    layout's read schema. Nothing is read until the first row or block is asked for.
     """
 
-    def __init__(self, make: Make, extract: _Extract | None = None, typed: MakeTyped | None = None) -> None:
+    def __init__(
+        self, make: Make, extract: _Extract | None = None, typed: MakeTyped | None = None, typed_tables: bool = False
+    ) -> None:
         self.counts = _Counts()
         self.extract = extract
         self._make, self._typed = make, typed
+        self.typed_tables = typed_tables
         self._blocks: Iterator[bytes] | None = None
         self._rows: Iterator[JoinedRow] | None = None
 
@@ -495,8 +578,11 @@ class _Joined(Iterator[JoinedRow]):
             self._blocks = self._make(self.counts, self.extract)
         return self._blocks
 
-    def typed_blocks(self, extract: _Extract, slot: _LayoutSlot) -> Iterator[bytes] | None:
-        """Typed lines for ``slot``'s layout, or ``None`` when this join cannot make them (already started)."""
+    def typed_blocks(self, extract: _Extract, slot: _LayoutSlot) -> Iterator[Any] | None:
+        """
+        The typed rows for ``slot``'s layout (lines, or tables: :attr:`typed_tables`), in input order, or ``None``
+        when this join cannot make them (already started).
+        """
         if self._typed is None or self._blocks is not None:
             return None
         self.extract = extract
@@ -513,9 +599,9 @@ class _Joined(Iterator[JoinedRow]):
 def _join_all(
     inputs: list[Source], results: list[Source], counts: _Counts, extract: _Extract | None
 ) -> Iterator[bytes]:
-    join_bucket = _join_bucket if extract is None else _extracting_join_bucket(extract)
+    buckets = Buckets(_join_bucket if extract is None else _extracting_join_bucket(extract))
     with tempfile.TemporaryDirectory(prefix="openai-batch-join-") as folder:
-        yield from _join_blocks(_source_chunks(inputs), _source_chunks(results), Path(folder), counts, join_bucket)
+        yield from _join_blocks(_source_chunks(inputs), _source_chunks(results), Path(folder), counts, buckets)
 
 
 # --- typed lines: what a typed Parquet file holds of each row -------------------------------------------
@@ -574,10 +660,11 @@ class _AnswerResult(msgspec.Struct, gc=False):
 _answer_result_decoder = msgspec.json.Decoder(_AnswerResult)
 
 
-def _typed_results(lines: list[bytes], extract: _Extract, layout: Any) -> tuple[list[str], list[bytes]]:
+def _typed_results(lines: list[bytes], extract: _Extract, layout: Any) -> tuple[list[bytes], bytes]:
     """
-    Result lines (an output or error file's) as typed lines, with their keys: each answer read once, here, in
-    one pass over its bytes (a line whose answer has another shape is read the general way).
+    Result lines (an output or error file's) as a block of typed lines, with their key lines (:func:`key_lines`):
+    each answer read once, here, in one pass over its bytes (a line whose answer has another shape is read the
+    general way).
     """
     keys, typed = [], []
     decode, schema = _answer_result_decoder.decode, extract.schema
@@ -597,7 +684,7 @@ def _typed_results(lines: list[bytes], extract: _Extract, layout: Any) -> tuple[
                 typed_line = _typed_line(key, "succeeded", got, None, layout, extract)
         keys.append(key)
         typed.append(typed_line)
-    return keys, _encoder.encode_lines(typed).splitlines(keepends=True)
+    return key_lines(keys), _encoder.encode_lines(typed)
 
 
 def _code(status_code: Any) -> int:
@@ -619,49 +706,38 @@ def _typed_result(r: _RawResult, extract: _Extract, layout: Any) -> tuple[str, _
     return r.custom_id, _typed_line(r.custom_id, "failed", None, _error_of(response), layout, extract)
 
 
-def _typed_join_bucket(
-    inputs: Iterable[list[bytes]], results: Iterable[list[bytes]], out: IO[bytes], counts: _Counts
-) -> None:
-    """A bucket of typed lines joined to its inputs' keys, in input order; an input without a line is missing."""
-    index: dict[str, tuple[str, bytes]] = {}
-    for lines in results:
-        index.update(
-            {
-                k.custom_id: (k.status, line)
-                for k, line in zip(_decoded(_key_status_decoder.decode, lines), lines, strict=True)
-            }
-        )
-    for lines in inputs:
-        block = []
-        for keyed in _decoded(_key_decoder.decode, lines):
-            found = index.get(keyed.custom_id)
-            if found is None:
-                counts.add("missing")
-                block.append(_encoder.encode(_TypedLine(keyed.custom_id, "missing")) + b"\n")
-            else:
-                counts.add(found[0])
-                block.append(found[1])
-        out.write(b"".join(block))
+_key_line_decoder = msgspec.json.Decoder(str)
+
+
+def missing_line(key_line: bytes) -> bytes:
+    """The typed line of an input without a result, from its key line."""
+    return _encoder.encode(_TypedLine(_key_line_decoder.decode(key_line), "missing")) + b"\n"
 
 
 def _typed_join(
     inputs: list[Source], results: list[Source], counts: _Counts, extract: _Extract, slot: _LayoutSlot
-) -> Iterator[bytes]:
+) -> Iterator[Any]:
     """
-    The join for a typed Parquet file: inputs spill as their keys only, results as typed lines (the layout is the
-    endpoint's, known from the first input's ``url`` before any result is read), so the buckets hold a few dozen
-    bytes a row instead of the request and the response.
+    The join for a typed Parquet file, as tables of the layout's read schema in input order (``typed_join.py``):
+    inputs spill as their keys only, results as typed lines (the layout is the endpoint's, known from the first
+    input's ``url`` before any result is read), so the buckets hold a few dozen bytes a row instead of the request
+    and the response. Rows are counted by the Parquet writer.
     """
-    input_chunks = _source_chunks(inputs)
-    first = next(input_chunks, [])
-    lines = [line for line in first if line.strip()]
-    slot.set(_key_url_decoder.decode(lines[0]).url if lines else None)
-    layout = slot.layout
+    from airflow_provider_openai_batch.typed_join import typed_tables
+
+    layout = slot.set(_first_url(inputs))
     typed = (_typed_results(chunk, extract, layout) for chunk in _source_chunks(results))
-    with tempfile.TemporaryDirectory(prefix="openai-batch-join-") as folder:
-        yield from _join_blocks(
-            itertools.chain([first], input_chunks), typed, Path(folder), counts, _typed_join_bucket, keys_only=True
-        )
+    yield from typed_tables(_input_key_lines(inputs), typed, layout)
+
+
+def _first_url(inputs: list[Source]) -> str | None:
+    """The ``url`` of the first input line (``None`` when there is none): the endpoint every input is for."""
+    for source in inputs:
+        with open_source(source) as stream:
+            for line in stream:
+                if line.strip():
+                    return _key_url_decoder.decode(line).url
+    return None
 
 
 class _JoinedRaw(msgspec.Struct, omit_defaults=False, gc=False):
@@ -792,6 +868,7 @@ def iter_joined(
         lambda counts, wanted: _join_all(inputs, results, counts, wanted),
         _extraction(output_schema, extract),
         lambda counts, wanted, slot: _typed_join(inputs, results, counts, wanted, slot),
+        typed_tables=True,
     )
 
 
@@ -877,23 +954,14 @@ def _write_typed(
     slot = _LayoutSlot(extract)
     if extract.schema is not None:
         slot.get()  # the columns come from the schema: a bad one fails here, before the join reads anything
-    counts = _Counts()
-    lines = rows.typed_blocks(extract, slot) if isinstance(rows, _Joined) else None
-    if isinstance(rows, _Joined) and lines is not None:
-        counts = rows.counts
-    else:
-        lines = _typed_from_rows(rows, counts, extract, slot)
+    joined = rows if isinstance(rows, _Joined) else None
+    typed = joined.typed_blocks(extract, slot) if joined is not None else None
     with atomic_writer(destination, overwrite=overwrite) as out:
         from airflow_provider_openai_batch.parquet import write_typed
 
-        write_typed(lines, out, slot.get)
-    unfit = slot.layout.unfit if slot.layout is not None else 0
-    if unfit:  # succeeded rows whose value the columns cannot hold went into the file as invalid_output
-        counts.add("succeeded", -unfit)
-        counts.add("invalid_output", unfit)
-        if not counts["succeeded"]:
-            del counts["succeeded"]
-    return dict(counts)
+        if joined is not None and typed is not None:
+            return write_typed(typed, out, slot.get, read=joined.typed_tables)
+        return write_typed(_typed_from_rows(rows, _Counts(), extract, slot), out, slot.get)
 
 
 # --- failed requests, resubmitted -----------------------------------------------------------------

@@ -167,6 +167,34 @@ def test_row_groups_stream_and_keep_input_order(tmp_path, monkeypatch):
     assert {s: statuses.count(s) for s in set(statuses)} == counts
 
 
+def test_a_typed_join_split_a_level_down_writes_the_same_file(tmp_path, monkeypatch):
+    """
+    Buckets too big for memory are split again, their columns re-partitioned: the same rows in the same order,
+    with a result sent twice (the later one counts), blank lines, and inputs that never got a result.
+    """
+    from airflow_provider_openai_batch import results as joins
+
+    rows = _structured(60, fates={i: "refused" for i in range(0, 60, 11)})
+    inputs, results = _files(tmp_path, rows, failed=(5, 30, 50), answered=56)
+    out = results[0].read_bytes().splitlines(keepends=True)
+    resent = json.loads(out[0])
+    resent["response"]["body"]["choices"][0]["message"]["content"] = "not json"  # the later answer is invalid
+    results[0].write_bytes(b"\n" + b"".join(out) + b"\n  \n" + jsonl([resent]))
+    whole = tmp_path / "whole.parquet"
+    counts = write_joined(iter_joined(inputs, results, output_schema=Label), whole)
+    assert counts["missing"] == 4 and counts["invalid_output"] >= 1
+    monkeypatch.setattr(joins, "_BUCKET_BYTES", 1)
+    monkeypatch.setattr(joins, "_MAX_DEPTH", 1)
+    monkeypatch.setattr(parquet, "ROWS_PER_GROUP", 8)  # many groups at both levels
+    split = tmp_path / "split.parquet"
+    assert write_joined(iter_joined(inputs, results, output_schema=Label), split) == counts
+    got = pq.read_table(split).to_pylist()
+    assert got == pq.read_table(whole).to_pylist()
+    assert [r["custom_id"] for r in got] == [f"req-{i}" for i in range(60)]
+    [row] = [r for r in got if r["custom_id"] == resent["custom_id"]]
+    assert row["status"] == "invalid_output" and row["output_text"] == "not json"
+
+
 def test_a_joined_file_and_merged_rounds_give_the_same_table(tmp_path):
     rows = _structured(8, fates={1: "truncated"})
     inputs, results = _files(tmp_path, rows, failed=(4,))
