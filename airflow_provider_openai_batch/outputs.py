@@ -897,6 +897,34 @@ def answer_outcome(parsed: _Body, schema: OutputSchema | None) -> Outcome:
     return Outcome("succeeded")
 
 
+def plain_output(parsed: _Body, schema: OutputSchema) -> bytes | None:
+    """
+    The validated output (compact JSON) of a chat answer that plainly succeeded: not refused, not cut short, its
+    text valid for ``schema``; ``None`` for any other answer, which :func:`answer_outcome` reads. For such an
+    answer, ``answer_outcome`` gives ``succeeded`` with this output: a typed join's common row, read without
+    building its :class:`Outcome`.
+    """
+    choices = parsed.choices
+    if not choices:
+        return None
+    choice = choices[0]
+    message = choice.message
+    if message is None or message.refusal or choice.finish_reason in _CUT_SHORT:
+        return None
+    text = message.content
+    if type(text) is not str:
+        return None
+    try:
+        return schema.validate(text)
+    except InvalidOutput:
+        return None
+
+
+#: A chat answer's ``finish_reason`` that ends it before its end: ``length`` (truncated), ``content_filter``
+#: (refused).
+_CUT_SHORT = frozenset({"length", "content_filter"})
+
+
 def _choice_outcome(choice: _Choice, schema: OutputSchema | None) -> Outcome:
     message = choice.message
     text = message.content if message is not None else choice.text

@@ -107,6 +107,8 @@ class Layout:
         converts = {name: column.convert for name, column in fields if column.convert is not None}
         #: Decode, convert and encode an output again only when some field needs it.
         self._convert: Convert | None = _struct_convert(converts) if converts else None
+        #: A validated output goes into the columns as the JSON it is (:meth:`output` returns it unchanged).
+        self.output_as_is = output_schema is not None and self._convert is None
         error = pa.struct(
             [
                 ("code", pa.string()),
@@ -176,17 +178,15 @@ class Layout:
             "reason": _text(error.get("reason")),
         }
 
-    def _read(self, data: bytes) -> Any:
+    def _read(self, data: bytes, threads: bool = True) -> Any:
         pa = _pyarrow()
         parse = pa.json.ParseOptions(explicit_schema=self.read_schema, unexpected_field_behavior="ignore")
         try:
-            return pa.json.read_json(
-                io.BytesIO(data), read_options=pa.json.ReadOptions(block_size=_PARSE_BLOCK), parse_options=parse
-            )
+            options = pa.json.ReadOptions(block_size=_PARSE_BLOCK, use_threads=threads)
+            return pa.json.read_json(io.BytesIO(data), read_options=options, parse_options=parse)
         except pa.ArrowInvalid:  # a line longer than a block: the group is read as one block
-            return pa.json.read_json(
-                io.BytesIO(data), read_options=pa.json.ReadOptions(block_size=len(data) + 1), parse_options=parse
-            )
+            options = pa.json.ReadOptions(block_size=len(data) + 1, use_threads=threads)
+            return pa.json.read_json(io.BytesIO(data), read_options=options, parse_options=parse)
 
     def _read_each(self, data: bytes) -> Any:
         """
@@ -239,11 +239,14 @@ class Layout:
             + b"\n"
         )
 
-    def read_lines(self, data: bytes) -> Any:
-        """Typed lines (whole lines) as a table of :attr:`read_schema`; a row its columns cannot hold is unfit."""
+    def read_lines(self, data: bytes, threads: bool = True) -> Any:
+        """
+        Typed lines (whole lines) as a table of :attr:`read_schema`; a row its columns cannot hold is unfit.
+        ``threads=False``: read on this thread alone (another core is busy with the join's own Python).
+        """
         pa = _pyarrow()
         try:
-            return self._read(data)
+            return self._read(data, threads)
         except pa.ArrowInvalid:
             return self._read_each(data)
 

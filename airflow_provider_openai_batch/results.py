@@ -41,6 +41,7 @@ from airflow_provider_openai_batch.outputs import (
     body_outcome,
     kind_of_url,
     output_schema_cached,
+    plain_output,
 )
 from airflow_provider_openai_batch.storage import Destination, Source, atomic_writer, open_source
 
@@ -668,6 +669,7 @@ def _typed_results(lines: list[bytes], extract: _Extract, layout: Any) -> tuple[
     """
     keys, typed = [], []
     decode, schema = _answer_result_decoder.decode, extract.schema
+    as_is = layout.output_as_is
     for line in lines:
         try:
             r = decode(line)
@@ -680,8 +682,13 @@ def _typed_results(lines: list[bytes], extract: _Extract, layout: Any) -> tuple[
             if r.error or raw is None or not isinstance(raw.body, Answer) or _code(raw.status_code) != 200:
                 key, typed_line = _typed_result(_raw_result_decoder.decode(line), extract, layout)
             else:
-                key, got = r.custom_id, answer_outcome(raw.body, schema)
-                typed_line = _typed_line(key, "succeeded", got, None, layout, extract)
+                key = r.custom_id
+                value = plain_output(raw.body, schema) if as_is and schema is not None else None
+                if value is not None:
+                    typed_line = _TypedLine(key, "succeeded", msgspec.Raw(value))
+                else:
+                    got = answer_outcome(raw.body, schema)
+                    typed_line = _typed_line(key, "succeeded", got, None, layout, extract)
         keys.append(key)
         typed.append(typed_line)
     return key_lines(keys), _encoder.encode_lines(typed)

@@ -66,7 +66,7 @@ class ArrowBuckets(_results.Buckets):
                     writers = [self._writer(folder / f"r{b}", stack) for b in range(_results._FANOUT)]
                     while item is not _DONE and not failure:
                         data, buckets = item
-                        table = data if isinstance(data, self.pa.Table) else self.layout.read_lines(data)
+                        table = data if isinstance(data, self.pa.Table) else self.layout.read_lines(data, False)
                         self._to_buckets(writers, table, buckets)
                         item = groups.get()
             except BaseException as error:
@@ -159,7 +159,7 @@ class ArrowBuckets(_results.Buckets):
         """
         pa = self.pa
         with self._reader(folder / f"r{bucket}") as reader:
-            rows = reader.read_all().combine_chunks()
+            rows = reader.read_all()
         keys = (folder / f"kr{bucket}").read_bytes().splitlines(keepends=True)
         index = dict(zip(keys, range(len(keys)), strict=True))
         with contextlib.ExitStack() as stack:

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar, get_args
 
+import msgspec
 import openai
 import pydantic
 import pytest
@@ -28,12 +29,15 @@ from openai.types.responses import Response
 
 from airflow_provider_openai_batch.outputs import (
     ROW_STATUSES,
+    Answer,
     OutputSchemaConflict,
     StrictSchemaError,
+    answer_outcome,
     apply_output_schema,
     check_strict_schema,
     max_tokens_field,
     output_schema,
+    plain_output,
     prompt_item,
     prompt_request,
     response_format,
@@ -243,6 +247,36 @@ def test_the_sdk_reads_the_fakes_answers_as_the_join_does(endpoint):
             assert parsed is None and refusal == responses.REFUSAL and ours.status == "refused"
         else:
             assert parsed is not None and ours.status == "succeeded" and parsed.model_dump() == ours.output
+
+
+@pytest.mark.parametrize("schema", [Label, LABEL_DICT], ids=["pydantic-model", "json-schema-dict"])
+def test_a_plain_answers_output_read_without_its_outcome_is_the_outcomes(schema):
+    """
+    ``plain_output`` (a typed join's shortcut) gives the output ``answer_outcome`` gives a plain success, and
+    declines everything else: refused, truncated, cut by a content filter, invalid, no text, another endpoint.
+    """
+    checked = output_schema(schema)
+    decode = msgspec.json.Decoder(Answer).decode
+    body = {**request_line(0)["body"], **response_format(schema, "/v1/chat/completions")}
+    answers = [
+        responses.response_body("/v1/chat/completions", {**body, **({"fake_output": f} if f else {})}, f"r{i}", 1)
+        for i, f in enumerate((None, None, "invalid", "refused", "truncated"))
+    ]
+    filtered = json.loads(json.dumps(answers[0]))
+    filtered["choices"][0]["finish_reason"] = "content_filter"
+    no_text = json.loads(json.dumps(answers[0]))
+    no_text["choices"][0]["message"]["content"] = None
+    responses_api = responses.response_body("/v1/responses", request_line(0, url="/v1/responses")["body"], "r", 1)
+    taken = 0
+    for answer in [*answers, filtered, no_text, responses_api]:
+        parsed = decode(json.dumps(answer))
+        got, outcome = plain_output(parsed, checked), answer_outcome(parsed, checked)
+        if got is not None:
+            taken += 1
+            assert outcome.status == "succeeded" and bytes(outcome.output) == got
+        else:
+            assert outcome.status != "succeeded" or answer is responses_api
+    assert taken == 2
 
 
 def test_completions_answers_that_stop_early():
