@@ -9,9 +9,10 @@ enums dictionary-encoded strings, a field that may be null is nullable; without 
 
 Rows arrive as typed JSONL lines (``custom_id, status, output, output_text, error, round``; :class:`Layout` says
 how to make them), a row group at a time: Arrow's JSON reader turns each group into columns in C++, in a thread of
-its own while the join makes the next group and a third thread writes the group before, so memory holds a few
-groups whatever the number of rows. This
-module only writes: what a row is and what its status means is ``outputs.py``'s and ``results.py``'s, except for
+its own while the rows of the next group are made and a third thread writes the group before, so memory holds a
+few groups whatever the number of rows. A join's rows arrive as columns already (``typed_join.py`` reads its typed
+lines while it reads the results): tables of :attr:`Layout.read_schema`, in input order. The rows written are
+counted from the file's own ``status`` column. This module only writes: what a row is and what its status means is ``outputs.py``'s and ``results.py``'s, except for
 one thing only the columns know: an answer holding a value its column's type cannot (an integer past int64) is
 written as an ``invalid_output`` row, the answer kept as its text (``Layout.unfit`` counts them).
 """

@@ -10,7 +10,8 @@ and response bodies pass through as the bytes read (msgspec ``Raw``), which is m
 
 Asked for (``output_schema=`` or ``extract=True``), each answered row also gets its ``output`` and a finer status
 (``invalid_output``, ``refused``, ``truncated``: ``outputs.py`` reads the body); a typed Parquet destination
-(``parquet.py`` writes it) is then joined from compact lines that carry only what its columns hold.
+(``parquet.py`` writes it) is then joined from compact lines that carry only what its columns hold, kept in the
+buckets as Arrow columns (``typed_join.py``), and from the inputs only their keys.
 """
 
 from __future__ import annotations
