@@ -12,9 +12,10 @@ how to make them), a row group at a time: Arrow's JSON reader turns each group i
 its own while the rows of the next group are made and a third thread writes the group before, so memory holds a
 few groups whatever the number of rows. A join's rows arrive as columns already (``typed_join.py`` reads its typed
 lines while it reads the results): tables of :attr:`Layout.read_schema`, in input order. The rows written are
-counted from the file's own ``status`` column. This module only writes: what a row is and what its status means is ``outputs.py``'s and ``results.py``'s, except for
-one thing only the columns know: an answer holding a value its column's type cannot (an integer past int64) is
-written as an ``invalid_output`` row, the answer kept as its text (``Layout.unfit`` counts them).
+counted from the file's own ``status`` column. This module only writes: what a row is and what its status means
+is ``outputs.py``'s and ``results.py``'s, except for one thing only the columns know: an answer holding a value its
+column's type cannot (an integer past int64) is written as an ``invalid_output`` row, the answer kept as its text
+(``Layout.unfit`` counts them).
 """
 
 from __future__ import annotations
