@@ -9,7 +9,8 @@ measures in fresh interpreters, each the median of ``--rounds`` runs with the sp
   model, as the SDK's ``parse()`` validates;
 - ``dict``: the same with Label's JSON Schema as a dict (validated by the compiled msgspec types);
 - ``jsonl``: today's JSONL join of the same files (the anchor: ``benchmarks/join.py`` measures it on embeddings);
-- ``rejoin``: a joined JSONL file (the job's last round) to typed Parquet, ``write_joined(iter_merged([...]), ...)``.
+- ``rejoin``: a joined JSONL file (a round's) to typed Parquet, ``write_joined(iter_merged([...]), ...)``: rows
+  that are not a join's own, read from their lines (the typed join's Arrow buckets are not used).
 
 Every Parquet file is read back: its Arrow schema must hold Label's types (``parquet.columns``). Peak extra RSS is
 also measured at a tenth of the rows, to show it stays flat. ``--rows`` sets the size (``make bench`` runs this as
@@ -172,7 +173,7 @@ def table_rows(runs: dict[str, list[dict[str, object]]], small: dict[str, list[d
         "model": "Typed Parquet, Pydantic model",
         "dict": "Typed Parquet, JSON Schema dict",
         "jsonl": "JSONL join of the same files, no extraction (anchor)",
-        "rejoin": "Joined JSONL to typed Parquet (the job's last step)",
+        "rejoin": "Joined JSONL to typed Parquet (one round's joined file, `iter_merged`)",
     }
     speeds = {m: [float(r["rows"]) / float(r["wall"]) for r in runs[m]] for m in runs}  # type: ignore[arg-type]
     anchor = f"JSONL join: {spread(speeds['jsonl'], '{:,.0f}')} rows/s" if "jsonl" in runs else "-"
