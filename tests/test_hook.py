@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import time
@@ -229,6 +230,30 @@ class TestAsync:
         asyncio.run(use_client())
         asyncio.run(use_client())
         assert clients[0] is not clients[1]  # both kept alive here, so a reused id cannot hide a shared client
+
+    def test_a_client_left_by_an_ended_loop_is_dropped_quietly(self, conn_id):
+        """
+        ``dag.test`` runs each trigger in its own loop: the client the last loop left behind is dropped in the next
+        one, and closing it there (its connections belong to a closed loop) must not end in an error the loop logs.
+        """
+        hook = OpenAIBatchHook(conn_id)
+
+        async def use_client() -> None:
+            assert [b async for b in hook.alist_batches()] == []  # a connection opened in this loop
+
+        asyncio.run(use_client())
+        logged: list[dict[str, object]] = []
+
+        async def next_loop() -> None:
+            asyncio.get_running_loop().set_exception_handler(lambda loop, context: logged.append(context))
+            await hook.get_async_conn()  # the last loop's client is dropped here
+            for _ in range(3):
+                gc.collect()
+                await asyncio.sleep(0.01)
+
+        asyncio.run(next_loop())
+        gc.collect()
+        assert [context.get("message") for context in logged] == []
 
     async def test_async_errors_are_translated(self, conn_id, server):
         hook = OpenAIBatchHook(conn_id)

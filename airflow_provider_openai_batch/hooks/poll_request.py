@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING
+import weakref
+from typing import TYPE_CHECKING, Any
 
 import openai
 
@@ -29,19 +30,35 @@ if TYPE_CHECKING:
     from openai import AsyncOpenAI
 
 
+_closing: set[asyncio.Task[None]] = set()
+
+
 class PollHttpClient(openai.DefaultAsyncHttpxClient):
     """
     The async clients' HTTP client, created by the hook (not the SDK) so a kept request is sent through it.
 
     ``openai.DefaultAsyncHttpxClient`` has the SDK's own defaults (timeouts, connection limits, redirects); like the
-    client the SDK would make itself, it closes on garbage collection when its loop is still running.
+    client the SDK would make itself, it closes on garbage collection when its loop is still running. Dropped while
+    another loop runs (``dag.test`` runs each trigger in a loop of its own), it is not closed there: its connections
+    belong to a closed loop, and closing them in another ends in an error that loop logs.
     """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        try:
+            self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = weakref.ref(asyncio.get_running_loop())
+        except RuntimeError:
+            self._loop = None
 
     def __del__(self) -> None:
         if self.is_closed:
             return
         with contextlib.suppress(Exception):  # no running loop: the sockets close with their objects
-            asyncio.get_running_loop().create_task(self.aclose())
+            loop = asyncio.get_running_loop()
+            if self._loop is not None and self._loop() is loop:
+                closing = loop.create_task(self.aclose())
+                _closing.add(closing)  # held until done: the loop keeps only a weak reference to a task
+                closing.add_done_callback(_closing.discard)
 
 
 class RepeatedPolls:
