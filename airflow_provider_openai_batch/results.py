@@ -25,12 +25,24 @@ import sqlite3
 import tempfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, Protocol
 
 import msgspec
 
 from airflow_provider_openai_batch.batch_file import ResultLine, iter_lines
 from airflow_provider_openai_batch.exceptions import is_transient_status
+from airflow_provider_openai_batch.join_keys import (
+    FANOUT,
+    HASH_BITS,
+    Keyed,
+    bucket_of,
+    chunks,
+    key_decoder,
+    key_lines,
+    key_lines_of,
+    to_buckets,
+)
+from airflow_provider_openai_batch.join_keys import decoded as _decoded
 from airflow_provider_openai_batch.outputs import (
     OUTPUT_STATUSES,
     Answer,
@@ -119,13 +131,8 @@ def _scratch_db(schema: str) -> Iterator[sqlite3.Connection]:
             db.close()
 
 
-class _Keyed(msgspec.Struct, gc=False):
-    """Only the key of a line: the rest is skipped over without being built."""
-
-    custom_id: str
-
-
 _NULL = msgspec.Raw(b"null")
+_Keyed, _key_decoder = Keyed, key_decoder
 
 
 class _RawRequest(msgspec.Struct, gc=False):
@@ -162,13 +169,11 @@ class _RawJoined(msgspec.Struct, omit_defaults=False, gc=False):
     output: Any = msgspec.UNSET
 
 
-_key_decoder = msgspec.json.Decoder(_Keyed)
 _raw_request_decoder = msgspec.json.Decoder(_RawRequest)
 _raw_result_decoder = msgspec.json.Decoder(_RawResult)
 _joined_decoder = msgspec.json.Decoder(JoinedRow)
-#: Buckets per level of the join's partitioning (a power of two: the bucket is some bits of the key's hash).
-_FANOUT = 64
-_HASH_BITS = 6
+#: Buckets per level of the join's partitioning (``join_keys.py``).
+_FANOUT, _HASH_BITS = FANOUT, HASH_BITS
 #: A bucket whose result lines take more than this is split again by other bits of the hash, so the index of one
 #: bucket (held in memory) stays about this small whatever the number of rows. Five levels: 64^5 buckets.
 _BUCKET_BYTES = 16 << 20
@@ -180,10 +185,7 @@ _BUFFER = 1 << 16
 
 def _chunks(stream: IO[bytes]) -> Iterator[list[bytes]]:
     """A JSONL stream as lists of whole lines, each ending in a newline."""
-    while lines := stream.readlines(_CHUNK_BYTES):
-        if not lines[-1].endswith(b"\n"):
-            lines[-1] += b"\n"
-        yield lines
+    return chunks(stream, _CHUNK_BYTES)
 
 
 def _source_chunks(sources: Iterable[Source]) -> Iterator[list[bytes]]:
@@ -195,15 +197,6 @@ def _source_chunks(sources: Iterable[Source]) -> Iterator[list[bytes]]:
 def _file_chunks(path: Path) -> Iterator[list[bytes]]:
     with path.open("rb", buffering=_BUFFER) as stream:
         yield from _chunks(stream)
-
-
-def _decoded(decode: Callable[[bytes], Any], lines: list[bytes]) -> list[Any]:
-    """Every line of ``lines`` decoded, blank lines dropped first (from ``lines`` too) when there are any."""
-    try:
-        return list(map(decode, lines))
-    except msgspec.DecodeError:
-        lines[:] = [line for line in lines if line.strip()]
-        return list(map(decode, lines))
 
 
 def _spill(
@@ -235,74 +228,14 @@ def _spill(
     return sizes
 
 
-def bucket_of(keys: Sequence[Any], shift: int) -> list[int]:
-    """The bucket of each key at the level ``shift`` (bits of its hash)."""
-    mask = _FANOUT - 1
-    return [(hash(k) >> shift) & mask for k in keys]
-
-
-def to_buckets(files: Sequence[IO[bytes]], buckets: list[int], lines: list[bytes], sizes: list[int]) -> None:
-    """Each line appended to its bucket's file, in order; ``sizes`` counts the bytes written per bucket."""
-    held: list[list[bytes]] = [[] for _ in range(_FANOUT)]
-    appends = [h.append for h in held]
-    for bucket, line in zip(buckets, lines, strict=True):
-        appends[bucket](line)
-    for bucket, bucket_lines in enumerate(held):
-        if bucket_lines:
-            sizes[bucket] += files[bucket].write(b"".join(bucket_lines))
-
-
-def key_lines(ids: list[str]) -> list[bytes]:
-    """
-    Key lines: each ``custom_id`` as its JSON string (as msgspec writes it) and a newline. A typed join keeps no
-    more of an input, and matches inputs to results by these bytes: the same key is always the same bytes.
-    """
-    return _encoder.encode_lines(ids).splitlines(keepends=True)
-
-
-#: Input lines longer than this on average (requests with their prompts and schemas) have their keys read off
-#: the bytes; shorter ones are decoded, which is as fast for them.
-_LONG_LINE = 512
-
-
 def _input_key_lines(sources: Iterable[Source]) -> Iterator[tuple[list[bytes], list[bytes]]]:
     """
     The key line of every input line (:func:`key_lines`, blank lines left out), a chunk at a time, as
     ``(keys, lines)`` for :func:`_spill` (the same list: the key lines are what a typed join keeps of its inputs).
     """
     for lines in _source_chunks(sources):
-        keys = _key_lines_of(lines)
+        keys = key_lines_of(lines)
         yield keys, keys
-
-
-def _key_lines_of(lines: list[bytes]) -> list[bytes]:
-    """
-    The key lines of ``lines``. A long line that starts with its ``custom_id`` (as ``json.dumps`` and msgspec
-    write requests), the id's JSON string without an escape, has that string taken off the bytes as the key
-    line's, without parsing the request after it (most of the line): msgspec escapes only quotes, backslashes and
-    control characters, none of which such a string holds. Any other line (another key first, an escape in the
-    id) is decoded.
-    """
-    decode = _key_decoder.decode
-    if sum(map(len, lines)) < _LONG_LINE * len(lines):
-        return key_lines([k.custom_id for k in _decoded(decode, lines)])
-    found: list[bytes] = []
-    append, encode = found.append, _encoder.encode
-    for line in lines:
-        if line.startswith(b'{"custom_id": "'):
-            start = 14
-        elif line.startswith(b'{"custom_id":"'):
-            start = 13
-        else:
-            if line.strip():
-                append(encode(decode(line).custom_id))
-            continue
-        end = line.find(b'"', start + 1) + 1
-        if end > 0 and line.find(b"\\", start, end) < 0:
-            append(line[start:end])
-        else:
-            append(encode(decode(line).custom_id))
-    return (b"\n".join(found) + b"\n").splitlines(keepends=True) if found else []
 
 
 #: Joins one bucket: (its inputs' file, its results' file, where the joined lines go, the counts).
@@ -348,6 +281,23 @@ class Buckets:
     def in_order(self, folder: Path) -> Iterator[Any]:
         return _in_order(folder)
 
+    def inputs_beside(self, folder: Path, shift: int) -> Beside | None:
+        """
+        The inputs' spill started beside the results' (by another process), or ``None``: the join spills them
+        itself, after the results.
+        """
+        return None
+
+
+class Beside(Protocol):
+    """The inputs being spilt beside the results (``Buckets.inputs_beside``)."""
+
+    def wait(self) -> bool:
+        """Wait for it; whether the inputs are spilt (if not, the join spills them itself)."""
+
+    def stop(self) -> None:
+        """Stop it: the join is failing."""
+
 
 def _join_blocks(
     inputs: Iterable[list[bytes] | tuple[list[Any], list[bytes]]],
@@ -367,9 +317,17 @@ def _join_blocks(
     ``buckets`` keeps the results and gives the rows (JSONL lines, or Arrow columns).
     """
     shift = depth * _HASH_BITS
-    sizes = buckets.spill(results, folder, shift)
-    with (folder / "order").open("wb") as order:
-        _spill(inputs, folder, "i", shift, order)
+    beside = buckets.inputs_beside(folder, shift) if depth == 0 else None
+    try:
+        sizes = buckets.spill(results, folder, shift)
+        spilt = beside is not None and beside.wait()
+    except BaseException:
+        if beside is not None:
+            beside.stop()
+        raise
+    if not spilt:
+        with (folder / "order").open("wb") as order:
+            _spill(inputs, folder, "i", shift, order)
     for bucket in range(_FANOUT):
         in_path, out_path = folder / f"i{bucket}", folder / f"o{bucket}"
         if sizes[bucket] > _BUCKET_BYTES and depth < _MAX_DEPTH:
@@ -735,7 +693,7 @@ def _typed_join(
 
     layout = slot.set(_first_url(inputs))
     typed = (_typed_results(chunk, extract, layout) for chunk in _source_chunks(results))
-    yield from typed_tables(_input_key_lines(inputs), typed, layout)
+    yield from typed_tables(inputs, typed, layout)
 
 
 def _first_url(inputs: list[Source]) -> str | None:

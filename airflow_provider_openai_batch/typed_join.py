@@ -16,15 +16,23 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
+import os
 import queue
+import subprocess
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from airflow_provider_openai_batch import join_keys
 from airflow_provider_openai_batch import parquet as _parquet
 from airflow_provider_openai_batch import results as _results
 from airflow_provider_openai_batch.parquet import Layout, _pyarrow
+from airflow_provider_openai_batch.storage import to_storage_path
+
+log = logging.getLogger(__name__)
 
 _DONE = object()
 #: Rows per record batch of a joined bucket's file: the interleave holds a batch of each bucket at a time.
@@ -37,9 +45,11 @@ class ArrowBuckets(_results.Buckets):
     line for line with its rows: a bucket is joined by matching key lines as bytes, nothing decoded.
     """
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, input_files: list[str] | None = None) -> None:
         super().__init__()
         self.layout = layout
+        #: The inputs as local files, when they are (a child process may then spill their keys).
+        self.input_files = input_files
         self.pa = _pyarrow()
         import pyarrow.compute
         import pyarrow.ipc
@@ -126,6 +136,27 @@ class ArrowBuckets(_results.Buckets):
             writers[bucket].write_table(by_bucket.slice(start, rows))
             start += rows
 
+    def inputs_beside(self, folder: Path, shift: int) -> _results.Beside | None:
+        """
+        The inputs' key lines spilt by a child process (``join_keys.py`` run as a script) while this one spills
+        the results, when they are local files of at least ``_BESIDE_BYTES``; ``None`` otherwise, or when the
+        child cannot be started.
+        """
+        files = self.input_files
+        if not files or not sys.executable or sum(os.path.getsize(f) for f in files) < _BESIDE_BYTES:
+            return None
+        errors = folder / "inputs.err"
+        (folder / join_keys.INPUT_FILES).write_bytes(b"".join(os.fsencode(f) + b"\0" for f in files))
+        # -I: neither the script's own folder (the package's modules) nor the user's environment is on its path.
+        command = [sys.executable, "-I", join_keys.__file__, str(shift), str(folder)]
+        try:
+            with errors.open("wb") as stderr:
+                child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+        except OSError as error:
+            log.warning("The inputs' keys are read in this process: no process could be started for them (%s)", error)
+            return None
+        return _Child(child, errors)
+
     # --- a bucket split a level down ----------------------------------------------------------------------
 
     def results(self, folder: Path, bucket: int) -> Iterable[Any]:
@@ -209,6 +240,46 @@ class ArrowBuckets(_results.Buckets):
                     yield side_by_side.take(pc.sort_indices(pc.sort_indices(of)))
 
 
+#: Local input files this large at least have their keys spilt by a process of their own (a child starts in about
+#: a tenth of a second; reading 32 MB of requests for their keys takes about 30 ms here).
+_BESIDE_BYTES = 32 << 20
+
+
+class _Child:
+    """A child process spilling the inputs' key lines (``ArrowBuckets.inputs_beside``)."""
+
+    def __init__(self, process: subprocess.Popen[bytes], errors: Path) -> None:
+        self.process, self.errors = process, errors
+
+    def wait(self) -> bool:
+        if self.process.wait() == 0:
+            return True
+        said = self.errors.read_text(errors="replace").strip().splitlines()
+        log.warning(
+            "The inputs' keys are read again in this process: the process reading them ended with %s (%s)",
+            self.process.returncode,
+            said[-1] if said else "it said nothing",
+        )
+        return False
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def _local_files(sources: list[Any]) -> list[str] | None:
+    """The sources as local file names, or ``None`` when one of them is not a local file."""
+    files = []
+    for source in sources:
+        if not isinstance(source, (str, os.PathLike)):
+            return None
+        path = to_storage_path(source)
+        if type(path).__module__ != "pathlib" or not path.is_file():  # object storage, or not a file
+            return None
+        files.append(str(path))
+    return files
+
+
 def _take(held: collections.deque[Any], reader: Any, rows: int) -> list[Any]:
     """The next ``rows`` rows of a bucket, as slices of its batches (``held``: what is read and not taken yet)."""
     taken = []
@@ -224,15 +295,15 @@ def _take(held: collections.deque[Any], reader: Any, rows: int) -> list[Any]:
     return taken
 
 
-def typed_tables(
-    inputs: Iterable[tuple[list[bytes], list[bytes]]], results: Iterable[tuple[list[bytes], bytes]], layout: Layout
-) -> Iterator[Any]:
+def typed_tables(inputs: list[Any], results: Iterable[tuple[list[bytes], bytes]], layout: Layout) -> Iterator[Any]:
     """
-    The typed join: ``results`` (``(key lines, block of typed lines)`` chunks) joined to ``inputs`` (their key
-    lines, as ``(keys, lines)`` chunks), as tables of ``layout``'s read schema in input order
-    (``Layout.columns_of`` makes them the file's).
+    The typed join: ``results`` (``(key lines, block of typed lines)`` chunks) joined to the ``inputs`` (sources:
+    only their key lines are kept), as tables of ``layout``'s read schema in input order (``Layout.columns_of``
+    makes them the file's).
     """
     import tempfile
 
+    buckets = ArrowBuckets(layout, _local_files(inputs))
     with tempfile.TemporaryDirectory(prefix="openai-batch-join-") as folder:
-        yield from _results._join_blocks(inputs, results, Path(folder), _results._Counts(), ArrowBuckets(layout))
+        key_lines = _results._input_key_lines(inputs)
+        yield from _results._join_blocks(key_lines, results, Path(folder), _results._Counts(), buckets)

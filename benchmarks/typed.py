@@ -12,9 +12,10 @@ measures in fresh interpreters, each the median of ``--rounds`` runs with the sp
 - ``rejoin``: a joined JSONL file (a round's) to typed Parquet, ``write_joined(iter_merged([...]), ...)``: rows
   that are not a join's own, read from their lines (the typed join's Arrow buckets are not used).
 
-Every Parquet file is read back: its Arrow schema must hold Label's types (``parquet.columns``). Peak extra RSS is
-also measured at a tenth of the rows, to show it stays flat. ``--rows`` sets the size (``make bench`` runs this as
-its ``typed`` step, sized by ``BENCH_TYPED_ROWS``).
+Every Parquet file is read back: its Arrow schema must hold Label's types (``parquet.columns``). CPU and RSS count
+the child process a typed join starts to spill its inputs' keys (each RSS sample adds the child's to the join's).
+Peak extra RSS is also measured at a tenth of the rows, to show it stays flat. ``--rows`` sets the size
+(``make bench`` runs this as its ``typed`` step, sized by ``BENCH_TYPED_ROWS``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -118,7 +120,8 @@ def measure(folder: Path, mode: str) -> dict[str, object]:
     if target.suffix == ".parquet":
         import pyarrow.json
         import pyarrow.parquet  # noqa: F401  (loaded before the measurement: a library, not the rows)
-    with PeakRss(every=0.02) as peak:
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with PeakRss(every=0.02, children=True) as peak:
         started, cpu_started = time.perf_counter(), time.process_time()
         if mode == "jsonl":
             counts = write_joined(iter_joined(inputs, results), target)
@@ -127,7 +130,11 @@ def measure(folder: Path, mode: str) -> dict[str, object]:
         else:
             counts = write_joined(iter_joined(inputs, results, output_schema=schema), target)  # type: ignore[arg-type]
         wall = time.perf_counter() - started
-        cpu = time.process_time() - cpu_started  # both threads: the join's and the Parquet writer's
+        cpu = time.process_time() - cpu_started  # every thread: the join's, Arrow's, the Parquet writer's
+    # The process that spills the inputs' keys beside the join (typed_join.py): its CPU too (its RSS is sampled
+    # with this process's).
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu += after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
     rows = sum(counts.values())
     if target.suffix == ".parquet":
         import pyarrow.parquet as pq

@@ -195,6 +195,40 @@ def test_a_typed_join_split_a_level_down_writes_the_same_file(tmp_path, monkeypa
     assert row["status"] == "invalid_output" and row["output_text"] == "not json"
 
 
+def test_a_child_process_spills_the_inputs_keys_and_a_failed_one_changes_nothing(tmp_path, monkeypatch, caplog):
+    """
+    Local inputs have their keys spilt by a process of their own while the results are spilt (here whatever their
+    size); when that process fails, the join reads the keys itself: the same file either way.
+    """
+    import subprocess
+
+    from airflow_provider_openai_batch import typed_join
+
+    rows = _structured(200, fates={i: "truncated" for i in range(0, 200, 9)})
+    inputs, results = _files(tmp_path, rows, failed=(3, 70), answered=190)
+    alone = tmp_path / "alone.parquet"
+    counts = write_joined(iter_joined(inputs, results, output_schema=Label), alone)
+    started: list[list[str]] = []
+    popen = subprocess.Popen
+
+    def recorded(command, **kwargs):
+        started.append(command)
+        return popen(command, **kwargs)
+
+    monkeypatch.setattr(typed_join, "_BESIDE_BYTES", 0)
+    monkeypatch.setattr(subprocess, "Popen", recorded)
+    beside = tmp_path / "beside.parquet"
+    assert write_joined(iter_joined(inputs, results, output_schema=Label), beside) == counts
+    assert len(started) == 1 and started[0][2].endswith("join_keys.py")
+    assert pq.read_table(beside).to_pylist() == pq.read_table(alone).to_pylist()
+    assert "read again" not in caplog.text
+    monkeypatch.setattr(typed_join.sys, "executable", "/bin/false")  # a child that fails at once
+    failed = tmp_path / "failed.parquet"
+    assert write_joined(iter_joined(inputs, results, output_schema=Label), failed) == counts
+    assert len(started) == 2 and "The inputs' keys are read again in this process" in caplog.text
+    assert pq.read_table(failed).to_pylist() == pq.read_table(alone).to_pylist()
+
+
 def test_a_joined_file_and_merged_rounds_give_the_same_table(tmp_path):
     rows = _structured(8, fates={1: "truncated"})
     inputs, results = _files(tmp_path, rows, failed=(4,))
