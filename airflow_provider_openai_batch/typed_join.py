@@ -8,8 +8,9 @@ lines is read into columns by Arrow's JSON reader in a thread of its own, while 
 results (Arrow leaves Python's lock while it works, so the two use two cores); a bucket is joined by a ``take`` of
 its rows in its inputs' order, and the buckets are interleaved in input order by another ``take``, both in C++.
 The partitioning, the order file and the nesting are the JSONL join's (``results._join_blocks``); the inputs keep
-only their key lines (``join_keys.py``), spilt by a child process beside the results' spill when they are local files. What a row holds and what its status means stay ``results.py``'s and
-``outputs.py``'s; the columns are ``parquet.Layout``'s.
+only their key lines (``join_keys.py``), spilt by a child process beside the results' spill when they are local
+files. What a row holds and what its status means stay ``results.py``'s and ``outputs.py``'s; the columns are
+``parquet.Layout``'s.
 """
 
 from __future__ import annotations
