@@ -121,20 +121,49 @@ def to_buckets(files: Sequence[IO[bytes]], buckets: list[int], lines: list[bytes
             sizes[bucket] += files[bucket].write(b"".join(bucket_lines))
 
 
-def spill_key_lines(lines: Iterable[list[bytes]], folder: Path, shift: int) -> None:
+def spill(
+    chunks: Iterable[list[bytes] | tuple[list[Any], list[bytes]]],
+    folder: Path,
+    prefix: str,
+    shift: int,
+    order: IO[bytes] | None = None,
+) -> list[int]:
     """
-    Input lines' key lines into bucket files ``i<bucket>`` of ``folder``, in the order read, and the bucket of
-    each, one byte a line, into its ``order`` file.
+    Lines into ``FANOUT`` bucket files (``<prefix><bucket>``) by bits of their key's hash, in the order read; the
+    bucket of each line, one byte a line, into ``order`` when given. A chunk's keys are the ``custom_id`` decoded
+    from its lines, unless it comes with them (``(keys, lines)``: a typed join's key lines, hashed as their
+    bytes). Returns the bytes written per bucket.
     """
+    key = key_decoder.decode
     sizes = [0] * FANOUT
     with contextlib.ExitStack() as stack:
-        outs = [stack.enter_context((folder / f"i{b}").open("wb")) for b in range(FANOUT)]
-        order = stack.enter_context((folder / "order").open("wb"))
-        for chunk in lines:
-            keys = key_lines_of(chunk)
+        outs = [stack.enter_context((folder / f"{prefix}{b}").open("wb")) for b in range(FANOUT)]
+        for chunk in chunks:
+            if isinstance(chunk, tuple):
+                keys, lines = chunk
+            else:
+                keys, lines = [k.custom_id for k in decoded(key, chunk)], chunk
             buckets = bucket_of(keys, shift)
-            order.write(bytes(buckets))
-            to_buckets(outs, buckets, keys, sizes)
+            if order is not None:
+                order.write(bytes(buckets))
+            to_buckets(outs, buckets, lines, sizes)
+    return sizes
+
+
+def key_line_chunks(lines: Iterable[list[bytes]]) -> Iterator[tuple[list[bytes], list[bytes]]]:
+    """
+    The key lines of input lines, a chunk at a time, as ``(keys, lines)`` for :func:`spill` (the same list: the
+    key lines are what a typed join keeps of its inputs).
+    """
+    for chunk in lines:
+        keys = key_lines_of(chunk)
+        yield keys, keys
+
+
+def spill_key_lines(lines: Iterable[list[bytes]], folder: Path, shift: int) -> None:
+    """Input lines' key lines into bucket files ``i<bucket>`` of ``folder``, and their buckets into ``order``."""
+    with (folder / "order").open("wb") as order:
+        spill(key_line_chunks(lines), folder, "i", shift, order)
 
 
 def _files(paths: list[str]) -> Iterator[list[bytes]]:

@@ -908,11 +908,8 @@ def plain_output(parsed: _Body, schema: OutputSchema) -> bytes | None:
     if not choices:
         return None
     choice = choices[0]
-    message = choice.message
-    if message is None or message.refusal or choice.finish_reason in _CUT_SHORT:
-        return None
-    text = message.content
-    if type(text) is not str:
+    text = choice.message.content if choice.message is not None else None
+    if type(text) is not str or _ended_early(choice, text) is not None:
         return None
     try:
         return schema.validate(text)
@@ -920,15 +917,16 @@ def plain_output(parsed: _Body, schema: OutputSchema) -> bytes | None:
         return None
 
 
-#: A chat answer's ``finish_reason`` that ends it before its end: ``length`` (truncated), ``content_filter``
-#: (refused).
-_CUT_SHORT = frozenset({"length", "content_filter"})
-
-
 def _choice_outcome(choice: _Choice, schema: OutputSchema | None) -> Outcome:
     message = choice.message
     text = message.content if message is not None else choice.text
     text = text if isinstance(text, str) else None
+    return _ended_early(choice, text) or _text_outcome(text, schema)
+
+
+def _ended_early(choice: _Choice, text: str | None) -> Outcome | None:
+    """A choice refused (``message.refusal``, ``finish_reason: content_filter``) or cut short (``length``)."""
+    message = choice.message
     if message is not None and message.refusal:
         return Outcome("refused", None, text, {"code": "refused", "message": str(message.refusal)}, "text")
     reason = choice.finish_reason
@@ -937,7 +935,7 @@ def _choice_outcome(choice: _Choice, schema: OutputSchema | None) -> Outcome:
     if reason == "content_filter":
         message_text = "a content filter stopped the answer (finish_reason 'content_filter')"
         return Outcome("refused", None, text, {"code": "refused", "reason": reason, "message": message_text}, "text")
-    return _text_outcome(text, schema)
+    return None
 
 
 def _responses_outcome(body: _Body, schema: OutputSchema | None) -> Outcome:

@@ -15,7 +15,7 @@ lines while it reads the results): tables of :attr:`Layout.read_schema`, in inpu
 counted from the file's own ``status`` column. This module only writes: what a row is and what its status means
 is ``outputs.py``'s and ``results.py``'s, except for one thing only the columns know: an answer holding a value its
 column's type cannot (an integer past int64) is written as an ``invalid_output`` row, the answer kept as its text
-(``Layout.unfit`` counts them).
+(and counted as one: counts come from the file's ``status`` column).
 """
 
 from __future__ import annotations
@@ -104,8 +104,6 @@ class Layout:
             names = pa.list_(pa.field("element", pa.dictionary(pa.int32(), pa.string())))
             fields = [("flagged", _Column(pa.bool_())), ("categories", _Column(names))]
         self.fields = [name for name, _ in fields]
-        #: Succeeded rows written as ``invalid_output``: their output held a value its column cannot.
-        self.unfit = 0
         converts = {name: column.convert for name, column in fields if column.convert is not None}
         #: Decode, convert and encode an output again only when some field needs it.
         self._convert: Convert | None = _struct_convert(converts) if converts else None
@@ -227,7 +225,6 @@ class Layout:
             if where
             else f"the answer does not fit the Parquet file's column types ({error})"
         )
-        self.unfit += 1
         return (
             _encoder.encode(
                 {

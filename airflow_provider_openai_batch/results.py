@@ -34,15 +34,12 @@ from airflow_provider_openai_batch.exceptions import is_transient_status
 from airflow_provider_openai_batch.join_keys import (
     FANOUT,
     HASH_BITS,
-    Keyed,
-    bucket_of,
     chunks,
-    key_decoder,
+    key_line_chunks,
     key_lines,
-    key_lines_of,
-    to_buckets,
 )
 from airflow_provider_openai_batch.join_keys import decoded as _decoded
+from airflow_provider_openai_batch.join_keys import spill as _spill
 from airflow_provider_openai_batch.outputs import (
     OUTPUT_STATUSES,
     Answer,
@@ -132,7 +129,6 @@ def _scratch_db(schema: str) -> Iterator[sqlite3.Connection]:
 
 
 _NULL = msgspec.Raw(b"null")
-_Keyed, _key_decoder = Keyed, key_decoder
 
 
 class _RawRequest(msgspec.Struct, gc=False):
@@ -199,43 +195,12 @@ def _file_chunks(path: Path) -> Iterator[list[bytes]]:
         yield from _chunks(stream)
 
 
-def _spill(
-    chunks: Iterable[list[bytes] | tuple[list[Any], list[bytes]]],
-    folder: Path,
-    prefix: str,
-    shift: int,
-    order: IO[bytes] | None = None,
-) -> list[int]:
-    """
-    Lines into ``_FANOUT`` bucket files by bits of their key's hash, in the order read; the bucket of each line,
-    one byte a line, into ``order`` when given. A chunk's keys are the ``custom_id`` decoded from its lines, unless
-    it comes with them (``(keys, lines)``: a typed join's key lines, hashed as their bytes). Returns the bytes
-    written per bucket.
-    """
-    key = _key_decoder.decode
-    sizes = [0] * _FANOUT
-    with contextlib.ExitStack() as stack:
-        outs = [stack.enter_context((folder / f"{prefix}{b}").open("wb")) for b in range(_FANOUT)]
-        for chunk in chunks:
-            if isinstance(chunk, tuple):
-                keys, lines = chunk
-            else:
-                keys, lines = [k.custom_id for k in _decoded(key, chunk)], chunk
-            buckets = bucket_of(keys, shift)
-            if order is not None:
-                order.write(bytes(buckets))
-            to_buckets(outs, buckets, lines, sizes)
-    return sizes
-
-
 def _input_key_lines(sources: Iterable[Source]) -> Iterator[tuple[list[bytes], list[bytes]]]:
     """
     The key line of every input line (:func:`key_lines`, blank lines left out), a chunk at a time, as
     ``(keys, lines)`` for :func:`_spill` (the same list: the key lines are what a typed join keeps of its inputs).
     """
-    for lines in _source_chunks(sources):
-        keys = key_lines_of(lines)
-        yield keys, keys
+    return key_line_chunks(_source_chunks(sources))
 
 
 #: Joins one bucket: (its inputs' file, its results' file, where the joined lines go, the counts).
@@ -490,7 +455,7 @@ def _extraction(output_schema: OutputSchemaLike | None, extract: bool) -> _Extra
 
 
 Make = Callable[["_Counts", "_Extract | None"], Iterator[bytes]]
-MakeTyped = Callable[["_Counts", "_Extract", "_LayoutSlot"], Iterator[bytes]]
+MakeTyped = Callable[["_Extract", "_LayoutSlot"], Iterator[Any]]
 
 
 class _LayoutSlot:
@@ -546,7 +511,7 @@ class _Joined(Iterator[JoinedRow]):
         if self._typed is None or self._blocks is not None:
             return None
         self.extract = extract
-        self._blocks = self._typed(self.counts, extract, slot)
+        self._blocks = self._typed(extract, slot)
         return self._blocks
 
     def __next__(self) -> JoinedRow:
@@ -578,17 +543,11 @@ class _TypedLine(msgspec.Struct, omit_defaults=False, gc=False):
     round: int = 0
 
 
-class _KeyStatus(msgspec.Struct, gc=False):
-    custom_id: str
-    status: str
-
-
 class _KeyUrl(msgspec.Struct, gc=False):
     custom_id: str
     url: str | None = None
 
 
-_key_status_decoder = msgspec.json.Decoder(_KeyStatus)
 _key_url_decoder = msgspec.json.Decoder(_KeyUrl)
 
 
@@ -680,9 +639,7 @@ def missing_line(key_line: bytes) -> bytes:
     return _encoder.encode(_TypedLine(_key_line_decoder.decode(key_line), "missing")) + b"\n"
 
 
-def _typed_join(
-    inputs: list[Source], results: list[Source], counts: _Counts, extract: _Extract, slot: _LayoutSlot
-) -> Iterator[Any]:
+def _typed_join(inputs: list[Source], results: list[Source], extract: _Extract, slot: _LayoutSlot) -> Iterator[Any]:
     """
     The join for a typed Parquet file, as tables of the layout's read schema in input order (``typed_join.py``):
     inputs spill as their keys only, results as typed lines (the layout is the endpoint's, known from the first
@@ -749,7 +706,7 @@ def _extracted_lines(source: Source, counts: _Counts, extract: _Extract) -> Iter
             yield _encoder.encode_lines(rows)
 
 
-def _typed_from_joined(source: Source, counts: _Counts, extract: _Extract, slot: _LayoutSlot) -> Iterator[bytes]:
+def _typed_from_joined(source: Source, extract: _Extract, slot: _LayoutSlot) -> Iterator[bytes]:
     """A joined JSONL file's rows as typed lines (the layout from the first row's ``url``)."""
     with open_source(source) as stream:
         for lines in _chunks(stream):
@@ -760,23 +717,17 @@ def _typed_from_joined(source: Source, counts: _Counts, extract: _Extract, slot:
             typed = []
             for row in rows:
                 got = _reread(row, extract)
-                line = _typed_line(row.custom_id, row.status, got, row.error, layout, extract, row.round)
-                counts.add(line.status)
-                typed.append(line)
+                typed.append(_typed_line(row.custom_id, row.status, got, row.error, layout, extract, row.round))
             yield _encoder.encode_lines(typed)
 
 
-def _typed_from_rows(
-    rows: Iterable[JoinedRow], counts: _Counts, extract: _Extract, slot: _LayoutSlot
-) -> Iterator[bytes]:
+def _typed_from_rows(rows: Iterable[JoinedRow], extract: _Extract, slot: _LayoutSlot) -> Iterator[bytes]:
     """Row objects as typed lines (rows that are not a join's own: a merge of rounds, a list)."""
     batch: list[_TypedLine] = []
     for row in rows:
         layout = slot.set(row.url)
         got = extract.outcome(row.response) if row.status in _ANSWERED and row.response is not None else None
-        line = _typed_line(row.custom_id, row.status, got, row.error, layout, extract, row.round)
-        counts.add(line.status)
-        batch.append(line)
+        batch.append(_typed_line(row.custom_id, row.status, got, row.error, layout, extract, row.round))
         if len(batch) >= 4096:
             yield _encoder.encode_lines(batch)
             batch = []
@@ -833,7 +784,7 @@ def iter_joined(
     return _Joined(
         lambda counts, wanted: _join_all(inputs, results, counts, wanted),
         _extraction(output_schema, extract),
-        lambda counts, wanted, slot: _typed_join(inputs, results, counts, wanted, slot),
+        lambda wanted, slot: _typed_join(inputs, results, wanted, slot),
         typed_tables=True,
     )
 
@@ -927,7 +878,7 @@ def _write_typed(
 
         if joined is not None and typed is not None:
             return write_typed(typed, out, slot.get, read=joined.typed_tables)
-        return write_typed(_typed_from_rows(rows, _Counts(), extract, slot), out, slot.get)
+        return write_typed(_typed_from_rows(rows, extract, slot), out, slot.get)
 
 
 # --- failed requests, resubmitted -----------------------------------------------------------------
@@ -996,7 +947,7 @@ def iter_merged(rounds: Sequence[Source | None], numbers: Sequence[int] | None =
     if not later:  # one round: its joined file is the result, passed through as it is
         return _Joined(
             lambda counts, wanted: _joined_lines(first, counts, wanted),  # type: ignore[arg-type]
-            typed=lambda counts, wanted, slot: _typed_from_joined(first, counts, wanted, slot),  # type: ignore[arg-type]
+            typed=lambda wanted, slot: _typed_from_joined(first, wanted, slot),  # type: ignore[arg-type]
         )
     return _merged(first, later)  # type: ignore[arg-type]
 

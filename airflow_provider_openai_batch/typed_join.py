@@ -93,7 +93,7 @@ class ArrowBuckets(_results.Buckets):
                 for lines, data, buckets in self._groups(results, shift):
                     if failure:
                         break
-                    _results.to_buckets(keys, buckets, lines, [0] * _results._FANOUT)
+                    join_keys.to_buckets(keys, buckets, lines, [0] * _results._FANOUT)
                     groups.put((data, bytes(buckets)))
         finally:
             groups.put(_DONE)
@@ -111,16 +111,16 @@ class ArrowBuckets(_results.Buckets):
         size = 0
         for chunk_keys, rows in results:
             if not isinstance(rows, bytes):  # a table, a level down: a group already
-                yield chunk_keys, rows, _results.bucket_of(chunk_keys, shift)
+                yield chunk_keys, rows, join_keys.bucket_of(chunk_keys, shift)
                 continue
             keys += chunk_keys
             blocks.append(rows)
             size += len(rows)
             if len(keys) >= _parquet.ROWS_PER_GROUP or size >= _parquet.BYTES_PER_GROUP:
-                yield keys, b"".join(blocks), _results.bucket_of(keys, shift)
+                yield keys, b"".join(blocks), join_keys.bucket_of(keys, shift)
                 keys, blocks, size = [], [], 0
         if keys:
-            yield keys, b"".join(blocks), _results.bucket_of(keys, shift)
+            yield keys, b"".join(blocks), join_keys.bucket_of(keys, shift)
 
     def _writer(self, path: Path, stack: contextlib.ExitStack) -> Any:
         """An IPC stream writer of the read schema into ``path``, closed (then its file) with ``stack``."""
