@@ -25,7 +25,7 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from airflow_provider_openai_batch import join_keys
 from airflow_provider_openai_batch import parquet as _parquet
@@ -244,6 +244,8 @@ class ArrowBuckets(_results.Buckets):
 #: Local input files this large at least have their keys spilt by a process of their own (a child starts in about
 #: a tenth of a second; reading 32 MB of requests for their keys takes about 30 ms here).
 _BESIDE_BYTES = 32 << 20
+#: The class of a local ``Path`` here (``PosixPath`` or ``WindowsPath``).
+_LOCAL_PATH = type(Path())
 
 
 class _Child:
@@ -275,7 +277,11 @@ def _local_files(sources: list[Any]) -> list[str] | None:
         if not isinstance(source, (str, os.PathLike)):
             return None
         path = to_storage_path(source)
-        if type(path).__module__ != "pathlib" or not path.is_file():  # object storage, or not a file
+        if getattr(path, "protocol", None) == "file":  # a file:// URI
+            path = Path(cast(Any, path).path)
+        # Object storage is no local file. (A local Path's class is pathlib's own; its module is not named
+        # "pathlib" on every Python: "pathlib._local" on 3.13.)
+        if type(path) is not _LOCAL_PATH or not path.is_file():
             return None
         files.append(str(path))
     return files

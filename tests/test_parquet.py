@@ -222,10 +222,13 @@ def test_a_child_process_spills_the_inputs_keys_and_a_failed_one_changes_nothing
     assert len(started) == 1 and started[0][2].endswith("join_keys.py")
     assert pq.read_table(beside).to_pylist() == pq.read_table(alone).to_pylist()
     assert "read again" not in caplog.text
+    uris = tmp_path / "uris.parquet"  # file:// URIs are local files too
+    assert write_joined(iter_joined(f"file://{inputs}", results, output_schema=Label), uris) == counts
+    assert len(started) == 2 and pq.read_table(uris).to_pylist() == pq.read_table(alone).to_pylist()
     monkeypatch.setattr(typed_join.sys, "executable", "/bin/false")  # a child that fails at once
     failed = tmp_path / "failed.parquet"
     assert write_joined(iter_joined(inputs, results, output_schema=Label), failed) == counts
-    assert len(started) == 2 and "The inputs' keys are read again in this process" in caplog.text
+    assert len(started) == 3 and "The inputs' keys are read again in this process" in caplog.text
     assert pq.read_table(failed).to_pylist() == pq.read_table(alone).to_pylist()
 
 
