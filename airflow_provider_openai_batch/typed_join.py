@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -148,8 +149,8 @@ class ArrowBuckets(_results.Buckets):
             return None
         errors = folder / "inputs.err"
         (folder / join_keys.INPUT_FILES).write_bytes(b"".join(os.fsencode(f) + b"\0" for f in files))
-        # -I: neither the script's own folder (the package's modules) nor the user's environment is on its path.
-        command = [sys.executable, "-I", join_keys.__file__, str(shift), str(folder)]
+        script = [join_keys.__file__, str(shift), str(folder)]
+        command = [sys.executable, "-I", "-c", _CHILD, json.dumps(sys.path), *script]
         try:
             with errors.open("wb") as stderr:
                 child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
@@ -244,6 +245,13 @@ class ArrowBuckets(_results.Buckets):
 #: Local input files this large at least have their keys spilt by a process of their own (a child starts in about
 #: a tenth of a second; reading 32 MB of requests for their keys takes about 30 ms here).
 _BESIDE_BYTES = 32 << 20
+#: The child's first lines. ``-I`` keeps the user's environment (``PYTHON*`` variables) out of it and the script's
+#: folder (the package's modules) off its path; the path it imports from is then the task's own, where msgspec was
+#: found (a venv, ``pip install --user``, ``PYTHONPATH``), and ``join_keys.py`` runs as ``__main__``.
+_CHILD = (
+    "import json, runpy, sys; sys.path[:] = json.loads(sys.argv[1]); sys.argv = sys.argv[2:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 #: The class of a local ``Path`` here (``PosixPath`` or ``WindowsPath``).
 _LOCAL_PATH = type(Path())
 

@@ -219,7 +219,7 @@ def test_a_child_process_spills_the_inputs_keys_and_a_failed_one_changes_nothing
     monkeypatch.setattr(subprocess, "Popen", recorded)
     beside = tmp_path / "beside.parquet"
     assert write_joined(iter_joined(inputs, results, output_schema=Label), beside) == counts
-    assert len(started) == 1 and started[0][2].endswith("join_keys.py")
+    assert len(started) == 1 and started[0][5].endswith("join_keys.py")
     assert pq.read_table(beside).to_pylist() == pq.read_table(alone).to_pylist()
     assert "read again" not in caplog.text
     uris = tmp_path / "uris.parquet"  # file:// URIs are local files too
@@ -230,6 +230,30 @@ def test_a_child_process_spills_the_inputs_keys_and_a_failed_one_changes_nothing
     assert write_joined(iter_joined(inputs, results, output_schema=Label), failed) == counts
     assert len(started) == 3 and "The inputs' keys are read again in this process" in caplog.text
     assert pq.read_table(failed).to_pylist() == pq.read_table(alone).to_pylist()
+
+
+def test_the_child_process_imports_from_the_tasks_own_path(tmp_path, monkeypatch, caplog):
+    """
+    msgspec where only the task's import path finds it (``pip install --user``, PYTHONPATH): the child that spills
+    the inputs' keys finds it too, rather than failing and leaving the keys to the task's process. (An interpreter
+    with no packages of its own stands for it here: a bare venv of this Python.)
+    """
+    import venv
+
+    from airflow_provider_openai_batch import typed_join
+
+    bare = tmp_path / "bare"
+    venv.create(bare, with_pip=False)
+    rows = _structured(50)
+    inputs, results = _files(tmp_path, rows)
+    alone = tmp_path / "alone.parquet"
+    counts = write_joined(iter_joined(inputs, results, output_schema=Label), alone)
+    monkeypatch.setattr(typed_join, "_BESIDE_BYTES", 0)
+    monkeypatch.setattr(typed_join.sys, "executable", str(bare / "bin" / "python"))
+    beside = tmp_path / "beside.parquet"
+    assert write_joined(iter_joined(inputs, results, output_schema=Label), beside) == counts
+    assert "read again" not in caplog.text
+    assert pq.read_table(beside).to_pylist() == pq.read_table(alone).to_pylist()
 
 
 def test_a_joined_file_and_merged_rounds_give_the_same_table(tmp_path):
