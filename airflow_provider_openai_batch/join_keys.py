@@ -74,7 +74,8 @@ def key_lines_of(lines: list[bytes]) -> list[bytes]:
     ``json.dumps`` and msgspec write requests), the id's JSON string without an escape, has that string taken off
     the bytes as its key line's, without parsing the request after it (most of the line): msgspec escapes only
     quotes, backslashes and control characters, none of which such a string holds. Any other line (another key
-    first, an escape in the id) is decoded.
+    first, an escape in the id, or one that does not end as an object does: a file cut short) is decoded, and
+    fails as a line that is no JSON does.
     """
     decode = key_decoder.decode
     if sum(map(len, lines)) < LONG_LINE * len(lines):
@@ -91,7 +92,7 @@ def key_lines_of(lines: list[bytes]) -> list[bytes]:
                 append(encode(decode(line).custom_id))
             continue
         end = line.find(b'"', start + 1) + 1
-        if end > 0 and line.find(b"\\", start, end) < 0:
+        if end > 0 and line.find(b"\\", start, end) < 0 and (line.endswith(b"}\n") or line.endswith(b"}\r\n")):
             append(line[start:end])
         else:
             append(encode(decode(line).custom_id))
@@ -174,13 +175,28 @@ def _files(paths: list[str]) -> Iterator[list[bytes]]:
 
 #: The input files a child spills, in ``FOLDER``: their names, each ended by a NUL (any name, however many).
 INPUT_FILES = "inputs"
+#: Written in ``FOLDER`` by a child once its spill is whole: its exit status alone is not proof of it (a process
+#: that ignores SIGCHLD reads 0 for any child).
+DONE = "inputs.done"
 
 
 def main(argv: list[str]) -> None:
-    """``join_keys.py SHIFT FOLDER``: the key lines of the files ``FOLDER/inputs`` names, into its buckets."""
+    """
+    ``join_keys.py SHIFT FOLDER``: the key lines of the files ``FOLDER/inputs`` names, into its buckets. It stops
+    when the task's process that started it is gone (killed: its folder is nobody's now).
+    """
     shift, folder = int(argv[0]), Path(argv[1])
     names = (folder / INPUT_FILES).read_bytes().split(b"\0")[:-1]
-    spill_key_lines(_files([os.fsdecode(name) for name in names]), folder, shift)
+    parent = os.getppid()
+
+    def lines() -> Iterator[list[bytes]]:
+        for chunk in _files([os.fsdecode(name) for name in names]):
+            if os.getppid() != parent:
+                sys.exit("the task's process is gone")
+            yield chunk
+
+    spill_key_lines(lines(), folder, shift)
+    (folder / DONE).touch()
 
 
 if __name__ == "__main__":

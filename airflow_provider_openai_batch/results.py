@@ -53,7 +53,7 @@ from airflow_provider_openai_batch.outputs import (
     output_schema_cached,
     plain_output,
 )
-from airflow_provider_openai_batch.storage import Destination, Source, atomic_writer, open_source
+from airflow_provider_openai_batch.storage import Destination, Source, atomic_writer, open_source, put_back
 
 #: The statuses of a join without extraction; with it, ``outputs.RowStatus`` (three more).
 RequestStatus = Literal["succeeded", "failed", "expired", "cancelled", "missing"]
@@ -648,19 +648,30 @@ def _typed_join(inputs: list[Source], results: list[Source], extract: _Extract, 
     """
     from airflow_provider_openai_batch.typed_join import typed_tables
 
-    layout = slot.set(_first_url(inputs))
+    url, inputs = _first_url(inputs)
+    layout = slot.set(url)
     typed = (_typed_results(chunk, extract, layout) for chunk in _source_chunks(results))
     yield from typed_tables(inputs, typed, layout)
 
 
-def _first_url(inputs: list[Source]) -> str | None:
-    """The ``url`` of the first input line (``None`` when there is none): the endpoint every input is for."""
-    for source in inputs:
+def _first_url(inputs: list[Source]) -> tuple[str | None, list[Source]]:
+    """
+    The ``url`` of the first input line (``None`` when there is none): the endpoint every input is for; and the
+    inputs, a stream among them given back whole (the lines read from it put back before the rest of it).
+    """
+    given = list(inputs)
+    for i, source in enumerate(given):
         with open_source(source) as stream:
+            head = []
             for line in stream:
+                head.append(line)
                 if line.strip():
-                    return _key_url_decoder.decode(line).url
-    return None
+                    break
+            if stream is source:  # the caller's own stream: what was read of it is put back
+                given[i] = put_back(b"".join(head), stream)
+            if head and head[-1].strip():
+                return _key_url_decoder.decode(head[-1]).url, given
+    return None, given
 
 
 class _JoinedRaw(msgspec.Struct, omit_defaults=False, gc=False):
@@ -877,7 +888,10 @@ def _write_typed(
         from airflow_provider_openai_batch.parquet import write_typed
 
         if joined is not None and typed is not None:
-            return write_typed(typed, out, slot.get, read=joined.typed_tables)
+            try:
+                return write_typed(typed, out, slot.get, read=joined.typed_tables)
+            finally:  # closed here, a join whose write failed lets go of its folder now, not with the traceback
+                getattr(typed, "close", lambda: None)()
         return write_typed(_typed_from_rows(rows, extract, slot), out, slot.get)
 
 

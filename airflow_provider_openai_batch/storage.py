@@ -131,6 +131,30 @@ class _Limited(_RawAdapter):
         return False
 
 
+class _PutBack(_RawAdapter):
+    """A stream's bytes already read from it, then the rest of it."""
+
+    def __init__(self, head: bytes, inner: Any) -> None:
+        super().__init__(inner)
+        self._head = head
+
+    def readinto(self, buffer: Any) -> int:
+        if self._head:
+            data, self._head = self._head[: len(buffer)], self._head[len(buffer) :]
+        else:
+            data = self._inner.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seekable(self) -> bool:
+        return False
+
+
+def put_back(head: bytes, stream: IO[bytes]) -> IO[bytes]:
+    """``stream`` as it was before ``head`` was read from it (for a source read twice: once for a look)."""
+    return io.BufferedReader(_PutBack(head, stream))
+
+
 class VerifiedRead(_Limited):
     """
     The first ``length`` bytes of a stream, hashed as they are read, which must be the bytes validation hashed.

@@ -149,15 +149,17 @@ class ArrowBuckets(_results.Buckets):
             return None
         errors = folder / "inputs.err"
         (folder / join_keys.INPUT_FILES).write_bytes(b"".join(os.fsencode(f) + b"\0" for f in files))
-        script = [join_keys.__file__, str(shift), str(folder)]
-        command = [sys.executable, "-I", "-c", _CHILD, json.dumps(sys.path), *script]
+        # The import path as the import system reads it: its str (and bytes) entries; anything else it skips.
+        path = [os.fsdecode(p) for p in sys.path if isinstance(p, (str, bytes))]
+        (folder / _PATH).write_text(json.dumps(path))
+        command = [sys.executable, "-I", "-c", _CHILD, join_keys.__file__, str(shift), str(folder)]
         try:
             with errors.open("wb") as stderr:
                 child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
         except OSError as error:
             log.warning("The inputs' keys are read in this process: no process could be started for them (%s)", error)
             return None
-        return _Child(child, errors)
+        return _Child(child, folder, errors)
 
     # --- a bucket split a level down ----------------------------------------------------------------------
 
@@ -246,12 +248,15 @@ class ArrowBuckets(_results.Buckets):
 #: a tenth of a second; reading 32 MB of requests for their keys takes about 30 ms here).
 _BESIDE_BYTES = 32 << 20
 #: The child's first lines. ``-I`` keeps the user's environment (``PYTHON*`` variables) out of it and the script's
-#: folder (the package's modules) off its path; the path it imports from is then the task's own, where msgspec was
-#: found (a venv, ``pip install --user``, ``PYTHONPATH``), and ``join_keys.py`` runs as ``__main__``.
+#: folder (the package's modules) off its path; the path it imports from is then the task's own (``FOLDER/path``,
+#: a JSON list), where msgspec was found (a venv, ``pip install --user``, ``PYTHONPATH``), and ``join_keys.py``
+#: runs as ``__main__`` with its arguments (``SCRIPT SHIFT FOLDER``).
 _CHILD = (
-    "import json, runpy, sys; sys.path[:] = json.loads(sys.argv[1]); sys.argv = sys.argv[2:]; "
+    "import json, os, runpy, sys; sys.argv = sys.argv[1:]; "
+    "sys.path[:] = json.load(open(os.path.join(sys.argv[2], 'path'))); "
     "runpy.run_path(sys.argv[0], run_name='__main__')"
 )
+_PATH = "path"
 #: The class of a local ``Path`` here (``PosixPath`` or ``WindowsPath``).
 _LOCAL_PATH = type(Path())
 
@@ -259,11 +264,11 @@ _LOCAL_PATH = type(Path())
 class _Child:
     """A child process spilling the inputs' key lines (``ArrowBuckets.inputs_beside``)."""
 
-    def __init__(self, process: subprocess.Popen[bytes], errors: Path) -> None:
-        self.process, self.errors = process, errors
+    def __init__(self, process: subprocess.Popen[bytes], folder: Path, errors: Path) -> None:
+        self.process, self.folder, self.errors = process, folder, errors
 
     def wait(self) -> bool:
-        if self.process.wait() == 0:
+        if self.process.wait() == 0 and (self.folder / join_keys.DONE).exists():
             return True
         said = self.errors.read_text(errors="replace").strip().splitlines()
         log.warning(

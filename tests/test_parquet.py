@@ -219,7 +219,7 @@ def test_a_child_process_spills_the_inputs_keys_and_a_failed_one_changes_nothing
     monkeypatch.setattr(subprocess, "Popen", recorded)
     beside = tmp_path / "beside.parquet"
     assert write_joined(iter_joined(inputs, results, output_schema=Label), beside) == counts
-    assert len(started) == 1 and started[0][5].endswith("join_keys.py")
+    assert len(started) == 1 and started[0][4].endswith("join_keys.py")
     assert pq.read_table(beside).to_pylist() == pq.read_table(alone).to_pylist()
     assert "read again" not in caplog.text
     uris = tmp_path / "uris.parquet"  # file:// URIs are local files too
@@ -230,6 +230,13 @@ def test_a_child_process_spills_the_inputs_keys_and_a_failed_one_changes_nothing
     assert write_joined(iter_joined(inputs, results, output_schema=Label), failed) == counts
     assert len(started) == 3 and "The inputs' keys are read again in this process" in caplog.text
     assert pq.read_table(failed).to_pylist() == pq.read_table(alone).to_pylist()
+    # Ended with 0 and spilt nothing (as any child reads to a process that ignores SIGCHLD): not taken as done.
+    monkeypatch.setattr(typed_join.sys, "executable", "/bin/true")
+    caplog.clear()
+    silent = tmp_path / "silent.parquet"
+    assert write_joined(iter_joined(inputs, results, output_schema=Label), silent) == counts
+    assert len(started) == 4 and "read again in this process: the process reading them ended with 0" in caplog.text
+    assert pq.read_table(silent).to_pylist() == pq.read_table(alone).to_pylist()
 
 
 def test_the_child_process_imports_from_the_tasks_own_path(tmp_path, monkeypatch, caplog):
@@ -250,10 +257,83 @@ def test_the_child_process_imports_from_the_tasks_own_path(tmp_path, monkeypatch
     counts = write_joined(iter_joined(inputs, results, output_schema=Label), alone)
     monkeypatch.setattr(typed_join, "_BESIDE_BYTES", 0)
     monkeypatch.setattr(typed_join.sys, "executable", str(bare / "bin" / "python"))
+    monkeypatch.setattr(typed_join.sys, "path", [*typed_join.sys.path, tmp_path])  # a Path: skipped by imports
     beside = tmp_path / "beside.parquet"
     assert write_joined(iter_joined(inputs, results, output_schema=Label), beside) == counts
     assert "read again" not in caplog.text
     assert pq.read_table(beside).to_pylist() == pq.read_table(alone).to_pylist()
+
+
+def test_inputs_given_as_streams_lose_no_row(tmp_path):
+    """An open file or a BytesIO as the inputs: the typed join reads its first line for the endpoint, then all."""
+    import io
+
+    rows = _structured(30, fates={4: "refused"})
+    inputs, results = _files(tmp_path, rows, failed=(7,), answered=28)
+    by_path = tmp_path / "path.parquet"
+    counts = write_joined(iter_joined(inputs, results, output_schema=Label), by_path)
+    assert counts == {"succeeded": 26, "refused": 1, "failed": 1, "missing": 2}
+    in_memory = tmp_path / "memory.parquet"
+    assert write_joined(iter_joined(io.BytesIO(b"\n" + inputs.read_bytes()), results, extract=True), in_memory) == {
+        "succeeded": 26, "refused": 1, "failed": 1, "missing": 2
+    }  # fmt: skip
+    assert pq.read_table(in_memory).column("custom_id").to_pylist() == [f"req-{i}" for i in range(30)]
+    with inputs.open("rb") as stream:
+        opened = tmp_path / "opened.parquet"
+        assert write_joined(iter_joined(stream, results, output_schema=Label), opened) == counts
+    assert pq.read_table(opened).to_pylist() == pq.read_table(by_path).to_pylist()
+
+
+@pytest.mark.parametrize("beside", [False, True], ids=["in-process", "child-process"])
+def test_an_input_file_cut_short_fails_the_typed_join_as_it_fails_the_jsonl_join(tmp_path, monkeypatch, beside):
+    """Long request lines have their ids read off the bytes: a last line cut short is still no JSON, not a row."""
+    import msgspec
+
+    from airflow_provider_openai_batch import typed_join
+
+    rows = _structured(20)
+    inputs, results = _files(tmp_path, rows)
+    whole = inputs.read_bytes()
+    assert len(whole) / 20 > 512  # long lines: the ids are taken off the bytes
+    inputs.write_bytes(whole[:-60])  # the last line stops mid-request, as a full disk leaves it
+    if beside:
+        monkeypatch.setattr(typed_join, "_BESIDE_BYTES", 0)
+    with pytest.raises(msgspec.DecodeError):
+        write_joined(iter_joined(inputs, results), tmp_path / "joined.jsonl")
+    with pytest.raises(msgspec.DecodeError):
+        write_joined(iter_joined(inputs, results, output_schema=Label), tmp_path / "typed.parquet")
+    assert not (tmp_path / "typed.parquet").exists()
+
+
+def test_a_failed_typed_write_lets_go_of_the_joins_folder_at_once(tmp_path, monkeypatch):
+    """
+    The file's writer fails (a full disk) while the caller still holds the rows: the join's temporary folder and
+    its open bucket files are gone when ``write_joined`` raises, not when the traceback is.
+    """
+    import os
+    import tempfile
+
+    rows = _structured(60)
+    inputs, results = _files(tmp_path, rows)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(parquet, "ROWS_PER_GROUP", 10)
+    real, calls = parquet.Layout.columns_of, []
+
+    def full_disk(self, table):
+        calls.append(table)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, table)
+
+    monkeypatch.setattr(parquet.Layout, "columns_of", full_disk)
+    opened = len(os.listdir("/proc/self/fd"))
+    joined = iter_joined(inputs, results, output_schema=Label)
+    with pytest.raises(OSError, match="No space left"):
+        write_joined(joined, tmp_path / "typed.parquet")
+    assert list(scratch.iterdir()) == [] and len(os.listdir("/proc/self/fd")) <= opened
+    assert not (tmp_path / "typed.parquet").exists()
 
 
 def test_a_joined_file_and_merged_rounds_give_the_same_table(tmp_path):
