@@ -169,7 +169,7 @@ class JobWorkFolder:
 
     def load(self) -> JobState | None:
         """The saved state, or ``None`` for a folder this job has not started (or one of another format)."""
-        if not self.state_file.exists():
+        if not _fresh(self.state_file).exists():
             return None
         value = json.loads(self.state_file.read_bytes())
         if not isinstance(value, dict) or value.get("format") not in READS_FORMATS:
@@ -182,7 +182,7 @@ class JobWorkFolder:
 
     def owner(self) -> str | None:
         """Who last wrote the folder (``JobState.owner``), read from storage now; ``None`` when it holds no state."""
-        if not self.state_file.exists():
+        if not _fresh(self.state_file).exists():
             return None
         value = json.loads(self.state_file.read_bytes())
         return str(value.get("owner") or "") if isinstance(value, dict) else None
@@ -200,7 +200,7 @@ class JobWorkFolder:
 
     def later_try_began(self, try_number: int) -> bool:
         """Whether a try later than ``try_number`` has marked this folder (``mark_try``)."""
-        tries = self.root / "tries"
+        tries = _fresh(self.root / "tries")
         if not tries.exists():
             return False
         return any(p.name.isdigit() and int(p.name) > try_number for p in tries.iterdir())
@@ -208,3 +208,15 @@ class JobWorkFolder:
     def save(self, state: JobState) -> None:
         with atomic_writer(self.state_file, overwrite=True) as out:
             out.write(json.dumps(state.to_json()).encode())
+
+
+def _fresh(path: Any) -> Any:
+    """
+    ``path``, with what its filesystem keeps of earlier listings of it and its folders dropped: s3fs answers
+    ``exists``, ``iterdir`` and a file's size from listings it made, which another worker's writes (another try
+    of the job) do not update.
+    """
+    invalidate = getattr(getattr(path, "fs", None), "invalidate_cache", None)
+    if invalidate is not None:
+        invalidate(path.path)
+    return path

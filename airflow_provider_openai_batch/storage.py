@@ -9,6 +9,7 @@ of validated bytes reads through ``VerifiedRead``, so what is sent is what was v
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import logging
@@ -273,7 +274,7 @@ def atomic_writer(destination: Destination, *, overwrite: bool = False) -> Itera
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.partial"
+    temp = target.parent / f"{_partial_prefix(target.name)}{uuid.uuid4().hex[:12]}.partial"
     try:
         # The filesystem's own file object: Airflow's wrapper around ObjectStoragePath.open records lineage on
         # every write() call, which costs more than the write itself for a 200 MB stream of 64 KB chunks.
@@ -285,26 +286,62 @@ def atomic_writer(destination: Destination, *, overwrite: bool = False) -> Itera
         # (Older universal-pathlib makes ObjectStoragePath a pathlib.Path too: ask what it is, not what it extends.)
         if not _is_object_storage_path(target):
             os.replace(cast(Path, temp), cast(Path, target))
-        else:  # the filesystem's own move: a rename locally, a server-side copy on object stores
-            storage = cast(Any, target)
-            storage.fs.mv(cast(Any, temp).path, storage.path)
+        else:
+            _move(cast(Any, temp), cast(Any, target))
         _remove_stale_partials(target, started)
     finally:
         with contextlib.suppress(FileNotFoundError, OSError):
             if temp.exists():
-                temp.unlink()
+                _remove(temp)
+
+
+#: Bytes of a destination's name kept in its temporary files' names: with a dot, the random part and
+#: ``.partial`` (22 bytes), within the 255 bytes a name may have on most filesystems.
+_NAME_ROOM = 200
+
+
+def _partial_prefix(name: str) -> str:
+    """How the names of ``name``'s temporary files start: ``.name.``, a long name cut short."""
+    return f".{name.encode('utf-8', 'surrogateescape')[:_NAME_ROOM].decode('utf-8', 'ignore')}."
+
+
+def _move(temp: Any, target: Any) -> None:
+    """
+    An object-store file moved into place: a rename on a local filesystem, a server-side copy on object stores,
+    one file each (``fs.mv`` and ``fs.rm`` would read ``[``, ``]`` and ``*`` in a key as a pattern).
+    """
+    fs = temp.fs
+    if "file" in _protocols(fs):
+        fs.mv(temp.path, target.path)
+        return
+    fs.cp_file(temp.path, target.path)
+    fs.rm_file(temp.path)
+
+
+def _remove(path: Any) -> None:
+    """One file removed (its name taken as it is: ``[``, ``]`` and ``*`` included)."""
+    if _is_object_storage_path(path):
+        path.fs.rm_file(path.path)
+    else:
+        path.unlink()
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
 def _remove_stale_partials(target: Any, started: float) -> None:
     """
     Temporary files of ``target`` last written before this write started: left by a writer that was killed
-    (an earlier try on a worker that died). A writer still running keeps its file's modification time current,
-    so it is left alone.
+    (an earlier try on a worker that died). A local writer still running keeps its file's modification time
+    current as it writes, so it is left alone (one stalled for the whole of this write is not); an object store
+    shows a file only once its writer has finished.
     """
-    for partial in target.parent.glob(f".{target.name}.*.partial"):
+    for partial in target.parent.glob(f"{glob.escape(_partial_prefix(target.name))}*.partial"):
         with contextlib.suppress(FileNotFoundError, OSError, KeyError, TypeError):
             if _modified(partial) < started:
-                partial.unlink()
+                _remove(partial)
                 log.info("Removed %s, left by a writer that was killed", partial)
 
 

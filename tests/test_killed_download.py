@@ -8,6 +8,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 
 #: A writer that gets half way, says so, and waits to be killed.
@@ -22,10 +24,15 @@ with atomic_writer(sys.argv[1], overwrite=True) as out:
 """
 
 
-def test_a_retry_after_a_killed_download_leaves_one_complete_file(hook: OpenAIBatchHook, input_file, tmp_path):
+@pytest.mark.parametrize(
+    "name",
+    ["output.jsonl", "run [1] *.jsonl", "夜" * 78 + ".jsonl"],  # the last one: 240 bytes, of 255 allowed
+    ids=["plain", "pattern-characters", "long"],
+)
+def test_a_retry_after_a_killed_download_leaves_one_complete_file(hook: OpenAIBatchHook, input_file, tmp_path, name):
     batch = hook.create_batch(hook.upload_file(input_file).id, "/v1/chat/completions")
     done = hook.wait_for_batch(batch.id, poll_interval=0.05, timeout=30)
-    target = tmp_path / "results" / "output.jsonl"
+    target = tmp_path / "results" / name
     writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)], stdout=subprocess.PIPE)
     try:
         assert writer.stdout is not None
@@ -42,6 +49,6 @@ def test_a_retry_after_a_killed_download_leaves_one_complete_file(hook: OpenAIBa
 
     downloaded = hook.download_file(str(done.output_file_id), target, overwrite=True)
 
-    assert sorted(p.name for p in target.parent.iterdir()) == ["output.jsonl"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [name]
     assert downloaded.lines == 10
     assert len(target.read_bytes().splitlines()) == 10

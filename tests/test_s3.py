@@ -124,3 +124,42 @@ def test_a_cut_download_leaves_no_object(s3, hook, server, conn_id):
     with pytest.raises(Exception, match=r"files\.content"):
         hook.download_file(done.output_file_id, f"{S3}/out/cut/output.jsonl", attempts=2)
     assert _keys(s3) == []
+
+
+@pytest.mark.parametrize("name", ["run [nightly]", "out*"], ids=["brackets", "star"])
+def test_a_destination_whose_name_looks_like_a_pattern_is_written_as_named(s3, hook, server, conn_id, name):
+    """S3 keys may hold ``[``, ``]`` and ``*``: the result lands at that key, with nothing left beside it."""
+    batch = hook.create_batch(hook.upload_file(jsonl([request_line(i) for i in range(4)])).id, "/v1/chat/completions")
+    done = hook.wait_for_batch(batch.id, poll_interval=0.05, timeout=10)
+    hook.download_file(done.output_file_id, f"{S3}/out/{name}/output.jsonl")
+    assert _keys(s3) == [f"out/{name}/output.jsonl"]
+    hook.download_file(done.output_file_id, f"{S3}/out/{name}/output.jsonl", overwrite=True)  # a retry
+    assert _keys(s3) == [f"out/{name}/output.jsonl"]
+    stored = s3.get_object(Bucket=BUCKET, Key=f"out/{name}/output.jsonl")["Body"].read()
+    assert stored == server.state.files[done.output_file_id].path.read_bytes()
+
+
+def test_a_work_folder_on_s3_sees_what_another_worker_wrote(s3):
+    """
+    Two tries of a job on two workers share its work folder: what one writes, the other reads at its next look,
+    not what its own process listed before (the filesystem keeps listings it made).
+    """
+    from airflow_provider_openai_batch.job_state import JobState, JobWorkFolder
+
+    folder = JobWorkFolder(ObjectStoragePath(f"{S3}/work/.out.jsonl.t1.work"))
+    folder.mark_try(1)
+    folder.save(JobState(owner="try 1"))
+    assert not folder.later_try_began(1) and folder.owner() == "try 1"
+    # Try 2, another worker: marks the folder and takes the state over (written with boto3, not this process).
+    s3.put_object(Bucket=BUCKET, Key="work/.out.jsonl.t1.work/tries/2", Body=b"")
+    state = folder.load()
+    assert state is not None
+    state.owner = "try 2 on another worker"
+    s3.put_object(Bucket=BUCKET, Key="work/.out.jsonl.t1.work/state.json", Body=json.dumps(state.to_json()).encode())
+    assert folder.later_try_began(1)
+    assert folder.owner() == "try 2 on another worker"
+    loaded = folder.load()
+    assert loaded is not None and loaded.owner == "try 2 on another worker"
+    for key in _keys(s3):  # the job ended there and its folder is gone
+        s3.delete_object(Bucket=BUCKET, Key=key)
+    assert folder.owner() is None and folder.load() is None
