@@ -14,6 +14,7 @@ import hashlib
 import io
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -324,6 +325,30 @@ def _remove(path: Any) -> None:
         path.fs.rm_file(path.path)
     else:
         path.unlink()
+
+
+def remove_tree(path: Any) -> None:
+    """
+    A folder and everything in it, local or on an object store; what is gone already is no error. On an object
+    store its files go one at a time (``fs.rm`` would read ``[``, ``]`` and ``*`` in a name as a pattern), then its
+    folders, deepest first, where the filesystem has folders of its own.
+    """
+    if not _is_object_storage_path(path):  # (older universal-pathlib makes ObjectStoragePath a pathlib.Path too)
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs = path.fs
+    try:
+        found = fs.find(path.path, withdirs=True, detail=True)
+    except (FileNotFoundError, OSError):
+        return
+    folders = [name for name, info in found.items() if info.get("type") == "directory"]
+    for name in found:
+        if name not in folders:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                fs.rm_file(name)
+    for name in [*sorted(folders, key=len, reverse=True), path.path]:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            fs.rmdir(name)
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:

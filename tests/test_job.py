@@ -255,6 +255,32 @@ def test_request_dicts_and_parquet_and_the_work_folder_removed(job_server, tmp_p
     assert [p.name for p in destination.parent.iterdir()] == ["joined.parquet"]  # no work folder left behind
 
 
+@pytest.mark.parametrize("name", ["nightly", "run [1]"], ids=["plain", "pattern-characters"])
+def test_a_work_folder_on_object_storage_is_removed_with_everything_in_it(job_server, name):
+    """The work folder beside an object-store destination holds copies of the requests: none is left behind."""
+    from airflow.providers.common.compat.sdk import ObjectStoragePath
+
+    folder = ObjectStoragePath(f"memory://job-{uuid.uuid4().hex[:8]}/{name}")
+    destination = folder / "joined.jsonl"
+
+    def make() -> OpenAIBatchJobOperator:
+        return OpenAIBatchJobOperator(
+            task_id="job",
+            source=[request_line(i) for i in range(4)],
+            endpoint="/v1/chat/completions",
+            destination=str(destination),
+            max_requests_per_file=2,
+            poll_interval=0.05,
+            deferrable=True,
+        )
+
+    result = Driver(make, f"run-{uuid.uuid4()}", None).attempt()
+    assert result is not None and result["counts"]["succeeded"] == 4
+    assert len(destination.read_bytes().splitlines()) == 4
+    inside = folder.fs.find(folder.path, withdirs=True)
+    assert sorted(path[len(folder.path) :] for path in inside if path != folder.path) == ["/joined.jsonl"]
+
+
 def test_expired_requests_are_sent_again_in_a_second_round(job_server, tmp_path):
     source = write_requests(tmp_path, 6)
     destination = tmp_path / "joined.jsonl"

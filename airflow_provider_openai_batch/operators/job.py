@@ -105,7 +105,7 @@ from airflow_provider_openai_batch.results import (
     write_joined,
     write_retry_input,
 )
-from airflow_provider_openai_batch.storage import Source, atomic_writer, describe, to_storage_path
+from airflow_provider_openai_batch.storage import Source, atomic_writer, describe, remove_tree, to_storage_path
 from airflow_provider_openai_batch.tokens import queue_tokens
 from airflow_provider_openai_batch.triggers.job import (
     EVENT_ENDED,
@@ -1141,7 +1141,7 @@ class OpenAIBatchJobOperator(OpenAIBatchBaseOperator):
             destination,
         )
         if not self.keep_work_dir:
-            _remove_tree(folder.root)
+            remove_tree(folder.root)
         outcome = evaluate_job(counts, self.policy, reasons)
         if not outcome.ok:
             raise BatchFailedError(outcome.message)
@@ -1202,12 +1202,3 @@ def _elapsed(seconds: float) -> str:
 
 def _counts_text(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{value:,} {key}" for key, value in counts.items() if value) or "no requests"
-
-
-def _remove_tree(path: Any) -> None:
-    """The work folder, once the result is written (a local folder or one on an object store)."""
-    if isinstance(path, Path):
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    with contextlib.suppress(FileNotFoundError, OSError):
-        path.fs.rm(path.path, recursive=True)
