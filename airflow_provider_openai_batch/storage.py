@@ -293,7 +293,7 @@ def atomic_writer(destination: Destination, *, overwrite: bool = False) -> Itera
     finally:
         with contextlib.suppress(FileNotFoundError, OSError):
             if temp.exists():
-                _remove(temp)
+                remove_file(temp)
 
 
 #: Bytes of a destination's name kept in its temporary files' names: with a dot, the random part and
@@ -319,7 +319,7 @@ def _move(temp: Any, target: Any) -> None:
     fs.rm_file(temp.path)
 
 
-def _remove(path: Any) -> None:
+def remove_file(path: Any) -> None:
     """One file removed (its name taken as it is: ``[``, ``]`` and ``*`` included)."""
     if _is_object_storage_path(path):
         path.fs.rm_file(path.path)
@@ -366,7 +366,7 @@ def _remove_stale_partials(target: Any, started: float) -> None:
     for partial in target.parent.glob(f"{glob.escape(_partial_prefix(target.name))}*.partial"):
         with contextlib.suppress(FileNotFoundError, OSError, KeyError, TypeError):
             if _modified(partial) < started:
-                _remove(partial)
+                remove_file(partial)
                 log.info("Removed %s, left by a writer that was killed", partial)
 
 

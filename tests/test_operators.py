@@ -194,6 +194,35 @@ def test_download_to_object_storage_and_delete_remote(hook, server, tmp_path):
     assert server.count("files.delete") == 3
 
 
+def test_a_download_to_a_fixed_folder_leaves_no_earlier_batchs_file_there(hook, server):
+    """
+    The same destination every night: a batch with no error file (nothing failed) or no output file (everything
+    failed) leaves no ``errors.jsonl`` / ``output.jsonl`` of an earlier night for a reader of the folder to take.
+    """
+
+    tonight: list[str] = []
+
+    def build():
+        OpenAIBatchDownloadOperator(task_id="download", batch_id=tonight[-1], destination="memory://nightly/labels")
+
+    def night(rows: list[dict]) -> dict:
+        batch = hook.create_batch(hook.upload_file(jsonl(rows)).id, "/v1/chat/completions")
+        hook.wait_for_batch(batch.id, poll_interval=0.05, timeout=10)
+        tonight.append(batch.id)
+        return xcoms(run_dag(build), "download")[-1]
+
+    folder = ObjectStoragePath("memory://nightly/labels")
+    first = night([request_line(i, **({"fake_error": {"code": "x"}} if i == 2 else {})) for i in range(4)])
+    assert (first["output_lines"], first["error_lines"]) == (3, 1)
+    assert sorted(p.name for p in folder.iterdir()) == ["errors.jsonl", "output.jsonl"]
+    second = night([request_line(i) for i in range(5)])
+    assert second["error_uri"] is None and second["output_lines"] == 5
+    assert sorted(p.name for p in folder.iterdir()) == ["output.jsonl"]
+    third = night([request_line(i, fake_error={"code": "x"}) for i in range(2)])
+    assert third["output_uri"] is None and third["error_lines"] == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["errors.jsonl"]
+
+
 def test_download_default_folder_is_per_run(hook, server, input_file):
     batch = hook.create_batch(hook.upload_file(input_file).id, "/v1/chat/completions")
     hook.wait_for_batch(batch.id, poll_interval=0.05, timeout=10)

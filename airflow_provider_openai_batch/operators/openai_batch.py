@@ -6,6 +6,7 @@ racing tries from paying twice.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -52,7 +53,7 @@ from airflow_provider_openai_batch.operators.base import (
 )
 from airflow_provider_openai_batch.polling import backoff_delay
 from airflow_provider_openai_batch.results import estimate_cost, normalize_usage, sum_usage
-from airflow_provider_openai_batch.storage import Source, source_name, source_size, to_storage_path
+from airflow_provider_openai_batch.storage import Source, remove_file, source_name, source_size, to_storage_path
 from airflow_provider_openai_batch.triggers.openai_batch import BatchEventPayload
 from airflow_provider_openai_batch.uploads import upload_once
 
@@ -552,6 +553,8 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
             downloaded = self.hook.download_file(summary["output_file_id"], target, overwrite=True, keep_empty=True)
             result["output_uri"], result["output_lines"] = str(target), downloaded.lines
             self.log.info("Output: %s lines → %s", f"{downloaded.lines:,}", target)
+        else:
+            self._remove_earlier(folder / "output.jsonl")
         if summary["error_file_id"]:
             target = folder / "errors.jsonl"
             downloaded = self.hook.download_file(summary["error_file_id"], target, overwrite=True, keep_empty=False)
@@ -561,6 +564,8 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
                 self.log.info("Error: %s lines → %s", f"{downloaded.lines:,}", target)
             else:
                 self.log.info("Error file %s is empty: no request failed", summary["error_file_id"])
+        if result["error_uri"] is None:
+            self._remove_earlier(folder / "errors.jsonl")
         self._push_locations(context, result)
         if self.check_counts:
             self._check_counts(result)
@@ -577,6 +582,16 @@ class OpenAIBatchDownloadOperator(OpenAIBatchBaseOperator):
         if self.delete_remote_files:
             self._delete_remote(summary)
         return result
+
+    def _remove_earlier(self, target: Any) -> None:
+        """
+        A result file this batch has none of, left at the destination by an earlier batch (the same folder every
+        run): a reader of the folder would take it for this batch's.
+        """
+        with contextlib.suppress(FileNotFoundError):
+            if target.exists():
+                remove_file(target)
+                self.log.info("Removed %s: an earlier batch's file, and this batch has none", target)
 
     def _push_locations(self, context: Mapping[str, Any], result: DownloadResult) -> None:
         """
