@@ -232,11 +232,8 @@ def test_the_whole_job_defers_once_and_joins_in_input_order(job_server, tmp_path
     assert result["usage_totals"]["total_tokens"] > 0
 
 
-def test_request_dicts_and_parquet_and_the_work_folder_removed(job_server, tmp_path):
-    pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-
-    destination = tmp_path / "out" / "joined.parquet"
+def four_requests_into(destination: Any, **kwargs: Any) -> dict:
+    """A job of four request dicts written to ``destination`` (its work folder beside it), run to its end."""
 
     def make() -> OpenAIBatchJobOperator:
         return OpenAIBatchJobOperator(
@@ -246,11 +243,20 @@ def test_request_dicts_and_parquet_and_the_work_folder_removed(job_server, tmp_p
             destination=str(destination),
             poll_interval=0.05,
             deferrable=True,
+            **kwargs,
         )
 
     result = Driver(make, f"run-{uuid.uuid4()}", None).attempt()
-    assert result is not None
-    assert result["counts"]["succeeded"] == 4
+    assert result is not None and result["counts"]["succeeded"] == 4
+    return result
+
+
+def test_request_dicts_and_parquet_and_the_work_folder_removed(job_server, tmp_path):
+    pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    destination = tmp_path / "out" / "joined.parquet"
+    four_requests_into(destination)
     assert pq.read_table(destination).column("custom_id").to_pylist() == [f"req-{i}" for i in range(4)]
     assert [p.name for p in destination.parent.iterdir()] == ["joined.parquet"]  # no work folder left behind
 
@@ -262,20 +268,7 @@ def test_a_work_folder_on_object_storage_is_removed_with_everything_in_it(job_se
 
     folder = ObjectStoragePath(f"memory://job-{uuid.uuid4().hex[:8]}/{name}")
     destination = folder / "joined.jsonl"
-
-    def make() -> OpenAIBatchJobOperator:
-        return OpenAIBatchJobOperator(
-            task_id="job",
-            source=[request_line(i) for i in range(4)],
-            endpoint="/v1/chat/completions",
-            destination=str(destination),
-            max_requests_per_file=2,
-            poll_interval=0.05,
-            deferrable=True,
-        )
-
-    result = Driver(make, f"run-{uuid.uuid4()}", None).attempt()
-    assert result is not None and result["counts"]["succeeded"] == 4
+    four_requests_into(destination, max_requests_per_file=2)
     assert len(destination.read_bytes().splitlines()) == 4
     inside = folder.fs.find(folder.path, withdirs=True)
     assert sorted(path[len(folder.path) :] for path in inside if path != folder.path) == ["/joined.jsonl"]
