@@ -308,12 +308,12 @@ def _partial_prefix(name: str) -> str:
 
 def _move(temp: Any, target: Any) -> None:
     """
-    An object-store file moved into place: a rename on a local filesystem, a server-side copy on object stores,
-    one file each (``fs.mv`` and ``fs.rm`` would read ``[``, ``]`` and ``*`` in a key as a pattern).
+    An ``ObjectStoragePath``'s file moved into place: a rename for a ``file://`` one, a server-side copy on object
+    stores, one file each (``fs.mv`` and ``fs.rm`` would read ``[``, ``]`` and ``*`` in a key as a pattern).
     """
     fs = temp.fs
     if "file" in _protocols(fs):
-        fs.mv(temp.path, target.path)
+        os.replace(temp.path, target.path)
         return
     fs.cp_file(temp.path, target.path)
     fs.rm_file(temp.path)
@@ -337,16 +337,20 @@ def remove_tree(path: Any) -> None:
         shutil.rmtree(path, ignore_errors=True)
         return
     fs = path.fs
+    if "file" in _protocols(fs):
+        shutil.rmtree(path.path, ignore_errors=True)
+        return
     try:
         found = fs.find(path.path, withdirs=True, detail=True)
     except (FileNotFoundError, OSError):
         return
-    folders = [name for name, info in found.items() if info.get("type") == "directory"]
+    folders = {name for name, info in found.items() if info.get("type") == "directory"}
     for name in found:
         if name not in folders:
             with contextlib.suppress(FileNotFoundError, OSError):
                 fs.rm_file(name)
-    for name in [*sorted(folders, key=len, reverse=True), path.path]:
+    # Only folders found in it (an object store's vanish with their last file; rmdir of a bucket would delete it).
+    for name in sorted(folders, key=len, reverse=True):
         with contextlib.suppress(FileNotFoundError, OSError):
             fs.rmdir(name)
 
