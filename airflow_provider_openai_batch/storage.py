@@ -284,11 +284,12 @@ def atomic_writer(destination: Destination, *, overwrite: bool = False) -> Itera
         )
         with opened as stream:
             yield stream
-        # (Older universal-pathlib makes ObjectStoragePath a pathlib.Path too: ask what it is, not what it extends.)
-        if not _is_object_storage_path(target):
-            os.replace(cast(Path, temp), cast(Path, target))
-        else:
-            _move(cast(Any, temp), cast(Any, target))
+        local = local_path(target)
+        if local is not None:
+            os.replace(cast(Path, local_path(temp)), local)
+        else:  # a server-side copy, one file (``fs.mv`` would read ``[``, ``]`` and ``*`` in a key as a pattern)
+            cast(Any, temp).fs.cp_file(cast(Any, temp).path, cast(Any, target).path)
+            remove_file(temp)
         _remove_stale_partials(target, started)
     finally:
         with contextlib.suppress(FileNotFoundError, OSError):
@@ -306,17 +307,16 @@ def _partial_prefix(name: str) -> str:
     return f".{name.encode('utf-8', 'surrogateescape')[:_NAME_ROOM].decode('utf-8', 'ignore')}."
 
 
-def _move(temp: Any, target: Any) -> None:
+def local_path(path: Any) -> Path | None:
     """
-    An ``ObjectStoragePath``'s file moved into place: a rename for a ``file://`` one, a server-side copy on object
-    stores, one file each (``fs.mv`` and ``fs.rm`` would read ``[``, ``]`` and ``*`` in a key as a pattern).
+    ``path`` (from :func:`to_storage_path`) as a local ``Path`` when it is on this machine's disk: a plain path or
+    a ``file://`` URI; ``None`` on object storage.
     """
-    fs = temp.fs
-    if "file" in _protocols(fs):
-        os.replace(temp.path, target.path)
-        return
-    fs.cp_file(temp.path, target.path)
-    fs.rm_file(temp.path)
+    # Older universal-pathlib makes ObjectStoragePath a pathlib.Path too: ask what it is, not what it extends.
+    if not _is_object_storage_path(path):
+        return cast(Path, path)
+    protocol = path.fs.protocol
+    return Path(path.path) if "file" in ((protocol,) if isinstance(protocol, str) else protocol) else None
 
 
 def remove_file(path: Any) -> None:
@@ -333,13 +333,11 @@ def remove_tree(path: Any) -> None:
     store its files go one at a time (``fs.rm`` would read ``[``, ``]`` and ``*`` in a name as a pattern), then its
     folders, deepest first, where the filesystem has folders of its own.
     """
-    if not _is_object_storage_path(path):  # (older universal-pathlib makes ObjectStoragePath a pathlib.Path too)
-        shutil.rmtree(path, ignore_errors=True)
+    local = local_path(path)
+    if local is not None:
+        shutil.rmtree(local, ignore_errors=True)
         return
     fs = path.fs
-    if "file" in _protocols(fs):
-        shutil.rmtree(path.path, ignore_errors=True)
-        return
     try:
         found = fs.find(path.path, withdirs=True, detail=True)
     except (FileNotFoundError, OSError):
@@ -353,11 +351,6 @@ def remove_tree(path: Any) -> None:
     for name in sorted(folders, key=len, reverse=True):
         with contextlib.suppress(FileNotFoundError, OSError):
             fs.rmdir(name)
-
-
-def _protocols(fs: Any) -> tuple[str, ...]:
-    protocol = fs.protocol
-    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
 def _remove_stale_partials(target: Any, started: float) -> None:

@@ -26,13 +26,13 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from airflow_provider_openai_batch import join_keys
 from airflow_provider_openai_batch import parquet as _parquet
 from airflow_provider_openai_batch import results as _results
 from airflow_provider_openai_batch.parquet import Layout, _pyarrow
-from airflow_provider_openai_batch.storage import to_storage_path
+from airflow_provider_openai_batch.storage import local_path, to_storage_path
 
 log = logging.getLogger(__name__)
 
@@ -257,8 +257,6 @@ _CHILD = (
     "runpy.run_path(sys.argv[0], run_name='__main__')"
 )
 _PATH = "path"
-#: The class of a local ``Path`` here (``PosixPath`` or ``WindowsPath``).
-_LOCAL_PATH = type(Path())
 
 
 class _Child:
@@ -289,12 +287,8 @@ def _local_files(sources: list[Any]) -> list[str] | None:
     for source in sources:
         if not isinstance(source, (str, os.PathLike)):
             return None
-        path = to_storage_path(source)
-        if getattr(path, "protocol", None) == "file":  # a file:// URI
-            path = Path(cast(Any, path).path)
-        # Object storage is no local file. (A local Path's class is pathlib's own; its module is not named
-        # "pathlib" on every Python: "pathlib._local" on 3.13.)
-        if type(path) is not _LOCAL_PATH or not path.is_file():
+        path = local_path(to_storage_path(source))
+        if path is None or not path.is_file():  # object storage, or no file
             return None
         files.append(str(path))
     return files
